@@ -1,0 +1,69 @@
+# stablemlp — one place for the project's commands. `make run` is the main job, `make test` the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on this disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+RUN_DIR ?= runs/breast_cancer
+REPOSITORY ?= model_repository
+MODEL ?= breast_cancer
+HOST ?= 127.0.0.1
+PORT ?= 8001
+
+.PHONY: install install-cuda run train export verify serve smoke lint typecheck protos protos-check test ci clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[train,dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Serving on a GPU: onnxruntime and onnxruntime-gpu cannot share an environment.
+install-cuda: install
+	$(BIN)/pip uninstall -y -q onnxruntime
+	$(BIN)/pip install -q onnxruntime-gpu
+
+# The main job on the built-in data set: train -> export -> verify -> serve.
+run: train export verify serve
+
+train: install
+	$(BIN)/stablemlp train --output $(RUN_DIR)
+
+export: install
+	$(BIN)/stablemlp export $(RUN_DIR) --repository $(REPOSITORY) --model $(MODEL)
+
+verify: install
+	$(BIN)/stablemlp verify $(REPOSITORY) --model $(MODEL)
+
+serve: install
+	$(BIN)/stablemlp serve --model-repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+
+# The export script end to end on a small budget (CI runs it).
+smoke: install
+	rm -rf .smoke
+	$(BIN)/stablemlp train --epochs 5 --output .smoke/run --no-progress
+	$(BIN)/stablemlp export .smoke/run --repository .smoke/repo
+	$(BIN)/stablemlp verify .smoke/repo
+	rm -rf .smoke
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy export serving
+
+protos: install
+	PYTHON=$(BIN)/python bash scripts/gen_protos.sh
+
+protos-check: install
+	PYTHON=$(BIN)/python bash scripts/check_protos.sh
+
+test: install lint typecheck protos-check
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .smoke runs $(REPOSITORY) .pytest_cache .mypy_cache .ruff_cache
