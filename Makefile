@@ -54,7 +54,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy export serving
+	$(BIN)/mypy model export serving
 
 protos: install
 	PYTHON=$(BIN)/python bash scripts/gen_protos.sh

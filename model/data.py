@@ -81,7 +81,7 @@ def _binary_labels(values: list[str], target: str) -> np.ndarray:
     numeric = [_parse_cell(v) for v in distinct]
     if all(n is not None for n in numeric):
         # Numeric labels: the larger value is the positive class (0/1, -1/1, 1/2 all work).
-        positive = distinct[int(np.argmax(numeric))]
+        positive = distinct[int(np.argmax([n for n in numeric if n is not None]))]
     else:
         positive = distinct[1]
     log.info("target %r: positive class is %r", target, positive)

@@ -72,7 +72,8 @@ class StabilizedMLP(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x))
+        logits: torch.Tensor = self.head(self.blocks(x))
+        return logits
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.forward(x))

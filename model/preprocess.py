@@ -15,6 +15,9 @@ class Standardize(nn.Module):
     training distribution. `std` is stored already made safe (constant columns get 1.0).
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         self.register_buffer("mean", mean.detach().clone().float())

@@ -75,7 +75,8 @@ def train_one_epoch(
     model.train()
     loss_fn = nn.BCEWithLogitsLoss()
     order = torch.randperm(len(x), generator=generator)
-    batches = [b for b in order.split(config.batch_size) if len(b) > 1]  # BatchNorm needs > 1 row
+    # A one-row batch has no batch statistics for BatchNorm to normalize with: skip it.
+    batches = [b for b in torch.split(order, config.batch_size) if len(b) > 1]
     total = 0.0
     norm_sums = dict.fromkeys((name for name, _ in monitor.layers), 0.0)
     for batch in batches:
