@@ -1,0 +1,201 @@
+"""`stablemlp export RUN_DIR --repository REPO` and `stablemlp verify REPO`.
+
+export: checkpoint -> fold BatchNorm -> TorchScript + ONNX -> parity proof -> new repository
+version. Nothing is written unless every stage agrees with the eval model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
+from model.cli import TEST_SPLIT_NAME
+from model.preprocess import build_classifier
+
+from .documents import Release
+from .errors import ExportError
+from .fold import fold_batchnorm
+from .formats import load_torchscript, to_onnx, to_torchscript
+from .parity import (
+    Batch,
+    ParityError,
+    ParityReport,
+    check_parity,
+    onnxruntime_runner,
+    random_batches,
+    torch_runner,
+)
+from .publish import check_model_name, publish
+from .verify import select, verify_version
+
+log = logging.getLogger(__name__)
+
+# Rows drawn from the feature statistics when the run folder has no saved test split.
+FALLBACK_ROWS = 256
+
+
+def parity_batches(run_dir: Path, checkpoint: Checkpoint) -> dict[str, Batch]:
+    """The saved test split (raw, NaNs kept) plus random batches of 1, 7 and 1024 rows."""
+    schema = checkpoint.schema
+    batches = random_batches(schema.means, schema.stds, seed=checkpoint.seed)
+    path = run_dir / TEST_SPLIT_NAME
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as saved:
+            test = np.asarray(saved["features"], dtype=np.float32)
+        if test.ndim != 2 or test.shape[1] != len(schema.names):
+            raise ExportError(f"{path}: features {test.shape} do not match the checkpoint")
+        return {"test": test, **batches}
+    log.warning("%s not found: parity uses %d random rows instead", path, FALLBACK_ROWS)
+    fallback = random_batches(schema.means, schema.stds, checkpoint.seed + 1, (FALLBACK_ROWS,))
+    return {**fallback, **batches}
+
+
+def build_release(checkpoint: Checkpoint, name: str, batches: dict[str, Batch]) -> Release:
+    """Fold, export both formats, and prove parity; raises ParityError with the numbers."""
+    schema = checkpoint.schema
+    mean, std = torch.tensor(schema.means), torch.tensor(schema.stds)
+    net = checkpoint.build_model()
+    reference = build_classifier(net, mean, std, checkpoint.threshold).eval()
+    folded = build_classifier(fold_batchnorm(net), mean, std, checkpoint.threshold).eval()
+    # Trace/export on 4 rows: torch.export would specialize a batch dimension of 1.
+    example = torch.from_numpy(random_batches(schema.means, schema.stds, 0, (4,))["random_4"])
+    torchscript = to_torchscript(folded, example)
+    onnx_model = to_onnx(folded, example)
+    report = check_parity(
+        ("eval", torch_runner(reference)),
+        {
+            "folded": torch_runner(folded),
+            "torchscript": torch_runner(load_torchscript(torchscript)),
+            "onnxruntime": onnxruntime_runner(onnx_model.SerializeToString()),
+        },
+        batches,
+    )
+    return Release(
+        model_name=name,
+        feature_names=schema.names,
+        feature_means=schema.means,
+        feature_stds=schema.stds,
+        threshold=checkpoint.threshold,
+        metrics=checkpoint.metrics,
+        onnx_model=onnx_model,
+        torchscript=torchscript,
+        parity=report,
+    )
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """load_checkpoint with its failures turned into one-line ExportErrors."""
+    if not path.is_file():
+        raise ExportError(f"{path}: no checkpoint (write one with `stablemlp train --output DIR`)")
+    try:
+        return load_checkpoint(path)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError) as err:
+        first = (str(err).splitlines() or [""])[0][:120]  # torch's messages run to paragraphs
+        raise ExportError(
+            f"{path}: not a readable stablemlp checkpoint ({type(err).__name__}: {first})"
+        ) from err
+
+
+def export_run(
+    run_dir: Path, repository: Path, model_name: str | None = None
+) -> tuple[Path, ParityReport]:
+    """Export RUN_DIR/checkpoint.pt into a new version of REPO/<model>; returns (dir, report)."""
+    checkpoint = read_checkpoint(run_dir / CHECKPOINT_NAME)
+    name = check_model_name(model_name or checkpoint.model_name)
+    release = build_release(checkpoint, name, parity_batches(run_dir, checkpoint))
+    return publish(repository, release), release.parity
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stablemlp export",
+        description="Fold BatchNorm, write TorchScript (model.pt) and ONNX (model.onnx) with the "
+        "preprocessing inside, prove parity (eval = folded = TorchScript = ONNX Runtime on the "
+        "saved test split and on batches of 1, 7 and 1024 rows with NaNs), then publish "
+        "REPOSITORY/<model>/<next version>/. Nothing is written if any check fails.",
+    )
+    parser.add_argument("run_dir", type=Path, help="folder written by `stablemlp train`")
+    parser.add_argument("--repository", type=Path, required=True, help="model repository root")
+    parser.add_argument("--model", help="model name (default: the checkpoint's)")
+    return parser
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stablemlp verify",
+        description="Re-check published versions: sha256 of every file against manifest.json, "
+        "ONNX checker, no BatchNorm node, TorchScript loads, ONNX Runtime vs TorchScript parity "
+        "on random rows (feature statistics from the ONNX metadata, some NaN) in batches of "
+        "1, 7 and 1024.",
+    )
+    parser.add_argument("repository", type=Path, help="model repository root")
+    parser.add_argument("--model", help="only this model (default: every model)")
+    parser.add_argument("--version", type=int, help="this version (default: the newest)")
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = export_parser().parse_args(argv)
+    try:
+        version_dir, report = export_run(args.run_dir, args.repository, args.model)
+    except ParityError as err:
+        print(err.report.table())
+        return _fail("export", err)
+    except (ExportError, OSError) as err:
+        return _fail("export", err)
+    print(report.table())
+    sizes = ", ".join(f"{p.name} {p.stat().st_size:,} B" for p in sorted(version_dir.iterdir()))
+    print(f"published {version_dir} ({sizes})")
+    return 0
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    args = verify_parser().parse_args(argv)
+    try:
+        targets = select(args.repository, args.model, args.version)
+    except ExportError as err:
+        return _fail("verify", err)
+    failed = 0
+    for name, version in targets:
+        try:
+            verified = verify_version(args.repository, name, version)
+        except ParityError as err:
+            print(err.report.table())
+            failed += _fail("verify", f"{name}/{version}: {err}")
+            continue
+        except (ExportError, OSError, RuntimeError) as err:  # RuntimeError: ORT load errors
+            failed += _fail("verify", f"{name}/{version}: {err}")
+            continue
+        worst = max(verified.parity.max_abs_diff().values())
+        print(
+            f"OK {name}/{version}: {verified.files} sha256 match, onnx checker, no BatchNorm, "
+            f"TorchScript loads, ORT vs TorchScript max abs diff {worst:.2e} "
+            f"(tolerance {verified.parity.tolerance:g}), labels identical"
+        )
+    return 1 if failed else 0
+
+
+def _fail(command: str, err: object) -> int:
+    log.debug("%s failed", command, exc_info=True)  # the traceback, at STABLEMLP_LOG_LEVEL=DEBUG
+    print(f"stablemlp {command}: error: {err}", file=sys.stderr)
+    return 1
+
+
+__all__ = [
+    "FALLBACK_ROWS",
+    "build_release",
+    "export_main",
+    "export_parser",
+    "export_run",
+    "parity_batches",
+    "read_checkpoint",
+    "verify_main",
+    "verify_parser",
+]

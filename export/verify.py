@@ -1,0 +1,195 @@
+"""Re-check a published version from its files alone: hashes, graph contract, TorchScript, parity.
+
+Parity here compares ONNX Runtime with the TorchScript file on random rows drawn from the feature
+statistics stored in the ONNX metadata (the test split is not in the repository), with NaNs in
+some rows, on batches of 1, 7 and 1024 rows, seeded with VERIFY_SEED so reruns are identical.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from . import documents
+from .errors import ContractError, VerifyError
+from .formats import OPSET, check_onnx, load_torchscript, metadata_of
+from .parity import (
+    ParityError,
+    ParityReport,
+    compare,
+    onnxruntime_runner,
+    random_batches,
+    torch_runner,
+)
+from .publish import (
+    CARD_FILE,
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    sha256_hex,
+    versions,
+)
+
+VERIFY_SEED = 0
+REQUIRED_FILES = (ONNX_FILE, TORCHSCRIPT_FILE, CARD_FILE)
+# Every key the manifest contract promises.
+MANIFEST_KEYS = (
+    "format",
+    "model_name",
+    "version",
+    "created_utc",
+    "platform",
+    "opset",
+    "max_batch_size",
+    "inputs",
+    "outputs",
+    "feature_names",
+    "threshold",
+    "files",
+    "parity",
+    "metrics",
+    "torch_version",
+)
+
+
+@dataclass(frozen=True)
+class Verified:
+    model_name: str
+    version: int
+    files: int  # how many files had their sha256 checked
+    parity: ParityReport
+
+
+def select(repository: Path, model: str | None, version: int | None) -> list[tuple[str, int]]:
+    """(model, version) pairs to verify: the given ones, else every model at its newest version."""
+    if not repository.is_dir():
+        raise VerifyError(f"{repository}: no such repository")
+    names = (
+        [model]
+        if model
+        else sorted(
+            p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+    )
+    chosen = []
+    for name in names:
+        found = versions(repository / name)
+        if version is not None:
+            if version not in found:
+                raise VerifyError(f"{name}: no version {version} (have {found or 'none'})")
+            chosen.append((name, version))
+        elif found:
+            chosen.append((name, found[-1]))
+        elif model:
+            raise VerifyError(f"{name}: no published version in {repository}")
+    if not chosen:
+        raise VerifyError(f"{repository}: no published model")
+    return chosen
+
+
+def verify_version(repository: Path, model: str, version: int) -> Verified:
+    """Raise VerifyError (or ParityError) naming the first failed check of model/version."""
+    version_dir = repository / model / str(version)
+    manifest = _manifest(version_dir)
+    _check_hashes(version_dir, manifest)
+    onnx_bytes = (version_dir / ONNX_FILE).read_bytes()
+    try:
+        graph = onnx.load_from_string(onnx_bytes)
+    except DecodeError as err:
+        raise VerifyError(f"{ONNX_FILE} is not an ONNX model: {err}") from err
+    n_features = len(manifest["feature_names"])
+    try:
+        check_onnx(graph, n_features)
+    except ContractError as err:
+        raise VerifyError(f"{ONNX_FILE}: {err}") from err
+    metadata = metadata_of(graph)
+    _check_manifest(manifest, metadata, model, version)
+    _check_config(repository / model, manifest)
+    try:
+        script = load_torchscript((version_dir / TORCHSCRIPT_FILE).read_bytes())
+    except RuntimeError as err:
+        raise VerifyError(f"{TORCHSCRIPT_FILE} does not load: {str(err).splitlines()[0]}") from err
+    means, stds = _feature_stats(metadata, n_features)
+    report = compare(
+        ("torchscript", torch_runner(script)),
+        {"onnxruntime": onnxruntime_runner(onnx_bytes)},
+        random_batches(means, stds, seed=VERIFY_SEED),
+    )
+    if not report.passed:
+        raise ParityError(report)
+    return Verified(model, version, len(manifest["files"]), report)
+
+
+def _manifest(version_dir: Path) -> dict[str, Any]:
+    path = version_dir / MANIFEST_FILE
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise VerifyError(f"{MANIFEST_FILE} unreadable: {err}") from err
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if manifest.get("format") != documents.MANIFEST_FORMAT or missing:
+        raise VerifyError(
+            f"{MANIFEST_FILE}: not a {documents.MANIFEST_FORMAT} manifest (missing {missing})"
+        )
+    return manifest
+
+
+def _feature_stats(metadata: dict[str, str], n_features: int) -> tuple[list[float], list[float]]:
+    try:
+        means = [float(v) for v in json.loads(metadata["feature_means"])]
+        stds = [float(v) for v in json.loads(metadata["feature_stds"])]
+    except (KeyError, ValueError, TypeError) as err:
+        raise VerifyError(f"{ONNX_FILE}: metadata lacks valid feature_means/feature_stds") from err
+    if len(means) != n_features or len(stds) != n_features:
+        raise VerifyError(f"{ONNX_FILE}: metadata feature statistics are not {n_features} long")
+    return means, stds
+
+
+def _check_hashes(version_dir: Path, manifest: dict[str, Any]) -> None:
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise VerifyError(f"{MANIFEST_FILE} lists no {name}")
+    for name, expected in files.items():
+        path = version_dir / name
+        if Path(name).name != name or not path.is_file():
+            raise VerifyError(f"{name} is missing")
+        data = path.read_bytes()
+        if sha256_hex(data) != expected["sha256"] or len(data) != expected["bytes"]:
+            raise VerifyError(f"{name}: sha256 mismatch with {MANIFEST_FILE} (file changed)")
+
+
+def _check_manifest(
+    manifest: dict[str, Any], metadata: dict[str, str], model: str, version: int
+) -> None:
+    expected = {
+        "model_name": model,
+        "version": version,
+        "opset": OPSET,
+        **documents.tensors(len(manifest["feature_names"])),
+        "feature_names": json.loads(metadata.get("feature_names", "null")),
+        "threshold": float(metadata.get("threshold", "nan")),
+    }
+    for key, value in expected.items():
+        if manifest.get(key) != value:
+            raise VerifyError(
+                f"{MANIFEST_FILE}: {key} is {manifest.get(key)!r}, expected {value!r}"
+            )
+
+
+def _check_config(model_dir: Path, manifest: dict[str, Any]) -> None:
+    expected = documents.config_pbtxt(
+        manifest["model_name"], len(manifest["feature_names"]), int(manifest["max_batch_size"])
+    )
+    path = model_dir / CONFIG_FILE
+    if not path.is_file() or path.read_text() != expected:
+        raise VerifyError(f"{CONFIG_FILE} is missing or does not match the manifest")
+
+
+__all__ = ["MANIFEST_KEYS", "REQUIRED_FILES", "VERIFY_SEED", "Verified", "select", "verify_version"]
