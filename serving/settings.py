@@ -1,0 +1,215 @@
+"""Serving settings: one frozen dataclass, filled from defaults, then STABLEMLP_* env, then flags.
+
+Each field's `help` metadata is its user-facing documentation (`stablemlp serve --help` prints it
+with the environment variable); the `#` comment above the field says why its default is what it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ENV_PREFIX = "STABLEMLP_"
+DEVICES = ("cpu", "cuda", "auto")
+Device = Literal["cpu", "cuda", "auto"]
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (cgroup/taskset affinity), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Triton's version policies: `latest:N` (the N highest), `all`, or `specific:1,3`."""
+
+    kind: Literal["latest", "all", "specific"] = "latest"
+    count: int = 1  # for `latest`
+    versions: tuple[int, ...] = ()  # for `specific`
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        kind, _, arg = text.strip().partition(":")
+        try:
+            if kind == "latest":
+                return cls("latest", count=int(arg or "1"))
+            if kind == "all" and not arg:
+                return cls("all")
+            if kind == "specific":
+                return cls("specific", versions=tuple(sorted({int(v) for v in arg.split(",")})))
+        except ValueError:
+            pass
+        raise ValueError(f"version policy {text!r}: expected latest[:N], all or specific:V1,V2")
+
+    def select(self, available: Sequence[int]) -> list[int]:
+        """The versions this policy loads out of those present, highest first."""
+        ordered = sorted(available, reverse=True)
+        if self.kind == "latest":
+            return ordered[: self.count]
+        if self.kind == "all":
+            return ordered
+        return [v for v in ordered if v in self.versions]
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest:{self.count}"
+        return "all" if self.kind == "all" else "specific:" + ",".join(map(str, self.versions))
+
+
+def _models(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _meta(
+    help_text: str, parse: Callable[[str], Any], metavar: str, flag: str | None = None
+) -> dict[str, Any]:
+    return {"help": help_text, "parse": parse, "metavar": metavar, "flag": flag}
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Required, as in Triton: there is no sensible default location for models.
+    model_repository: Path = field(
+        metadata=_meta("folder laid out as DIR/<model>/<version>/model.onnx", Path, "DIR")
+    )
+    # Empty = every model found, like Triton's default model-control mode.
+    models: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "serve only this model (repeat the flag; env: comma-separated)",
+            _models,
+            "NAME",
+            "--model",
+        ),
+    )
+    # Triton's default policy: only the newest version of each model.
+    version_policy: VersionPolicy = field(
+        default=VersionPolicy(),
+        metadata=_meta("latest[:N] | all | specific:V1,V2", VersionPolicy.parse, "POLICY"),
+    )
+    # All interfaces, so the server is reachable from outside a container.
+    host: str = field(default="0.0.0.0", metadata=_meta("interface to bind", str, "HOST"))
+    # Triton's gRPC port, so stock clients' defaults work; 0 picks a free port (tests).
+    port: int = field(default=8001, metadata=_meta("gRPC port (0 = any free port)", int, "PORT"))
+    # CPU is explicit and predictable; `auto` warns when it falls back.
+    device: Device = field(
+        default="cpu",
+        metadata=_meta(
+            "execution provider: cpu, cuda (or refuse to start), auto", str, "{cpu,cuda,auto}"
+        ),
+    )
+    # First GPU, as CUDA numbers them.
+    cuda_device_id: int = field(default=0, metadata=_meta("CUDA device ordinal", int, "ID"))
+    # 0 leaves ONNX Runtime's arena unbounded (its own default).
+    cuda_memory_limit: int = field(
+        default=0, metadata=_meta("CUDA arena limit in bytes (0 = none)", int, "BYTES")
+    )
+    # The cores go to concurrent requests (inference_workers), not inside one: a 1024-row batch
+    # of this MLP takes well under a millisecond on one core, and intra-op threads that spin
+    # between runs compete with the workers (measured on 2 cores: 1 thread x 2 workers served
+    # ~35% more single-row requests/s than 2 x 2).
+    intra_op_threads: int = field(
+        default=1, metadata=_meta("ONNX Runtime intra-op threads", int, "N")
+    )
+    # The graph is a chain of small ops; parallel branches would gain nothing.
+    inter_op_threads: int = field(
+        default=1, metadata=_meta("ONNX Runtime inter-op threads", int, "N")
+    )
+    # One session.run in flight per core this process may use (os.sched_getaffinity).
+    inference_workers: int = field(
+        default_factory=available_cores, metadata=_meta("concurrent session.run calls", int, "N")
+    )
+    # 1024 rows x 30 FP32 features = 120 KiB, well under gRPC's 4 MiB default message size.
+    max_batch_size: int = field(default=1024, metadata=_meta("most rows per request", int, "ROWS"))
+    # Room for max_batch_size rows of a few hundred features in either content form.
+    max_message_bytes: int = field(
+        default=64 * 1024 * 1024, metadata=_meta("largest gRPC message accepted/sent", int, "BYTES")
+    )
+    # Two passes: the first allocates ONNX Runtime's buffers, the second proves they are reused.
+    warmup_runs: int = field(default=2, metadata=_meta("warm-up runs per batch size", int, "N"))
+    # Kubernetes sends SIGKILL 30 s after SIGTERM by default; finish in-flight calls well before.
+    grace_period_s: float = field(
+        default=5.0, metadata=_meta("seconds in-flight calls get on shutdown", float, "SECONDS")
+    )
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device: got {self.device!r}, expected one of {', '.join(DEVICES)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: got {self.port}, expected 0..65535")
+        for name in ("intra_op_threads", "inter_op_threads", "inference_workers", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected >= 1")
+        if self.cuda_device_id < 0 or self.cuda_memory_limit < 0 or self.warmup_runs < 0:
+            raise ValueError("cuda_device_id, cuda_memory_limit and warmup_runs must be >= 0")
+        if self.grace_period_s < 0:
+            raise ValueError(f"grace_period_s: got {self.grace_period_s}, expected >= 0")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; unset flags stay absent so env and defaults show through."""
+    for f in dataclasses.fields(Settings):
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        if f.default is not dataclasses.MISSING:
+            default = f"default {f.default}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f"default {f.default_factory()}"
+        else:
+            default = "required"
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,  # defaults live in Settings, not in argparse
+            "help": f"{f.metadata['help']} [env {env_name(f.name)}; {default}]",
+        }
+        kwargs["metavar"] = f.metadata["metavar"]
+        if f.name == "models":
+            kwargs["action"] = "append"
+            kwargs["help"] = kwargs["help"].replace("default ()", "default: every model")
+        else:
+            kwargs["type"] = f.metadata["parse"]
+        if f.name == "device":
+            kwargs["choices"] = DEVICES
+        parser.add_argument(flag, **kwargs)
+
+
+def load_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, overridden by STABLEMLP_<FIELD> variables, overridden by flags."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = env.get(env_name(f.name))
+        if raw is not None and raw != "":
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as err:
+                raise ValueError(f"{env_name(f.name)}={raw!r}: {err}") from None
+    for name, value in flags.items():
+        values[name] = tuple(value) if name == "models" else value
+    if "model_repository" not in values:
+        raise ValueError(f"set --model-repository or {env_name('model_repository')}")
+    return Settings(**values)
+
+
+__all__ = [
+    "DEVICES",
+    "ENV_PREFIX",
+    "Device",
+    "Settings",
+    "VersionPolicy",
+    "add_arguments",
+    "available_cores",
+    "env_name",
+    "load_settings",
+]
