@@ -10,7 +10,7 @@ MODEL ?= breast_cancer
 HOST ?= 127.0.0.1
 PORT ?= 8001
 
-.PHONY: install install-cuda run train export verify serve smoke lint typecheck protos protos-check test ci clean
+.PHONY: install install-cuda run train export verify serve smoke lint typecheck protos protos-check triton-venv test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,7 +62,12 @@ protos: install
 protos-check: install
 	PYTHON=$(BIN)/python bash scripts/check_protos.sh
 
-test: install lint typecheck protos-check
+# tritonclient + perf_analyzer in their own venv: they need protobuf < 7 and register the same
+# inference.* message names as our stubs, so they cannot share our process.
+triton-venv:
+	bash scripts/setup_triton_venv.sh .venv-triton
+
+test: install lint typecheck protos-check triton-venv
 	$(BIN)/pytest -q
 
 clean:
