@@ -10,7 +10,7 @@ MODEL ?= breast_cancer
 HOST ?= 127.0.0.1
 PORT ?= 8001
 
-.PHONY: install install-cuda run train export verify serve smoke lint typecheck protos protos-check triton-venv test clean
+.PHONY: install install-cuda run train export verify serve smoke lint typecheck protos protos-check triton-venv test container-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,8 @@ smoke: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck scripts/*.sh .ci/run
 
 typecheck: install
 	$(BIN)/mypy model export serving
@@ -69,6 +71,10 @@ triton-venv:
 
 test: install lint typecheck protos-check triton-venv
 	$(BIN)/pytest -q
+
+# Build the CPU image with podman from a debootstrap base, run it, check it, remove it.
+container-check: install
+	bash scripts/container_check.sh
 
 clean:
 	rm -rf $(VENV) .smoke runs $(REPOSITORY) .pytest_cache .mypy_cache .ruff_cache
