@@ -1,17 +1,21 @@
 """stablemlp serving: a KServe v2 / Triton gRPC server for exported models, and its client.
 
 Layers, in reading order: settings -> codec -> runtime -> repository -> servicer -> server
-(errors.py maps failures to status codes); client.py talks to a running server. No torch here.
+(errors.py maps failures to status codes). Beside them: metrics (counts behind ModelStatistics and
+/metrics), limits (admission), auth (TLS, tokens), watcher (repository polling). client.py talks
+to a running server. No torch here.
 """
 
-from .client import predict
+from .client import Security, predict
 from .errors import (
+    AuthenticationError,
     ContractError,
     IntegrityError,
     InvalidRequestError,
     ModelLoadError,
     ModelNotFoundError,
     ModelUnavailableError,
+    OverloadedError,
     ProviderError,
     ServingError,
 )
@@ -19,13 +23,16 @@ from .server import build_server, main, serve
 from .settings import Settings, VersionPolicy, load_settings
 
 __all__ = [
+    "AuthenticationError",
     "ContractError",
     "IntegrityError",
     "InvalidRequestError",
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelUnavailableError",
+    "OverloadedError",
     "ProviderError",
+    "Security",
     "ServingError",
     "Settings",
     "VersionPolicy",

@@ -6,6 +6,7 @@ Subcommand modules are imported only when chosen, so `serve` and `predict` never
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -27,7 +28,11 @@ _NEEDS_TRAIN_EXTRA = {"train", "export", "verify", "diagnose"}
 
 
 def _usage() -> str:
-    lines = ["usage: stablemlp COMMAND [options]   (stablemlp COMMAND --help for details)", ""]
+    lines = [
+        "usage: stablemlp COMMAND [options] [--log-format text|json]"
+        "   (stablemlp COMMAND --help for details)",
+        "",
+    ]
     lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -38,14 +43,53 @@ def _load(target: str) -> Callable[[list[str]], int]:
     return func
 
 
-def configure_logging() -> None:
-    """Configured once, here; STABLEMLP_LOG_LEVEL sets the level."""
+LOG_FORMATS = ("text", "json")
+_LOG_FIELDS = ("rpc", "code", "peer")  # `extra=` fields of a failed call's line (errors.py)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and a failed call's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update({k: getattr(record, k) for k in _LOG_FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=True)  # ASCII: no client byte can break the line
+
+
+def configure_logging(log_format: str | None = None) -> None:
+    """Configured once, here; STABLEMLP_LOG_LEVEL sets the level, STABLEMLP_LOG_FORMAT (or
+    `stablemlp --log-format`) text or json lines."""
     level = os.environ.get("STABLEMLP_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_format = log_format or os.environ.get("STABLEMLP_LOG_FORMAT", "text").lower()
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format: got {log_format!r}, expected text or json")
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def _pop_log_format(args: list[str]) -> tuple[list[str], str | None]:
+    """`--log-format X` / `--log-format=X` anywhere (before or after the command) is ours."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--log-format="):
+            return args[:i] + args[i + 1 :], arg.partition("=")[2]
+        if arg == "--log-format" and i + 1 < len(args):
+            return args[:i] + args[i + 2 :], args[i + 1]
+    return args, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args, log_format = _pop_log_format(list(sys.argv[1:] if argv is None else argv))
     if not args or args[0] in {"-h", "--help"}:
         print(_usage())
         return 0 if args else 2
@@ -53,7 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"stablemlp: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    configure_logging()
+    try:
+        configure_logging(log_format)
+    except ValueError as err:
+        print(f"stablemlp: {err}", file=sys.stderr)
+        return 2
     try:
         func = _load(COMMANDS[command][0])
     except ModuleNotFoundError as err:
@@ -80,4 +128,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return func(rest)
 
 
-__all__ = ["COMMANDS", "configure_logging", "main"]
+__all__ = ["COMMANDS", "LOG_FORMATS", "JsonFormatter", "configure_logging", "main"]

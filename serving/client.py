@@ -4,7 +4,8 @@
     predict("localhost:8001", [[17.99, 10.38, ...]], model="breast_cancer")  # [(0.013, 0)]
 
 Rows may hold NaN for missing values (the model imputes them). Requests carry raw little-endian
-bytes and are split at the server's max_batch_size, read from ModelConfig.
+bytes and are split at the server's max_batch_size, read from ModelConfig. Secured servers:
+`security=Security(ca=..., cert=..., key=..., token=...)` (TLS, client certificate, bearer token).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,35 @@ from .codec import DTYPES
 PROBABILITY, LABEL = "probability", "label"  # output names of the model contract
 
 
+@dataclass(frozen=True)
+class Security:
+    """How to reach a server started with --tls-cert (and --tls-client-ca) or a token."""
+
+    ca: Path | None = None  # PEM CA that signed the server's certificate: use TLS
+    cert: Path | None = None  # PEM client certificate, for servers requiring mTLS
+    key: Path | None = None  # its private key
+    token: str = ""  # sent as `authorization: Bearer <token>`
+    server_name: str = ""  # the name to check the server's certificate against, if not the host
+
+    def channel(self, target: str) -> grpc.Channel:
+        if self.ca is None:
+            return grpc.insecure_channel(target)
+        credentials = grpc.ssl_channel_credentials(
+            self.ca.read_bytes(),
+            self.key.read_bytes() if self.key else None,
+            self.cert.read_bytes() if self.cert else None,
+        )
+        name = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.secure_channel(target, credentials, options=name)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+
+PLAINTEXT = Security()
+
+
 def _stub(channel: grpc.Channel) -> Any:
     """The generated stub (untyped: protoc's grpc plugin writes no annotations)."""
     return pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -38,19 +70,24 @@ class ClientError(ValueError):
     """Rows that do not fit the model, or no model to choose."""
 
 
-def _pick_model(stub: Any, timeout: float) -> str:
-    index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=timeout)
+def _pick_model(stub: Any, timeout: float, security: Security = PLAINTEXT) -> str:
+    index = stub.RepositoryIndex(
+        pb.RepositoryIndexRequest(ready=True), timeout=timeout, metadata=security.metadata
+    )
     names: list[str] = sorted({entry.name for entry in index.models})
     if len(names) != 1:
         raise ClientError(f"server has ready models {names}: choose one with --model / model=")
     return names[0]
 
 
-def feature_names(target: str, model: str, timeout: float = 10.0) -> list[str]:
+def feature_names(
+    target: str, model: str, timeout: float = 10.0, security: Security = PLAINTEXT
+) -> list[str]:
     """The model's feature names, from ModelConfig.parameters["feature_names"]."""
-    with grpc.insecure_channel(target) as channel:
+    with security.channel(target) as channel:
         stub = _stub(channel)
-        config = stub.ModelConfig(pb.ModelConfigRequest(name=model), timeout=timeout).config
+        request = pb.ModelConfigRequest(name=model)
+        config = stub.ModelConfig(request, timeout=timeout, metadata=security.metadata).config
     names: list[str] = json.loads(config.parameters["feature_names"].string_value)
     return names
 
@@ -61,13 +98,15 @@ def predict(
     model: str | None = None,
     version: str = "",
     timeout: float = 30.0,
+    security: Security = PLAINTEXT,
 ) -> list[tuple[float, int]]:
     """(probability, label) per row; `model=None` picks the server's only ready model."""
-    with grpc.insecure_channel(target) as channel:
+    metadata = security.metadata
+    with security.channel(target) as channel:
         stub = _stub(channel)
-        model = model or _pick_model(stub, timeout)
+        model = model or _pick_model(stub, timeout, security)
         config = stub.ModelConfig(
-            pb.ModelConfigRequest(name=model, version=version), timeout=timeout
+            pb.ModelConfigRequest(name=model, version=version), timeout=timeout, metadata=metadata
         )
         features = config.config.input[0]
         width = int(np.prod(features.dims))
@@ -83,7 +122,7 @@ def predict(
             request = pb.ModelInferRequest(model_name=model, model_version=version)
             request.inputs.add(name=features.name, datatype="FP32", shape=chunk.shape)
             request.raw_input_contents.append(chunk.tobytes())
-            response = stub.ModelInfer(request, timeout=timeout)
+            response = stub.ModelInfer(request, timeout=timeout, metadata=metadata)
             out = {
                 tensor.name: np.frombuffer(raw, dtype=DTYPES[tensor.datatype])
                 for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True)
@@ -132,16 +171,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model name (default: the server's only model)")
     parser.add_argument("--version", default="", help="model version (default: newest ready)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA of the server's certificate: use TLS")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+    parser.add_argument("--tls-server-name", default="", help="name the certificate must carry")
+    parser.add_argument(
+        "--token-file", type=Path, help="bearer token file (or env STABLEMLP_AUTH_TOKEN)"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        token = os.environ.get("STABLEMLP_AUTH_TOKEN", "")
+        if args.token_file:
+            token = args.token_file.read_text(encoding="utf-8")
+        security = Security(
+            args.tls_ca, args.tls_cert, args.tls_key, token.strip(), args.tls_server_name
+        )
         if args.features is not None:
             rows = [[_cell(cell) for cell in args.features.split(",")]]
         else:
-            with grpc.insecure_channel(args.server) as channel:
-                stub = _stub(channel)
-                args.model = args.model or _pick_model(stub, args.timeout)
-            rows = read_rows(args.csv, feature_names(args.server, args.model, args.timeout))
-        results = predict(args.server, rows, args.model, args.version, args.timeout)
+            with security.channel(args.server) as channel:
+                args.model = args.model or _pick_model(_stub(channel), args.timeout, security)
+            names = feature_names(args.server, args.model, args.timeout, security)
+            rows = read_rows(args.csv, names)
+        results = predict(args.server, rows, args.model, args.version, args.timeout, security)
     except grpc.RpcError as err:
         print(f"stablemlp predict: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
@@ -154,4 +206,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["ClientError", "feature_names", "main", "predict", "read_rows"]
+__all__ = ["ClientError", "Security", "feature_names", "main", "predict", "read_rows"]

@@ -13,7 +13,7 @@ import numpy as np
 
 from protos import grpc_service_pb2 as pb
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, clip, clip_items
 
 # Datatypes of the inference protocol that this server can carry, as little-endian numpy types.
 DTYPES: dict[str, np.dtype[np.generic]] = {
@@ -90,7 +90,7 @@ def _check_shape(spec: TensorSpec, shape: list[int], max_batch_size: int) -> Non
     where = f"input '{spec.name}' shape"
     if len(shape) != len(spec.shape):
         raise InvalidRequestError(
-            f"{where}: got {shape} (rank {len(shape)}), "
+            f"{where}: got {clip_items(shape)} (rank {len(shape)}), "
             f"expected rank {len(spec.shape)} {list(spec.shape)}"
         )
     for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
@@ -112,7 +112,8 @@ def _decode_tensor(
 ) -> np.ndarray:
     if tensor.datatype != spec.datatype:
         raise InvalidRequestError(
-            f"input '{spec.name}' datatype: got '{tensor.datatype}', expected '{spec.datatype}'"
+            f"input '{spec.name}' datatype: got '{clip(tensor.datatype)}', "
+            f"expected '{spec.datatype}'"
         )
     shape = list(tensor.shape)
     _check_shape(spec, shape, max_batch_size)
@@ -170,11 +171,11 @@ def _requested_outputs(
         if wanted.name not in known:
             expected = ", ".join(f"'{name}'" for name in known)
             raise InvalidRequestError(
-                f"outputs[{i}].name: got '{wanted.name}', expected one of {expected}"
+                f"outputs[{i}].name: got '{clip(wanted.name)}', expected one of {expected}"
             )
         if wanted.name in names:
             raise InvalidRequestError(
-                f"outputs[{i}].name: got '{wanted.name}' twice, expected each at most once"
+                f"outputs[{i}].name: got '{clip(wanted.name)}' twice, expected each at most once"
             )
         names.append(wanted.name)
     return tuple(by_name[name] for name in names)
@@ -193,7 +194,7 @@ def decode_request(
         if name not in by_name or got.index(name) != i:
             expected = ", ".join(f"'{spec.name}'" for spec in inputs)
             raise InvalidRequestError(
-                f"inputs[{i}].name: got '{name}', expected {expected} (once each)"
+                f"inputs[{i}].name: got '{clip(name)}', expected {expected} (once each)"
             )
     if len(got) != len(inputs):
         missing = ", ".join(f"'{spec.name}'" for spec in inputs if spec.name not in got)

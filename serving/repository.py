@@ -1,22 +1,31 @@
 """The model repository: REPO/<model>/<version>/, which versions are loaded, and their readiness.
 
-This is the one source of truth for readiness: health, ModelReady, ServerReady and RepositoryIndex
-all ask it. A (re)load builds every selected version fully (hash, session, warm-up) before one
-dict assignment swaps it in, so requests see the old versions or the new ones, never a mix.
+This is the one source of truth for readiness: health, ModelReady, ServerReady, RepositoryIndex and
+/metrics all ask it. A (re)load builds each new version fully (hash, session, interface, warm-up)
+before one dict assignment swaps the model's versions, so a request sees the old versions or the new
+ones, never a mix. A version that fails is refused: its reason stays in RepositoryIndex and the
+versions that were serving keep serving. `refresh` (the poller) reloads only models whose version
+folders changed since it last looked, and leaves models unloaded on request alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError, ModelNotFoundError, ModelUnavailableError, ServingError
-from .runtime import ModelRuntime, RuntimeOptions
+from .errors import (
+    ContractError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    ServingError,
+    clip,
+)
+from .metrics import VersionStats
+from .runtime import MANIFEST_FILE, MODEL_FILE, Manifest, ModelRuntime, RuntimeOptions
 from .settings import VersionPolicy
 
 log = logging.getLogger(__name__)
@@ -24,70 +33,31 @@ log = logging.getLogger(__name__)
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 UNLOADED = "unloaded"  # the reason given for a version unloaded on request
+# (inode, size, mtime_ns) of manifest.json and model.onnx: a version folder replaced or rewritten
+# changes it. Published folders appear by rename, so this is cheap and never sees half a file.
+Signature = tuple[tuple[int, int, int], ...]
 
 
-@dataclass
-class Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int) -> None:
-        self.count += 1
-        self.ns += ns
+def _stat(path: Path) -> tuple[int, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-@dataclass
-class VersionStats:
-    """Triton's per-version ModelStatistics counters; updated on the event loop thread only."""
-
-    last_inference_ms: int = 0
-    inference_count: int = 0  # rows
-    execution_count: int = 0  # session runs
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-
-    @contextmanager
-    def measure(self) -> Iterator[RequestTimer]:
-        """Time one request; an exception counts it as failed and propagates."""
-        timer = RequestTimer()
-        try:
-            yield timer
-        except BaseException:
-            self.fail.add(time.perf_counter_ns() - timer.start)
-            raise
-        self.success.add(time.perf_counter_ns() - timer.start)
-        self.last_inference_ms = time.time_ns() // 1_000_000
-        self.inference_count += timer.rows
-        self.execution_count += 1
-        for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
-            getattr(self, phase).add(timer.phases.get(phase, 0))
-
-
-class RequestTimer:
-    """Splits one request's time into Triton's phases: `lap(phase)` ends the current phase."""
-
-    def __init__(self) -> None:
-        self.start = self._last = time.perf_counter_ns()
-        self.phases: dict[str, int] = {}
-        self.rows = 0
-
-    def lap(self, phase: str, until: int | None = None) -> None:
-        now = time.perf_counter_ns() if until is None else until
-        self.phases[phase] = self.phases.get(phase, 0) + now - self._last
-        self._last = now
+def _signature(folder: Path) -> Signature:
+    return (_stat(folder / MANIFEST_FILE), _stat(folder / MODEL_FILE))
 
 
 @dataclass(frozen=True)
 class VersionEntry:
     version: int
     state: str  # READY | UNAVAILABLE
-    reason: str  # why it is unavailable; "" when ready
+    reason: str  # why it is unavailable ("" when ready, or why newer files were refused)
     runtime: ModelRuntime | None
     stats: VersionStats
+    signature: Signature = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +75,18 @@ def _version(name: str) -> int | None:
     return int(name) if name.isdigit() and name == str(int(name)) and int(name) > 0 else None
 
 
+def _check_interface(new: Manifest, serving: Manifest) -> None:
+    """A hot swap must not change what clients send or get under their feet."""
+    for what in ("inputs", "outputs", "feature_names"):
+        got, want = getattr(new, what), getattr(serving, what)
+        if got != want:
+            raise ContractError(
+                f"manifest {what} differ from version {serving.version}, which is serving "
+                f"(got {clip(str(got), 200)}, expected {clip(str(want), 200)}); "
+                "unload the model first to change its interface"
+            )
+
+
 class ModelRepository:
     def __init__(
         self,
@@ -120,6 +102,9 @@ class ModelRepository:
         self._policy, self._options, self._only = policy, options, only
         self._warmup = (warmup_batch_sizes, warmup_runs)
         self._models: dict[str, dict[int, VersionEntry]] = {}  # swapped per model, never mutated
+        self._seen: dict[str, dict[int, Signature]] = {}  # the folders each load last saw
+        self._unloaded: set[str] = set()  # unloaded on request: the poller leaves them alone
+        self._problems: dict[str, str] = {}  # models with nothing to serve: why
         self._lock = threading.Lock()  # one load or unload at a time
         self._draining = False
 
@@ -133,7 +118,7 @@ class ModelRepository:
     def _version_dirs(self, name: str) -> dict[int, Path]:
         folder = self.root / name
         if not name or name.startswith(".") or "/" in name or not folder.is_dir():
-            raise ModelNotFoundError(f"model '{name}': not found in the repository")
+            raise ModelNotFoundError(f"model '{clip(name)}': not found in the repository")
         found = {_version(p.name): p for p in folder.iterdir() if p.is_dir()}
         return {v: p for v, p in found.items() if v is not None}
 
@@ -144,41 +129,103 @@ class ModelRepository:
         for name in names:
             self.load(name)
 
-    def load(self, name: str) -> None:
-        """Rescan REPO/<name>, load the versions the policy selects, then swap them in at once."""
+    def load(self, name: str, *, reuse: bool = False) -> None:
+        """Rescan REPO/<name>, load the versions the policy selects, then swap them in at once.
+
+        `reuse` keeps versions whose files did not change as they are (the poller); otherwise each
+        selected version is loaded afresh. The first refusal is raised after the swap."""
         with self._lock:
             folders = self._version_dirs(name)
+            self._seen[name] = {v: _signature(p) for v, p in folders.items()}
+            self._unloaded.discard(name)
             chosen = self._policy.select(list(folders))
             if not chosen:
-                raise ModelLoadError(
-                    f"model '{name}': got versions {sorted(folders)}, "
-                    f"expected at least one matching policy {self._policy}"
+                self._problems[name] = (
+                    f"got versions {sorted(folders)}, expected one matching policy {self._policy}"
                 )
-            entries = {v: self._open(name, v, folders[v]) for v in chosen}
+                raise ModelLoadError(f"model '{name}': {self._problems[name]}")
+            current = self._models.get(name, {})
+            ready = [e for e in current.values() if e.runtime is not None and e.state == READY]
+            serving = max(ready, key=lambda e: e.version) if ready else None
+            results = {
+                v: self._open(name, v, folders[v], current.get(v), reuse, serving) for v in chosen
+            }
+            entries = {v: entry for v, (entry, _) in results.items()}
+            errors = [err for _, err in results.values() if err is not None]
+            if any(e.state != READY for e in entries.values()):  # the old ones serve on
+                entries.update({e.version: e for e in ready if e.version not in entries})
             self._models[name] = entries
-        providers = {",".join(e.runtime.providers) for e in entries.values() if e.runtime}
-        log.info("model %s: versions %s READY on %s", name, chosen, " | ".join(sorted(providers)))
+            self._problems.pop(name, None)
+        live = {v: e.runtime for v, e in entries.items() if e.runtime and e.state == READY}
+        if live:
+            providers = " | ".join(sorted({",".join(r.providers) for r in live.values()}))
+            log.info(
+                "model %s: versions %s READY on %s", name, sorted(live, reverse=True), providers
+            )
+        if errors:
+            raise errors[0]
 
-    def _open(self, name: str, version: int, folder: Path) -> VersionEntry:
+    def _open(
+        self,
+        name: str,
+        version: int,
+        folder: Path,
+        old: VersionEntry | None,
+        reuse: bool,
+        serving: VersionEntry | None,
+    ) -> tuple[VersionEntry, ModelLoadError | None]:
+        signature = _signature(folder)
+        if reuse and old is not None and old.signature == signature and old.reason != UNLOADED:
+            return old, None  # unchanged: still serving, or still refused for the same files
+        stats = old.stats if old is not None else VersionStats()
         try:
             runtime = ModelRuntime(folder, self._options)
+            if serving is not None and serving.runtime is not None and version >= serving.version:
+                _check_interface(runtime.manifest, serving.runtime.manifest)  # the new default
             runtime.warm_up(*self._warmup)
         except ModelLoadError as err:
-            raise type(err)(f"model '{name}' version {version}: {err}") from err
+            error = type(err)(f"model '{name}' version {version}: {err}")
+            if old is not None and old.runtime is not None and old.state == READY:
+                kept = f"serving the files loaded before; the new ones were refused: {err}"
+                return dataclasses.replace(old, reason=kept), error  # rewritten in place
+            refused = VersionEntry(version, UNAVAILABLE, str(err), None, stats, signature)
+            return refused, error
         manifest = runtime.manifest
         if (manifest.model_name, manifest.version) != (name, version):
             log.warning(
                 "model %s version %d: manifest.json says %s version %d; serving it as its folder",
                 name, version, manifest.model_name, manifest.version,
             )  # fmt: skip
-        return VersionEntry(version, READY, "", runtime, VersionStats())
+        return VersionEntry(version, READY, "", runtime, stats, signature), None
+
+    def refresh(self) -> list[str]:
+        """Reload each model whose version folders changed since the last load; returns them."""
+        changed = []
+        for name in list(self._only) or self.on_disk():
+            if name in self._unloaded:
+                continue
+            try:
+                folders = self._version_dirs(name)
+            except ModelNotFoundError:
+                continue  # the folder went away: keep serving what is loaded
+            if self._seen.get(name) == {v: _signature(p) for v, p in folders.items()}:
+                continue
+            changed.append(name)
+            try:
+                self.load(name, reuse=True)
+            except ServingError as err:
+                log.warning("model %s: refused: %s", name, err)
+        return changed
 
     def unload(self, name: str) -> None:
         with self._lock:
             entries = self.entries(name)
             self._models[name] = {
-                v: VersionEntry(v, UNAVAILABLE, UNLOADED, None, e.stats) for v, e in entries.items()
+                v: VersionEntry(v, UNAVAILABLE, UNLOADED, None, e.stats, e.signature)
+                for v, e in entries.items()
+                if e.runtime is not None
             }
+            self._unloaded.add(name)
         log.info("model %s: unloaded", name)
 
     def names(self) -> list[str]:
@@ -187,7 +234,7 @@ class ModelRepository:
     def entries(self, name: str) -> dict[int, VersionEntry]:
         entries = self._models.get(name)
         if entries is None:
-            raise ModelNotFoundError(f"model '{name}': not found (serving {self.names()})")
+            raise ModelNotFoundError(f"model '{clip(name)}': not found (serving {self.names()})")
         return entries
 
     def get(self, name: str, version: str = "") -> Loaded:
@@ -198,11 +245,14 @@ class ModelRepository:
             entry = entries.get(number) if number is not None else None
             if entry is None:
                 raise ModelNotFoundError(
-                    f"model '{name}' version: got '{version}', expected one of {sorted(entries)}"
+                    f"model '{name}' version: got '{clip(version)}', "
+                    f"expected one of {sorted(entries)}"
                 )
         else:
             ready = [e for e in entries.values() if e.state == READY]
-            entry = max(ready, key=lambda e: e.version) if ready else next(iter(entries.values()))
+            entry = max(ready or entries.values(), key=lambda e: e.version, default=None)
+        if entry is None:
+            raise ModelUnavailableError(f"model '{name}': no version loaded")
         if entry.runtime is None or entry.state != READY:
             raise ModelUnavailableError(
                 f"model '{name}' version {entry.version}: {entry.state} ({entry.reason})"
@@ -221,8 +271,7 @@ class ModelRepository:
     def server_ready(self) -> bool:
         """Every model that was not unloaded on request has a ready version."""
         return not self._draining and all(
-            self.is_ready(name) or all(e.reason == UNLOADED for e in entries.values())
-            for name, entries in self._models.items()
+            self.is_ready(name) or name in self._unloaded for name in list(self._models)
         )
 
     def index(self) -> list[tuple[str, str, str, str]]:
@@ -233,11 +282,16 @@ class ModelRepository:
             for v, e in sorted(entries.items())
         ]
         rows += [
-            (name, "", UNAVAILABLE, "not loaded")
+            (name, "", UNAVAILABLE, self._problems.get(name, "not loaded"))
             for name in self.on_disk()
             if name not in self._models
         ]
         return sorted(rows)
+
+    def snapshot(self) -> list[tuple[str, str, bool, VersionStats]]:
+        """(name, version, ready, stats) per known version; safe from another thread."""
+        models = list(self._models.items())
+        return [(n, str(v), e.state == READY, e.stats) for n, es in models for v, e in es.items()]
 
     def providers(self) -> tuple[str, ...]:
         """Execution providers in use, in ONNX Runtime's priority order."""
@@ -251,13 +305,4 @@ class ModelRepository:
         self._draining = True
 
 
-__all__ = [
-    "READY",
-    "UNAVAILABLE",
-    "Duration",
-    "Loaded",
-    "ModelRepository",
-    "RequestTimer",
-    "VersionEntry",
-    "VersionStats",
-]
+__all__ = ["READY", "UNAVAILABLE", "Loaded", "ModelRepository", "VersionEntry"]

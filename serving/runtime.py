@@ -2,15 +2,20 @@
 
 Everything about a version that can be checked before serving it is checked here, once, at load:
 the manifest's keys, model.onnx's sha256, the graph's tensors against the manifest, the execution
-provider actually obtained, and a warm-up that proves the outputs have the declared shapes.
+provider actually obtained, and a warm-up that proves the outputs have the declared shapes. The
+session is made from the very bytes that were hashed (no second read of the file, no external data
+files); nothing else of a version folder is read: model.pt and pickles are never loaded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +36,9 @@ PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX models
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # ONNX Runtime's type strings for the protocol datatypes we carry.
-ORT_TYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-}
+ORT_TYPES = {"tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(int8)": "INT8",
+             "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+             "tensor(float)": "FP32", "tensor(double)": "FP64"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -122,19 +120,18 @@ def check_manifest(manifest: Manifest) -> None:
             )
 
 
-def verify_file(path: Path, sha256: str, size: int) -> None:
-    """Refuse a model file that is not byte-for-byte the one the manifest describes."""
-    digest = hashlib.sha256()
+def verify_file(path: Path, sha256: str, size: int) -> bytes:
+    """The file's bytes, if they are byte-for-byte the ones the manifest describes."""
     with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    got_size = path.stat().st_size
-    if got_size != size or digest.hexdigest() != sha256:
+        data = stream.read(size + 1)  # one byte more than promised reveals a longer file
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != size or digest != sha256:
+        got = f"{len(data)} bytes" if len(data) <= size else f"more than {size} bytes"
         raise IntegrityError(
             f"{path.parent.parent.name}/{path.parent.name}/{path.name}: got sha256 "
-            f"{digest.hexdigest()} ({got_size} bytes), expected {sha256} ({size} bytes) "
-            "from manifest.json"
+            f"{digest} ({got}), expected {sha256} ({size} bytes) from manifest.json"
         )
+    return data
 
 
 def _providers(options: RuntimeOptions) -> list[str | tuple[str, dict[str, str]]]:
@@ -149,8 +146,10 @@ def _providers(options: RuntimeOptions) -> list[str | tuple[str, dict[str, str]]
     return [(CUDA, cuda), CPU]
 
 
-def create_session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
-    """A session on the requested device; `cuda` refuses what ONNX Runtime would only warn about."""
+def create_session(model: bytes, options: RuntimeOptions) -> ort.InferenceSession:
+    """A session on the requested device; `cuda` refuses what ONNX Runtime would only warn about.
+
+    From bytes, so the graph cannot pull in files beside it (ONNX external data) unhashed."""
     if options.device != "cpu" and CUDA in ort.get_available_providers():
         # onnxruntime-gpu finds CUDA/cuDNN installed as pip packages (its [cuda,cudnn] extras)
         # only once preloaded; system-wide libraries are found either way (a no-op then).
@@ -161,9 +160,9 @@ def create_session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
     session_options.intra_op_num_threads = options.intra_op_threads
     session_options.inter_op_num_threads = options.inter_op_threads
     try:
-        session = ort.InferenceSession(str(path), session_options, providers=_providers(options))
+        session = ort.InferenceSession(model, session_options, providers=_providers(options))
     except Exception as err:  # ONNX Runtime raises its own untyped errors for unloadable graphs
-        raise ContractError(f"{path.name}: ONNX Runtime cannot load it ({err})") from None
+        raise ContractError(f"{MODEL_FILE}: ONNX Runtime cannot load it ({err})") from None
     got = session.get_providers()
     if options.device != "cpu" and got[0] != CUDA:
         available = ort.get_available_providers()
@@ -207,6 +206,17 @@ def _check_graph(session: ort.InferenceSession, manifest: Manifest) -> None:
                 )
 
 
+class RunControl:
+    """Lets another thread stop a session.run (ONNX Runtime checks the flag between nodes)."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+        self.started = False  # set by the worker thread as the run begins
+
+    def cancel(self) -> None:
+        self.options.terminate = True
+
+
 class ModelRuntime:
     """A loaded, verified, warmed-up version; `run` is safe to call from several threads."""
 
@@ -216,17 +226,47 @@ class ModelRuntime:
         check_manifest(self.manifest)
         if not self.path.is_file():
             raise ContractError(f"{version_dir.name}/{MODEL_FILE}: missing")
-        verify_file(self.path, self.manifest.sha256, self.manifest.size)
-        self._session = create_session(self.path, options)
+        model = verify_file(self.path, self.manifest.sha256, self.manifest.size)
+        self._session = create_session(model, options)
         _check_graph(self._session, self.manifest)
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.options = options
 
     def run(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        control: RunControl | None = None,
     ) -> dict[str, np.ndarray]:
-        results = self._session.run(list(outputs), dict(inputs))
+        options = control.options if control else None
+        results = self._session.run(list(outputs), dict(inputs), options)
         return {name: np.asarray(value) for name, value in zip(outputs, results, strict=True)}
+
+    async def run_in(
+        self,
+        executor: Executor,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        control: RunControl | None = None,
+    ) -> tuple[int, dict[str, np.ndarray]]:
+        """`run` on `executor`; returns when it started (perf_counter_ns) and the results.
+
+        Cancelling the awaiting task (gRPC does when the client's deadline passes) stops the work:
+        a run still queued never starts, one under way is told to terminate."""
+        control = control or RunControl()
+        future = executor.submit(self._timed_run, inputs, outputs, control)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancel():  # already running: ONNX Runtime stops at the next node
+                control.cancel()
+            raise
+
+    def _timed_run(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], control: RunControl
+    ) -> tuple[int, dict[str, np.ndarray]]:
+        control.started = True
+        return time.perf_counter_ns(), self.run(inputs, outputs, control)
 
     def warm_up(self, batch_sizes: Sequence[int], runs: int) -> None:
         """Run all-missing rows (the imputation path) and check every output's dtype and shape."""
@@ -258,6 +298,7 @@ __all__ = [
     "PLATFORM",
     "Manifest",
     "ModelRuntime",
+    "RunControl",
     "RuntimeOptions",
     "check_manifest",
     "create_session",

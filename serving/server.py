@@ -1,20 +1,24 @@
 """`stablemlp serve`: load and warm the repository, then serve KServe v2 gRPC, health, reflection.
 
-Shutdown on SIGTERM/SIGINT: readiness and health go NOT_SERVING first (so load balancers stop
-sending), then in-flight calls get `grace_period_s` to finish; the process exits 0.
+Around the servicer: TLS or mTLS on the port, a token interceptor, an admission limit, /metrics on
+its own HTTP port, and a repository poller. Shutdown on SIGTERM/SIGINT: readiness and health go
+NOT_SERVING first (so load balancers stop sending), then the port stops taking calls (new ones get
+UNAVAILABLE) while those in flight get `grace_period_s` to finish; the process exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,13 +26,16 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
 
-from .errors import ServingError
+from .auth import TokenInterceptor, read_token, server_credentials
+from .errors import ServingError, lenient
+from .limits import Admission
+from .metrics import Telemetry, serve_metrics
 from .repository import ModelRepository
 from .runtime import RuntimeOptions
 from .servicer import InferenceServicer
 from .settings import Settings, add_arguments, load_settings
+from .watcher import watch_repository
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +49,10 @@ SERVICE_NAMES = (
 class Built(NamedTuple):
     server: grpc.aio.Server
     port: int  # the bound port (the real one when settings.port is 0)
-    stop: Callable[
-        [float], Awaitable[None]
-    ]  # graceful: health NOT_SERVING, then server.stop(grace)
+    # graceful: NOT_SERVING, refuse new calls, finish those in flight; returns the calls cut off
+    stop: Callable[[float], Awaitable[int]]
+    telemetry: Telemetry  # the inference counts, also behind ModelStatistics and /metrics
+    metrics_port: int | None  # None: no /metrics endpoint
 
 
 def server_version() -> str:
@@ -58,9 +66,8 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-async def build_server(settings: Settings) -> Built:
-    """Load, verify and warm every model, then assemble and bind (not start) the server."""
-    repository = ModelRepository(
+def _repository(settings: Settings) -> ModelRepository:
+    return ModelRepository(
         settings.model_repository,
         policy=settings.version_policy,
         options=RuntimeOptions(
@@ -74,6 +81,74 @@ async def build_server(settings: Settings) -> Built:
         warmup_runs=settings.warmup_runs,
         only=settings.models,
     )
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated add_GRPCInferenceServiceServicer_to_server, but with `lenient` request
+    deserializers, so a garbled request reaches the servicer's boundary (INVALID_ARGUMENT)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=lenient(request_type.FromString, method.input_type.full_name),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+
+
+def _grpc_server(settings: Settings, telemetry: Telemetry) -> grpc.aio.Server:
+    interceptors: list[Any] = []
+    token = read_token(settings.auth_token, settings.auth_token_file)
+    if token is not None:
+
+        def refused() -> None:
+            telemetry.auth_failures += 1
+
+        interceptors.append(TokenInterceptor(token, settings.auth_exempt_health, refused))
+    return grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a taken port must fail, not be silently shared
+        ],
+    )
+
+
+def _start_metrics(
+    settings: Settings, telemetry: Telemetry
+) -> tuple[int | None, Callable[[], None]]:
+    if settings.metrics_port < 0:
+        return None, lambda: None
+    try:
+        port, stop = serve_metrics(settings.host, settings.metrics_port, telemetry)
+    except OSError as err:
+        raise OSError(f"metrics: cannot listen on port {settings.metrics_port}: {err}") from None
+    log.info("metrics: http://%s/metrics", _address(settings.host, port))
+    return port, stop
+
+
+async def build_server(settings: Settings) -> Built:
+    """Load, verify and warm every model, then assemble and bind (not start) the server."""
+    repository = _repository(settings)
+    admission = Admission(settings.max_inflight)
+    telemetry = Telemetry(repository.snapshot, lambda: admission.inflight, admission.limit)
+    server = _grpc_server(settings, telemetry)  # token and TLS files first: fail before loading
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     await asyncio.to_thread(repository.load_all)
     executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="infer")
     health = health_aio.HealthServicer()
@@ -81,50 +156,69 @@ async def build_server(settings: Settings) -> Built:
         repository,
         health,
         executor,
+        admission=admission,
+        telemetry=telemetry,
         max_batch_size=settings.max_batch_size,
         version_policy=settings.version_policy,
         server_version=server_version(),
     )
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a taken port must fail, not be silently shared
-        ]
-    )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    add_inference_service(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(SERVICE_NAMES, server)
     address = _address(settings.host, settings.port)
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as err:  # grpc reports a failed bind this way
         raise OSError(f"cannot listen on {address}: {err}") from None
+    metrics_port, stop_metrics = _start_metrics(settings, telemetry)
     await servicer.publish_health()
+    watcher = None
+    if settings.repository_poll_s > 0:
+        poll = watch_repository(repository, settings.repository_poll_s, servicer.publish_health)
+        watcher = asyncio.create_task(poll)
 
-    async def stop(grace: float) -> None:
+    async def stop(grace: float) -> int:
+        deadline = time.monotonic() + grace
         repository.begin_shutdown()
         await health.enter_graceful_shutdown()
-        await server.stop(grace)
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        # Inference calls in flight finish; new ones get UNAVAILABLE from the servicer, so
+        # clients see a status they may retry elsewhere, not a call cut at the transport.
+        await admission.drain(max(0.0, deadline - time.monotonic()))
+        await server.stop(max(0.0, deadline - time.monotonic()))
+        cut_off = admission.inflight  # still running when the grace period ended
         executor.shutdown(wait=False, cancel_futures=True)
+        stop_metrics()
+        return cut_off
 
-    return Built(server, port, stop)
+    return Built(server, port, stop, telemetry, metrics_port)
 
 
 async def serve(settings: Settings) -> int:
-    server, port, stop = await build_server(settings)
+    server, port, stop, telemetry, _ = await build_server(settings)
     await server.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    log.info("ready: listening on %s", _address(settings.host, port))
+    scheme = "mTLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext"
+    log.info("ready: listening on %s (%s)", _address(settings.host, port), scheme)
     await stopping.wait()
     log.info(
         "shutting down: NOT_SERVING, %.1f s grace for in-flight calls", settings.grace_period_s
     )
-    await stop(settings.grace_period_s)
-    log.info("stopped")
+    cut_off = await stop(settings.grace_period_s)
+    answered = telemetry.count(grpc.StatusCode.OK.name)
+    log.info(
+        "stopped: %d inference calls answered OK in all, %d in-flight calls cut off by the grace "
+        "period", answered, cut_off,
+    )  # fmt: skip
     return 0
 
 
@@ -147,9 +241,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(serve(settings))
-    except (ServingError, OSError) as err:
+    except (ServingError, OSError, ValueError) as err:  # models, ports, TLS and token files
         print(f"stablemlp serve: cannot start: {err}", file=sys.stderr)
         return 1
 
 
-__all__ = ["SERVICE_NAMES", "Built", "build_parser", "build_server", "main", "serve"]
+__all__ = [
+    "SERVICE_NAMES",
+    "Built",
+    "add_inference_service",
+    "build_parser",
+    "build_server",
+    "main",
+    "serve",
+]

@@ -1,5 +1,8 @@
 """inference.GRPCInferenceService: thin methods (resolve, decode, run, encode); errors.py maps.
 
+Each inference is admitted (limits.py), counted once (metrics.py: ModelStatistics and /metrics
+read the same counters) and keeps the one version it resolved until its reply is written.
+
 Where stock clients see the model's own facts, since Triton's ModelMetadataResponse has no free-form
 field: ModelConfig.parameters carries `providers`, `feature_names` (JSON list), `threshold`,
 `sha256`, `opset` and ONNX Runtime's thread counts, and instance_group says CPU or GPU;
@@ -11,12 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
-import numpy as np
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs lack aio
 
@@ -24,10 +25,12 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 
-from .codec import DecodedRequest, TensorSpec, decode_request, encode_response
-from .errors import rpc_boundary, status_for
-from .repository import Duration, Loaded, ModelRepository, VersionStats
-from .runtime import CUDA, PLATFORM, ModelRuntime
+from .codec import TensorSpec, decode_request, encode_response
+from .errors import InvalidRequestError, check_decoded, clip, rpc_boundary, status_for
+from .limits import Admission
+from .metrics import Duration, Telemetry, VersionStats
+from .repository import Loaded, ModelRepository
+from .runtime import CUDA, PLATFORM
 from .settings import VersionPolicy
 
 Context = Any  # grpc.aio.ServicerContext; the generated stubs are untyped
@@ -38,20 +41,27 @@ CONFIG_TYPES = {"BOOL": mc.TYPE_BOOL, "UINT8": mc.TYPE_UINT8, "INT8": mc.TYPE_IN
                 "FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64}  # fmt: skip
 
 
-def _run(runtime: ModelRuntime, decoded: DecodedRequest) -> tuple[int, dict[str, np.ndarray]]:
-    """Worker-thread body: returns when it started (ends the queue phase) and the results."""
-    names = [spec.name for spec in decoded.outputs]
-    return time.perf_counter_ns(), runtime.run(decoded.inputs, names)
+def _as_pb(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
-def _durations(stats: VersionStats) -> pb.InferStatistics:
-    def as_pb(d: Duration) -> pb.StatisticDuration:
-        return pb.StatisticDuration(count=d.count, ns=d.ns)
-
-    return pb.InferStatistics(
-        success=as_pb(stats.success), fail=as_pb(stats.fail), queue=as_pb(stats.queue),
-        compute_input=as_pb(stats.compute_input), compute_infer=as_pb(stats.compute_infer),
-        compute_output=as_pb(stats.compute_output),
+def model_statistics(name: str, version: int, stats: VersionStats) -> pb.ModelStatistics:
+    """Triton's ModelStatistics from the counters /metrics also reads."""
+    return pb.ModelStatistics(
+        name=name, version=str(version), last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count, execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_as_pb(stats.success), fail=_as_pb(stats.fail), queue=_as_pb(stats.queue),
+            compute_input=_as_pb(stats.compute_input), compute_infer=_as_pb(stats.compute_infer),
+            compute_output=_as_pb(stats.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=rows, compute_input=_as_pb(b.compute_input),
+                compute_infer=_as_pb(b.compute_infer), compute_output=_as_pb(b.compute_output),
+            )
+            for rows, b in sorted(dict(stats.batches).items())
+        ],
     )  # fmt: skip
 
 
@@ -100,11 +110,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         health: health_aio.HealthServicer,
         executor: Executor,
         *,
+        admission: Admission,
+        telemetry: Telemetry,
         max_batch_size: int,
         version_policy: VersionPolicy,
         server_version: str,
     ) -> None:
         self._repository, self._health, self._executor = repository, health, executor
+        self._admission, self._telemetry = admission, telemetry
         self._max_batch_size, self._version_policy = max_batch_size, version_policy
         self._server_version = server_version
 
@@ -120,24 +133,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             status.SERVING if server_ready else status.NOT_SERVING,
         )
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        loaded = self._repository.get(request.model_name, request.model_version)
-        manifest = loaded.runtime.manifest
-        with loaded.stats.measure() as timer:
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
+        """Admit, resolve one version (kept for the whole call), decode, run, encode; counted."""
+        with self._telemetry.track(context) as call, self._admission.admit():
+            loaded = self._repository.get(request.model_name, request.model_version)
+            call.resolved(loaded.name, loaded.version, loaded.stats)
+            manifest, runtime = loaded.runtime.manifest, loaded.runtime
             decoded = decode_request(
                 request, manifest.inputs, manifest.outputs, self._max_batch_size
             )
-            timer.lap("compute_input")
-            loop = asyncio.get_running_loop()
-            started, results = await loop.run_in_executor(
-                self._executor, _run, loaded.runtime, decoded
-            )
-            timer.lap("queue", until=started)
-            timer.lap("compute_infer")
+            call.lap("compute_input")
+            names = [spec.name for spec in decoded.outputs]
+            started, results = await runtime.run_in(self._executor, decoded.inputs, names)
+            call.lap("queue", until=started)
+            call.lap("compute_infer")
             version = str(loaded.version)
             response = encode_response(request, version, results, decoded.outputs, decoded.raw)
-            timer.lap("compute_output")
-            timer.rows = decoded.rows
+            call.lap("compute_output")
+            call.rows = decoded.rows
         return response
 
     @rpc_boundary
@@ -195,7 +210,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
-        return await self._infer(request)
+        return await self._infer(request, context)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -203,10 +218,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Each request gets one reply; a failed one an error_message, and the stream stays open."""
         async for request in request_iterator:
             try:
-                response = await self._infer(request)
+                check_decoded(request)
+                response = await self._infer(request, context)
             except Exception as err:  # the stream's boundary: same mapping, reported in-band
                 yield pb.ModelStreamInferResponse(
-                    error_message=status_for(err, "ModelStreamInfer")[1]
+                    error_message=status_for(err, "ModelStreamInfer", context.peer())[1]
                 )
             else:
                 yield pb.ModelStreamInferResponse(infer_response=response)
@@ -229,15 +245,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             entries = self._repository.entries(name)
             if request.version:
                 self._repository.get(name, request.version)  # NOT_FOUND/UNAVAILABLE as for infer
-            for version, entry in sorted(entries.items()):
-                if request.version and str(version) != request.version:
-                    continue
-                stats = entry.stats
-                response.model_stats.add(
-                    name=name, version=str(version), last_inference=stats.last_inference_ms,
-                    inference_count=stats.inference_count, execution_count=stats.execution_count,
-                    inference_stats=_durations(stats),
-                )  # fmt: skip
+            response.model_stats.extend(
+                model_statistics(name, version, entry.stats)
+                for version, entry in sorted(entries.items())
+                if not request.version or str(version) == request.version
+            )
         return response
 
     @rpc_boundary
@@ -264,6 +276,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:  # Triton's `config` / `file:` overrides: files come from disk only
+            keys = sorted(request.parameters)
+            raise InvalidRequestError(
+                f"parameters: got {clip(str(keys[:4]))}, expected none (models load from the "
+                "repository folder only)"
+            )
         await self._change(self._repository.load, request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -275,4 +293,4 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-__all__ = ["EXTENSIONS", "SERVER_NAME", "InferenceServicer", "model_config"]
+__all__ = ["EXTENSIONS", "SERVER_NAME", "InferenceServicer", "model_config", "model_statistics"]

@@ -68,10 +68,22 @@ def _models(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def _bool(text: str) -> bool:
+    if text.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if text.strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"got {text!r}, expected true or false")
+
+
 def _meta(
-    help_text: str, parse: Callable[[str], Any], metavar: str, flag: str | None = None
+    help_text: str,
+    parse: Callable[[str], Any],
+    metavar: str,
+    flag: str | None = None,
+    env_only: bool = False,
 ) -> dict[str, Any]:
-    return {"help": help_text, "parse": parse, "metavar": metavar, "flag": flag}
+    return {"help": help_text, "parse": parse, "metavar": metavar, "flag": flag, "env": env_only}
 
 
 @dataclass(frozen=True)
@@ -129,9 +141,51 @@ class Settings:
     )
     # 1024 rows x 30 FP32 features = 120 KiB, well under gRPC's 4 MiB default message size.
     max_batch_size: int = field(default=1024, metadata=_meta("most rows per request", int, "ROWS"))
-    # Room for max_batch_size rows of a few hundred features in either content form.
+    # gRPC's own default: room for max_batch_size rows of ~1,000 FP32 features (1024 x 1000 x 4 B)
+    # in either content form; larger messages get RESOURCE_EXHAUSTED before any parsing.
     max_message_bytes: int = field(
-        default=64 * 1024 * 1024, metadata=_meta("largest gRPC message accepted/sent", int, "BYTES")
+        default=4 * 1024 * 1024, metadata=_meta("largest gRPC message accepted/sent", int, "BYTES")
+    )
+    # 4x the largest concurrency benchmarked (32); request data held stays under
+    # max_inflight x max_message_bytes. Beyond it: RESOURCE_EXHAUSTED at once, no queue growth.
+    max_inflight: int = field(
+        default=128, metadata=_meta("most inference requests queued or running", int, "N")
+    )
+    # New versions show up within seconds; a scan is a few stat() calls per version folder.
+    repository_poll_s: float = field(
+        default=5.0,
+        metadata=_meta("seconds between repository scans (0 = load on request only)", float, "S"),
+    )
+    # Triton's metrics port, so existing scrape configs work.
+    metrics_port: int = field(
+        default=8002,
+        metadata=_meta("Prometheus /metrics port (0 = any free port, -1 = off)", int, "PORT"),
+    )
+    # TLS is off unless a certificate is given (a mesh or ingress often terminates it instead).
+    tls_cert: Path | None = field(
+        default=None, metadata=_meta("PEM server certificate (chain): serve TLS", Path, "FILE")
+    )
+    tls_key: Path | None = field(
+        default=None, metadata=_meta("PEM private key of --tls-cert", Path, "FILE")
+    )
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=_meta("PEM CA bundle: require client certificates it signed (mTLS)", Path, "FILE"),
+    )
+    # A secret never goes on a command line (ps, shell history): a file, or the variable below.
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata=_meta("file with the token clients send as 'authorization: Bearer'", Path, "FILE"),
+    )
+    auth_token: str = field(
+        default="",
+        repr=False,
+        metadata=_meta("the bearer token itself (environment only)", str, "TOKEN", env_only=True),
+    )
+    # Orchestrators probe grpc.health.v1 without credentials (kubelet's gRPC probe sends none).
+    auth_exempt_health: bool = field(
+        default=True,
+        metadata=_meta("health checks need no token", _bool, "{true,false}"),
     )
     # Two passes: the first allocates ONNX Runtime's buffers, the second proves they are reused.
     warmup_runs: int = field(default=2, metadata=_meta("warm-up runs per batch size", int, "N"))
@@ -145,13 +199,22 @@ class Settings:
             raise ValueError(f"device: got {self.device!r}, expected one of {', '.join(DEVICES)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: got {self.port}, expected 0..65535")
-        for name in ("intra_op_threads", "inter_op_threads", "inference_workers", "max_batch_size"):
+        for name in ("intra_op_threads", "inter_op_threads", "inference_workers", "max_batch_size",
+                     "max_inflight", "max_message_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected >= 1")
         if self.cuda_device_id < 0 or self.cuda_memory_limit < 0 or self.warmup_runs < 0:
             raise ValueError("cuda_device_id, cuda_memory_limit and warmup_runs must be >= 0")
-        if self.grace_period_s < 0:
-            raise ValueError(f"grace_period_s: got {self.grace_period_s}, expected >= 0")
+        if self.grace_period_s < 0 or self.repository_poll_s < 0:
+            raise ValueError("grace_period_s and repository_poll_s must be >= 0")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: got {self.metrics_port}, expected -1..65535")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key: got one, expected both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca: needs tls_cert and tls_key (mTLS is TLS first)")
+        if self.auth_token and self.auth_token_file is not None:
+            raise ValueError(f"set {env_name('auth_token')} or auth_token_file, not both")
 
 
 def env_name(name: str) -> str:
@@ -160,7 +223,14 @@ def env_name(name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; unset flags stay absent so env and defaults show through."""
+    secrets = [f for f in dataclasses.fields(Settings) if f.metadata["env"]]
+    parser.add_argument_group(
+        "environment only",
+        "; ".join(f"{env_name(f.name)}: {f.metadata['help']}" for f in secrets),
+    )
     for f in dataclasses.fields(Settings):
+        if f.metadata["env"]:
+            continue
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         if f.default is not dataclasses.MISSING:
             default = f"default {f.default}"

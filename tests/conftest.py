@@ -10,12 +10,25 @@ Session fixtures
     reference          Reference: `reference(rows) -> (probability [N,1] f32, label [N,1] i64)` by
                        in-process ONNX Runtime on the exported model.onnx.
     start_server       `with start_server(repository, "--device", "cpu", ...) as srv:` a real
-                       `stablemlp serve` subprocess on 127.0.0.1, port 0; `srv.address` is
-                       "127.0.0.1:PORT" once health says SERVING; `srv.log()` its output so far;
-                       `srv.stop()` sends SIGTERM and returns the exit code.
+                       `stablemlp serve` subprocess on 127.0.0.1, port 0 (metrics on any free
+                       port, repository polling off unless the flags say otherwise);
+                       `srv.address` is "127.0.0.1:PORT" once health says SERVING,
+                       `srv.metrics_url` its /metrics URL; `srv.log()` its output so far;
+                       `srv.wait_for_log(text, count)` waits (bounded) for log lines;
+                       `srv.stop()` sends SIGTERM and returns the exit code. Keywords: `env`
+                       (extra variables), `credentials` and `metadata` for the health wait.
 Module fixture
     server             ServerProcess already running on `model_repository` (`--device auto`);
                        stopped after the module.
+
+Helpers (plain functions)
+    infer_request(rows, ...), outputs(response)   a raw/contents ModelInfer request, its arrays
+    publish_version(repository, version, shift)   copy version 1 to `version` the way export does
+                                                  (tmp folder, then rename); a non-zero `shift`
+                                                  moves the output logit, so replies tell versions
+                                                  apart; manifest hashes rewritten to match
+    break_version(repository, version, kind)      publish a version that must be refused:
+                                                  truncate | flip | garbage | shape
 
 Servers are subprocesses (`python -m serving serve ...`), as in production; the bound port is read
 from the "ready: listening on HOST:PORT" log line, then grpc.health.v1 is watched with a deadline.
@@ -31,9 +44,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -44,6 +59,7 @@ MODEL_NAME = "breast_cancer"
 START_TIMEOUT_S = 60.0  # import + load + warm-up on a busy 2-core machine
 STOP_TIMEOUT_S = 20.0
 _READY = re.compile(r"ready: listening on (\S+)")
+_METRICS = re.compile(r"metrics: (http://\S+)")
 
 
 @pytest.fixture(scope="session")
@@ -113,23 +129,32 @@ def _drain(stream: object, lines: list[str], ready: queue.Queue[str]) -> None:
         lines.append(line)
         match = _READY.search(line)
         if match:
-            ready.put(match.group(1))
+            ready.put(match.group(1).rstrip('",'))  # also inside a JSON log line
     ready.put("")  # EOF: the process ended
 
 
 class ServerProcess:
     """A `stablemlp serve` subprocess; every wait is bounded."""
 
-    def __init__(self, repository: Path, *args: str) -> None:
-        env = {
+    def __init__(
+        self,
+        repository: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        child_env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "STABLEMLP_LOG_LEVEL": "INFO",
+            **(env or {}),
         }
-        env["STABLEMLP_LOG_LEVEL"] = "INFO"
         command = [sys.executable, "-m", "serving", "serve", "--model-repository", str(repository)]
-        command += ["--host", "127.0.0.1", "--port", "0", "--warmup-runs", "1", *args]
+        command += ["--host", "127.0.0.1", "--port", "0", "--warmup-runs", "1"]
+        command += ["--metrics-port", "0", "--repository-poll-s", "0", *args]
         self.process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            command, env=child_env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self._lines: list[str] = []
         ready: queue.Queue[str] = queue.Queue()
@@ -144,10 +169,24 @@ class ServerProcess:
             self.stop()
             raise RuntimeError(f"server did not become ready:\n{self.log()}")
         self.address = address
-        wait_until_serving(address, deadline_s=START_TIMEOUT_S)
+        wait_until_serving(address, START_TIMEOUT_S, credentials=credentials, metadata=metadata)
 
     def log(self) -> str:
         return "".join(self._lines)
+
+    def wait_for_log(self, text: str, count: int = 1, deadline_s: float = 10.0) -> str:
+        """The log once `text` occurs in it `count` times (lines arrive after the replies do)."""
+        deadline = time.monotonic() + deadline_s
+        while self.log().count(text) < count:
+            assert time.monotonic() < deadline, f"{text!r} not {count}x in the log:\n{self.log()}"
+            time.sleep(0.01)  # polling the log reader thread, bounded by the deadline
+        return self.log()
+
+    @property
+    def metrics_url(self) -> str:
+        found = _METRICS.findall(self.log())
+        assert found, "no metrics line in the server log"
+        return str(found[0]).rstrip('",')
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -159,13 +198,32 @@ class ServerProcess:
             return self.process.wait(timeout=STOP_TIMEOUT_S)
 
 
-def wait_until_serving(address: str, deadline_s: float, service: str = "") -> None:
+def channel_to(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A plaintext channel, or a TLS one checking the server against the test CA's `localhost`."""
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(
+        address, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+    )
+
+
+def wait_until_serving(
+    address: str,
+    deadline_s: float,
+    service: str = "",
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> None:
     """Watch grpc.health.v1 until `service` is SERVING; fails after `deadline_s`."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with channel_to(address, credentials) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service=service), timeout=deadline_s, wait_for_ready=True
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=deadline_s,
+            wait_for_ready=True,
+            metadata=metadata or None,
         )
         try:
             for response in watch:  # one message per status change; the deadline bounds it
@@ -181,8 +239,8 @@ def wait_until_serving(address: str, deadline_s: float, service: str = "") -> No
 @pytest.fixture(scope="session")
 def start_server() -> Callable[..., contextlib.AbstractContextManager[ServerProcess]]:
     @contextlib.contextmanager
-    def start(repository: Path, *args: str) -> Iterator[ServerProcess]:
-        server = ServerProcess(repository, *args)
+    def start(repository: Path, *args: str, **options: Any) -> Iterator[ServerProcess]:
+        server = ServerProcess(repository, *args, **options)
         try:
             yield server
         finally:
@@ -198,3 +256,111 @@ def server(
 ) -> Iterator[ServerProcess]:
     with start_server(model_repository, "--device", "auto") as running:
         yield running
+
+
+def infer_request(rows: np.ndarray, raw: bool = True, **fields: Any) -> Any:
+    """A ModelInfer request for `rows` of the breast_cancer model."""
+    from protos import grpc_service_pb2 as pb
+
+    request = pb.ModelInferRequest(**{"model_name": MODEL_NAME, **fields})
+    tensor = request.inputs.add(name="features", datatype="FP32", shape=rows.shape)
+    if raw:
+        request.raw_input_contents.append(np.ascontiguousarray(rows, "<f4").tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(rows.ravel().tolist())
+    return request
+
+
+def outputs(response: Any) -> dict[str, np.ndarray]:
+    """name -> array of a ModelInferResponse (raw form)."""
+    dtypes = {"FP32": "<f4", "INT64": "<i8"}
+    return {
+        t.name: np.frombuffer(raw, dtypes[t.datatype]).reshape(t.shape)
+        for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+
+
+def _rehash(folder: Path) -> None:
+    import hashlib
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / "model.onnx").read_bytes()
+    manifest["files"]["model.onnx"] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_manifest(folder: Path, **changes: Any) -> None:
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def publish_version(
+    repository: Path, version: int, shift: float = 0.0, edit: Callable[[Path], None] | None = None
+) -> Path:
+    """Version 1 copied to `version`; `shift` is added to the output layer's bias (the logit)."""
+    import shutil
+
+    model = repository / MODEL_NAME
+    staging = model / f".tmp-{version}"
+    shutil.copytree(model / "1", staging)
+    _edit_manifest(staging, version=version)
+    if shift:
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(staging / "model.onnx"))
+        (bias,) = [t for t in graph.graph.initializer if t.name == "net.head.bias"]
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + shift, bias.name))
+        onnx.save(graph, str(staging / "model.onnx"))
+        _rehash(staging)
+    if edit is not None:
+        edit(staging)
+    return Path(shutil.move(staging, model / str(version)))
+
+
+def _truncate(folder: Path) -> None:
+    data = (folder / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 2])
+
+
+def _flip(folder: Path) -> None:
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "model.onnx").write_bytes(bytes(data))
+
+
+def _garbage(folder: Path) -> None:
+    (folder / "model.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    _rehash(folder)  # the hash matches: ONNX Runtime itself must refuse it
+
+
+def _wrong_shape(folder: Path) -> None:
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["inputs"][0]["shape"] = [-1, 29]
+    manifest["feature_names"] = manifest["feature_names"][:29]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+BREAKS: dict[str, tuple[Callable[[Path], None], str]] = {
+    # kind -> (damage, a fragment of the reason the server gives)
+    "truncate": (_truncate, "bytes), expected"),
+    "flip": (_flip, "sha256"),
+    "garbage": (_garbage, "ONNX Runtime cannot load it"),
+    "shape": (_wrong_shape, "expected [-1, 29]"),
+}
+
+
+def break_version(repository: Path, version: int, kind: str) -> str:
+    """Publish a damaged `version`; returns a fragment of the reason it must be refused for."""
+    damage, reason = BREAKS[kind]
+    publish_version(repository, version, edit=damage)
+    return reason

@@ -1,0 +1,50 @@
+"""Admission control: at most `limit` inference requests queued or running; the rest are refused.
+
+Beyond the limit a request fails fast with RESOURCE_EXHAUSTED instead of waiting in an unbounded
+queue, so memory stays bounded (about limit x max_message_bytes of request data) and clients can
+back off or go to another replica. The count lives on the event loop thread: no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import ModelUnavailableError, OverloadedError
+
+
+class Admission:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.inflight = 0  # admitted and not yet answered
+        self._closed = False
+        self._idle = asyncio.Event()
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        if self._closed:
+            raise ModelUnavailableError("server shutting down: retry on another replica")
+        if self.inflight >= self.limit:
+            raise OverloadedError(
+                f"server busy: {self.inflight} requests queued or running, the limit is "
+                f"{self.limit}; retry with backoff"
+            )
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            if self._closed and not self.inflight:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests (UNAVAILABLE); wait up to `timeout` s for admitted ones to finish."""
+        self._closed = True
+        if self.inflight:
+            with contextlib.suppress(asyncio.TimeoutError):  # a builtin alias from 3.11 on
+                await asyncio.wait_for(self._idle.wait(), timeout)
+
+
+__all__ = ["Admission"]
