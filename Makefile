@@ -56,7 +56,7 @@ lint: install
 	$(BIN)/shellcheck scripts/*.sh .ci/run
 
 typecheck: install
-	$(BIN)/mypy model export serving
+	$(BIN)/mypy model export serving bench
 
 protos: install
 	PYTHON=$(BIN)/python bash scripts/gen_protos.sh

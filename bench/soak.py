@@ -184,7 +184,7 @@ async def run(args: argparse.Namespace, repository: Path, pid: int, address: str
     elapsed = time.monotonic() - started
     stats = await stubs[0].ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
     return {
         "seconds": round(elapsed, 1),
         "concurrency": args.concurrency,

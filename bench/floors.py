@@ -1,0 +1,209 @@
+"""The two floors our server is measured against, taken in the same run on the same payloads.
+
+Transport floor: a bare grpc.aio server with our generated stubs whose ModelInfer returns a fixed,
+pre-built reply of the right shape without running a model (`python -m bench.floors ...`, its own
+process, like our server). It also answers the metadata RPCs perf_analyzer asks for, from the
+models' manifest.json. Compute floor: ONNX Runtime `session.run` in-process on the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+from protos import model_config_pb2 as mc
+
+READY_LINE = "ready: listening on {address}"  # the line our server logs too
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # our server's default, so both accept the same payloads
+CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "INT64": mc.TYPE_INT64}
+Context = Any  # grpc.aio.ServicerContext; the generated stubs are untyped
+
+
+def read_manifests(repository: Path) -> dict[str, dict[str, Any]]:
+    """model name -> manifest.json of its highest version (plain JSON: no ONNX Runtime here)."""
+    manifests: dict[str, dict[str, Any]] = {}
+    for folder in sorted(p for p in repository.iterdir() if p.is_dir()):
+        versions = [int(v.name) for v in folder.iterdir() if v.name.isdigit() and int(v.name) > 0]
+        if versions:
+            path = folder / str(max(versions)) / "manifest.json"
+            manifests[folder.name] = json.loads(path.read_text())
+    return manifests
+
+
+def fixed_response(
+    manifest: dict[str, Any], rows: int, raw: bool, version: str
+) -> pb.ModelInferResponse:
+    """Zeros of the manifest's output shapes for `rows` rows, in the form the request used."""
+    response = pb.ModelInferResponse(model_name=manifest["model_name"], model_version=version)
+    for spec in manifest["outputs"]:
+        dtype = np.float32 if spec["datatype"] == "FP32" else np.int64
+        shape = [rows, *spec["shape"][1:]]
+        tensor = response.outputs.add(name=spec["name"], datatype=spec["datatype"], shape=shape)
+        array = np.zeros(shape, dtype=dtype)
+        if raw:
+            response.raw_output_contents.append(array.tobytes())
+        elif spec["datatype"] == "FP32":
+            tensor.contents.fp32_contents.extend(array.ravel().tolist())
+        else:
+            tensor.contents.int64_contents.extend(array.ravel().tolist())
+    return response
+
+
+class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """ModelInfer = one dict lookup; the replies are built once per (model, rows, form)."""
+
+    def __init__(self, manifests: dict[str, dict[str, Any]]) -> None:
+        self._manifests = manifests
+        self._replies: dict[tuple[str, int, bool], pb.ModelInferResponse] = {}
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
+        key = (request.model_name, request.inputs[0].shape[0], bool(request.raw_input_contents))
+        reply = self._replies.get(key)
+        if reply is None:
+            manifest = self._manifests[request.model_name]
+            reply = fixed_response(manifest, key[1], key[2], str(manifest["version"]))
+            self._replies[key] = reply
+        return reply
+
+    async def ServerLive(self, request: Any, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request: Any, context: Context) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=request.name in self._manifests)
+
+    async def ServerMetadata(self, request: Any, context: Context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="transport-floor", version="0")
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        m = self._manifests[request.name]
+        tensors = [
+            [pb.ModelMetadataResponse.TensorMetadata(**spec) for spec in m[key]]
+            for key in ("inputs", "outputs")
+        ]
+        return pb.ModelMetadataResponse(
+            name=request.name,
+            versions=[str(m["version"])],
+            platform=m["platform"],
+            inputs=tensors[0],
+            outputs=tensors[1],
+        )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Context
+    ) -> pb.ModelConfigResponse:
+        m = self._manifests[request.name]
+        config = mc.ModelConfig(
+            name=request.name, platform=m["platform"], max_batch_size=m.get("max_batch_size", 1024)
+        )
+        for spec in m["inputs"]:
+            config.input.add(
+                name=spec["name"], data_type=CONFIG_TYPES[spec["datatype"]], dims=spec["shape"][1:]
+            )
+        for spec in m["outputs"]:
+            config.output.add(
+                name=spec["name"], data_type=CONFIG_TYPES[spec["datatype"]], dims=spec["shape"][1:]
+            )
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        response = pb.ModelStatisticsResponse()
+        for name in [request.name] if request.name else list(self._manifests):
+            version = str(self._manifests[name]["version"])
+            response.model_stats.add(name=name, version=version)  # zeros: nothing is run
+        return response
+
+
+async def serve_floor(repository: Path, host: str, port: int) -> int:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        FloorServicer(read_manifests(repository)), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
+    print(READY_LINE.format(address=f"{host}:{bound}"), file=sys.stderr, flush=True)
+    await stopping.wait()
+    await server.stop(0)
+    return 0
+
+
+@dataclass(frozen=True)
+class ComputeSample:
+    """In-process session.run timings on one batch: the least a request can cost."""
+
+    latencies_ns: list[int]
+    elapsed_ns: int
+    rows: int
+
+
+def measure_compute(
+    model_path: Path, rows: np.ndarray, duration_s: float, max_runs: int, threads: int = 1
+) -> ComputeSample:
+    """Time session.run back to back; one intra-op thread, as the cheapest for tiny batches."""
+    import onnxruntime as ort  # only here: the floor server itself never runs a model
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    feeds = {session.get_inputs()[0].name: rows}
+    for _ in range(20):  # warm-up: allocations and caches
+        session.run(None, feeds)
+    latencies: list[int] = []
+    start = time.perf_counter_ns()
+    deadline = start + int(duration_s * 1e9)
+    for _ in range(max_runs):
+        t0 = time.perf_counter_ns()
+        session.run(None, feeds)
+        t1 = time.perf_counter_ns()
+        latencies.append(t1 - t0)
+        if t1 >= deadline:
+            break
+    return ComputeSample(latencies, time.perf_counter_ns() - start, int(rows.shape[0]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.floors", description="the transport-floor gRPC server"
+    )
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    return asyncio.run(serve_floor(args.model_repository, args.host, args.port))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

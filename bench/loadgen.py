@@ -1,0 +1,229 @@
+"""Closed-loop gRPC load from worker processes that share nothing with the server under test.
+
+Each worker (`python -m bench.loadgen`) runs one asyncio loop with K calls outstanding on its
+grpc.aio channel(s) and sends pre-serialized request bytes through a generic unary-unary call with
+no (de)serializer, so the client spends as little CPU per request as Python allows; the same workers
+drive the transport floor and our server, so their ratio is fair. The parent speaks JSON lines
+on the workers' stdin/stdout. Windows are absolute CLOCK_MONOTONIC times (system-wide on Linux),
+so every worker warms up and measures over the same interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import resource
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .servers import child_env
+
+START_TIMEOUT_S = 30.0  # a worker imports grpc: well under a second unless the machine is busy
+RPC_TIMEOUT_S = 10.0
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One measurement: `concurrency` calls outstanding in all, split over `processes` workers."""
+
+    address: str
+    method: str  # e.g. /inference.GRPCInferenceService/ModelInfer
+    payload: bytes  # a serialized request
+    concurrency: int
+    processes: int
+    warmup_s: float
+    window_s: float
+    max_requests: int  # per worker; reaching it ends that worker's window early
+    connections: int = 1  # TCP connections per worker; its calls are spread over them
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    latencies_ns: list[int]  # every call that completed inside the window
+    requests_per_s: float  # summed over workers, each count over its own window
+    errors: int
+    first_error: str
+    client_cpu_s: float  # user+system of the workers during the window
+
+
+# --- worker side -----------------------------------------------------------------------------
+
+
+async def _drive(channels: dict[str, Any], order: dict[str, Any]) -> dict[str, Any]:
+    import grpc
+
+    calls = []
+    for i in range(order["connections"]):
+        key = f"{order['address']}#{i}"
+        if key not in channels:
+            # A local subchannel pool gives each channel its own TCP connection (a server with
+            # several SO_REUSEPORT processes sees them spread); one connection otherwise.
+            options = [*_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            channels[key] = grpc.aio.insecure_channel(order["address"], options=options)
+        await asyncio.wait_for(channels[key].channel_ready(), RPC_TIMEOUT_S)
+        calls.append(channels[key].unary_unary(order["method"]))  # no serializers: bytes
+    payload = base64.b64decode(order["payload"])
+    measure_from, until, cap = order["measure_from_ns"], order["until_ns"], order["max_requests"]
+    latencies: list[int] = []
+    state: dict[str, Any] = {"errors": 0, "first_error": "", "last_ns": until}
+    cpu: list[float] = []
+
+    async def stream(call: Any) -> None:
+        for _ in range(10**9):  # ends on the clock or the cap, whichever comes first
+            t0 = time.monotonic_ns()
+            if t0 >= until or len(latencies) >= cap:
+                return
+            try:
+                await call(payload, timeout=RPC_TIMEOUT_S)
+            except grpc.aio.AioRpcError as err:
+                state["errors"] += 1
+                state["first_error"] = state["first_error"] or f"{err.code().name}: {err.details()}"
+                continue
+            t1 = time.monotonic_ns()
+            if measure_from <= t1 <= until and len(latencies) < cap:
+                latencies.append(t1 - t0)
+                if len(latencies) == cap:
+                    state["last_ns"] = t1
+
+    async def cpu_marks() -> None:
+        for mark in (measure_from, until):
+            await asyncio.sleep(max(0.0, (mark - time.monotonic_ns()) / 1e9))
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            cpu.append(usage.ru_utime + usage.ru_stime)
+
+    marks = asyncio.ensure_future(cpu_marks())
+    await asyncio.gather(*(stream(calls[i % len(calls)]) for i in range(order["concurrency"])))
+    await marks
+    window_ns = max(1, min(until, state["last_ns"]) - measure_from)
+    return {
+        "latencies_ns": latencies,
+        "window_ns": window_ns,
+        "errors": state["errors"],
+        "first_error": state["first_error"],
+        "client_cpu_s": cpu[1] - cpu[0],
+    }
+
+
+def worker_main() -> int:
+    """Read one JSON order per stdin line, answer one JSON line; EOF ends the worker."""
+    loop = asyncio.new_event_loop()
+    channels: dict[str, Any] = {}
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        result = loop.run_until_complete(_drive(channels, json.loads(line)))
+        print(json.dumps(result), flush=True)
+    for channel in channels.values():
+        loop.run_until_complete(channel.close())
+    loop.close()
+    return 0
+
+
+# --- parent side -----------------------------------------------------------------------------
+
+
+def _read_line(proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:
+    """One JSON line from a worker's unbuffered stdout, or TimeoutError at `deadline`."""
+    assert proc.stdout is not None
+    fd, data = proc.stdout.fileno(), b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise TimeoutError("load worker did not answer in time")
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            raise RuntimeError(f"load worker exited (code {proc.wait()})")
+        data += chunk
+    decoded: dict[str, Any] = json.loads(data)
+    return decoded
+
+
+class LoadGenerator:
+    """A pool of worker processes, started once and reused for every measurement."""
+
+    def __init__(self, processes: int) -> None:
+        command = [sys.executable, "-m", "bench.loadgen"]
+        self._procs = [
+            subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(), bufsize=0
+            )
+            for _ in range(processes)
+        ]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            for proc in self._procs:
+                _read_line(proc, deadline)  # {"ready": true} once grpc is imported
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def size(self) -> int:
+        return len(self._procs)
+
+    def run(
+        self, spec: LoadSpec, on_window: Callable[[float, float], None] | None = None
+    ) -> LoadResult:
+        """Measure once. `on_window(start, end)` (monotonic s) runs in this process meanwhile."""
+        procs = self._procs[: max(1, min(spec.processes, spec.concurrency, self.size))]
+        shares = [
+            spec.concurrency // len(procs) + (i < spec.concurrency % len(procs))
+            for i in range(len(procs))
+        ]
+        start_ns = time.monotonic_ns() + 50_000_000  # time for the orders to reach every worker
+        measure_from = start_ns + int(spec.warmup_s * 1e9)
+        until = measure_from + int(spec.window_s * 1e9)
+        for proc, share in zip(procs, shares, strict=True):
+            order = {
+                "address": spec.address,
+                "method": spec.method,
+                "payload": base64.b64encode(spec.payload).decode(),
+                "concurrency": share,
+                "measure_from_ns": measure_from,
+                "until_ns": until,
+                "max_requests": spec.max_requests,
+                "connections": max(1, min(spec.connections, share)),
+            }
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(order).encode() + b"\n")
+        if on_window is not None:
+            on_window(measure_from / 1e9, until / 1e9)
+        deadline = until / 1e9 + RPC_TIMEOUT_S + 5.0
+        answers = [_read_line(proc, deadline) for proc in procs]
+        latencies = [ns for a in answers for ns in a["latencies_ns"]]
+        return LoadResult(
+            latencies_ns=latencies,
+            requests_per_s=sum(len(a["latencies_ns"]) / (a["window_ns"] / 1e9) for a in answers),
+            errors=sum(a["errors"] for a in answers),
+            first_error=next((a["first_error"] for a in answers if a["first_error"]), ""),
+            client_cpu_s=sum(a["client_cpu_s"] for a in answers),
+        )
+
+    def close(self) -> None:
+        """EOF on stdin ends each worker; one that does not end in time is killed."""
+        for proc in self._procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    def __enter__(self) -> LoadGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main())

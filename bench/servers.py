@@ -1,0 +1,208 @@
+"""Server processes under test: start, wait for health SERVING, read CPU and memory, stop.
+
+Both our server and the transport floor log "ready: listening on HOST:PORT" once bound (port 0
+picks a free one); grpc.health.v1 is then polled with a deadline. CPU and RSS come from
+/proc/<pid> (Linux), so the benchmark needs no extra dependency.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 60.0  # import + load + warm-up on a busy 2-core machine
+STOP_TIMEOUT_S = 20.0
+_READY = re.compile(r"ready: listening on (\S+)")
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for our child processes: this checkout importable, INFO logging."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "STABLEMLP_LOG_LEVEL": "INFO"}
+
+
+# Our server's defaults, except ports: its Prometheus endpoint (on, as in production) takes any
+# free port instead of Triton's fixed 8002, which another server on the machine may hold.
+OUR_SERVER_ENV = {"STABLEMLP_METRICS_PORT": "0"}
+
+
+def our_server_command(repository: Path, extra: Sequence[str] = ()) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "serving",
+        "serve",
+        "--model-repository",
+        str(repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *extra,
+    ]
+
+
+def floor_server_command(repository: Path) -> list[str]:
+    return [sys.executable, "-m", "bench.floors", "--model-repository", str(repository)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of `pid` so far (/proc/<pid>/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Resident set now (VmRSS) and at its peak (VmHWM), in MB (10^6 bytes)."""
+    found: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) * 1024 / 1e6
+    return {"rss_mb": found.get("VmRSS", 0.0), "peak_rss_mb": found.get("VmHWM", 0.0)}
+
+
+def wait_until_serving(address: str, deadline: float) -> None:
+    """Poll grpc.health.v1 Check("") until SERVING; TimeoutError at `deadline` (monotonic)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(10_000):  # bounded; each call waits for the channel, not a sleep
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(), timeout=remaining, wait_for_ready=True
+                )
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                continue
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+    raise TimeoutError(f"{address}: health not SERVING in time")
+
+
+def _drain(stream: IO[str], lines: list[str], ready: queue.Queue[str]) -> None:
+    for line in iter(stream.readline, ""):
+        lines.append(line)
+        match = _READY.search(line)
+        if match:
+            ready.put(match.group(1))
+    ready.put("")  # EOF: the process ended
+
+
+@dataclass
+class ServerProcess:
+    """A running server; `seconds_to_serving` runs from just before Popen to health SERVING."""
+
+    name: str
+    process: subprocess.Popen[str]
+    address: str
+    seconds_to_serving: float
+    lines: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout=STOP_TIMEOUT_S)
+
+
+def start_server(
+    name: str,
+    command: list[str],
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = START_TIMEOUT_S,
+) -> ServerProcess:
+    """Start `command` (environment: child_env() plus `env`) and wait until it serves."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command,
+        env={**child_env(), **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    ready: queue.Queue[str] = queue.Queue()
+    assert process.stderr is not None
+    threading.Thread(target=_drain, args=(process.stderr, lines, ready), daemon=True).start()
+    server = ServerProcess(name, process, "", 0.0, lines)
+    try:
+        server.address = ready.get(timeout=timeout_s)
+        if not server.address:
+            raise RuntimeError(f"{name} exited before it was ready")
+        wait_until_serving(server.address, started + timeout_s)
+    except (queue.Empty, RuntimeError, TimeoutError) as err:
+        server.stop()
+        raise RuntimeError(
+            f"{name} did not become ready ({err}):\n{server.log()[-4000:]}"
+        ) from None
+    server.seconds_to_serving = time.monotonic() - started
+    return server
+
+
+@dataclass(frozen=True)
+class ImportTiming:
+    seconds: float  # `import serving.server` in a fresh interpreter, interpreter start excluded
+    interpreter_seconds: float  # `python -c pass`, for scale
+    torch_imported: bool
+
+
+def measure_import(timeout_s: float = 60.0) -> ImportTiming:
+    """Time the serving path's imports in a fresh interpreter and check torch stays out."""
+    code = (
+        "import sys, time; t = time.perf_counter(); import serving.server; "
+        "print(time.perf_counter() - t, 'torch' in sys.modules)"
+    )
+    run = [sys.executable, "-c", code]
+    out = subprocess.run(run, env=child_env(), capture_output=True, text=True, timeout=timeout_s)
+    if out.returncode != 0:
+        raise RuntimeError(f"importing serving.server failed:\n{out.stderr[-2000:]}")
+    seconds, torch_flag = out.stdout.split()
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "pass"], env=child_env(), check=True, timeout=timeout_s)
+    return ImportTiming(float(seconds), time.monotonic() - started, torch_flag == "True")
+
+
+__all__ = [
+    "OUR_SERVER_ENV",
+    "ImportTiming",
+    "ServerProcess",
+    "cpu_seconds",
+    "floor_server_command",
+    "measure_import",
+    "memory_mb",
+    "our_server_command",
+    "start_server",
+    "wait_until_serving",
+]
