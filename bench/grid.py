@@ -214,14 +214,16 @@ def _measure(
     timing: Timing,
 ) -> dict[str, float]:
     cpu: list[float] = []
-    phases: list[dict[str, tuple[int, int]]] = []
 
     def on_window(start: float, end: float) -> None:
         for mark in (start, end):
             time.sleep(max(0.0, mark - time.monotonic()))
             if target.pid is not None:
                 cpu.append(cpu_seconds(target.pid))
-            phases.append(server_phases(stub, cell.model))
+
+    # Server-side phases over the whole run (warm-up included): snapshots taken while no load
+    # runs, so a statistics call that is slow to answer on a loaded machine cannot miss the window.
+    before = server_phases(stub, cell.model)
 
     processes = 1 if cell.concurrency == 1 else timing.client_processes
     spec = LoadSpec(
@@ -236,7 +238,7 @@ def _measure(
     figures = measurement(result.latencies_ns, result.requests_per_s, cell.batch,
                           timing.window_s, server_cpu, result.client_cpu_s)  # fmt: skip
     figures["errors"] = float(result.errors)
-    figures.update(phase_means_us(*phases))
+    figures.update(phase_means_us(before, server_phases(stub, cell.model)))
     if target.pid is not None:
         figures.update(memory_mb(target.pid))
     return figures

@@ -152,7 +152,7 @@ def _cell_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _phase_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Our server's own account (ModelStatistics deltas over the window) of each request."""
+    """Our server's own account (ModelStatistics deltas over warm-up + window) of each request."""
     lines = [
         "",
         "## Where our server's time goes (its ModelStatistics, mean µs per request)",
