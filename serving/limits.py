@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from .errors import ModelUnavailableError, OverloadedError
 
@@ -22,8 +20,11 @@ class Admission:
         self._closed = False
         self._idle = asyncio.Event()
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
+    def admit(self) -> Admission:
+        """`with admission.admit():` holds one of the `limit` places until the block ends."""
+        return self
+
+    def __enter__(self) -> None:
         if self._closed:
             raise ModelUnavailableError("server shutting down: retry on another replica")
         if self.inflight >= self.limit:
@@ -32,12 +33,11 @@ class Admission:
                 f"{self.limit}; retry with backoff"
             )
         self.inflight += 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-            if self._closed and not self.inflight:
-                self._idle.set()
+
+    def __exit__(self, *exc: object) -> None:
+        self.inflight -= 1
+        if self._closed and not self.inflight:
+            self._idle.set()
 
     async def drain(self, timeout: float) -> None:
         """Refuse new requests (UNAVAILABLE); wait up to `timeout` s for admitted ones to finish."""

@@ -13,7 +13,6 @@ import asyncio
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                      0.25, 0.5, 1.0, 2.5)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # rows; 1024 = default max batch
 OK = grpc.StatusCode.OK.name
+NS = 1_000_000_000  # per second
 
 
 @dataclass
@@ -48,24 +48,31 @@ class Duration:
 
 
 class Histogram:
-    """Counts per bucket (upper bounds, +Inf last) and the sum: what Prometheus exposes."""
+    """Counts per bucket (upper bounds, +Inf last) and the sum: what Prometheus exposes.
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
+    Observations are integers in 1/`scale` of the exposed unit (ns for seconds), so the hot path
+    neither divides nor makes floats; `buckets` and `total` convert."""
+
+    def __init__(self, bounds: tuple[float, ...], scale: int = 1) -> None:
+        self.labels = [*map(floatToGoString, bounds), "+Inf"]
+        self.bounds = [round(bound * scale) for bound in bounds]
         self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
+        self.sum, self.scale = 0, scale
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: int) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
     def buckets(self) -> list[tuple[str, float]]:
         counts, total = list(self.counts), 0  # a copy: the event loop may be adding meanwhile
         cumulative = []
-        for bound, count in zip([*map(floatToGoString, self.bounds), "+Inf"], counts, strict=True):
+        for label, count in zip(self.labels, counts, strict=True):
             total += count
-            cumulative.append((bound, float(total)))
+            cumulative.append((label, float(total)))
         return cumulative
+
+    def total(self) -> float:
+        return self.sum / self.scale
 
 
 @dataclass
@@ -81,7 +88,7 @@ class BatchStats:
 class VersionStats:
     """One version's counters; updated on the event loop thread only, read by scrapes as-is."""
 
-    last_inference_ms: int = 0
+    last_success_ns: int = 0  # perf_counter_ns of the latest success (see last_inference)
     inference_count: int = 0  # rows
     execution_count: int = 0  # session runs
     success: Duration = field(default_factory=Duration)
@@ -92,51 +99,83 @@ class VersionStats:
     compute_output: Duration = field(default_factory=Duration)
     codes: dict[str, int] = field(default_factory=dict)  # status code name -> calls
     batches: dict[int, BatchStats] = field(default_factory=dict)  # rows -> phases
-    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
-    queue_time: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S, NS))
+    queue_time: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S, NS))
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
 
     def record(self, call: Call, code: str, now_ns: int) -> None:
+        """Count one finished call: straight-line integer updates, no allocation."""
         elapsed = now_ns - call.start
-        self.codes[code] = self.codes.get(code, 0) + 1
-        self.latency.observe(elapsed / 1e9)
+        codes = self.codes
+        codes[code] = codes.get(code, 0) + 1
+        self.latency.observe(elapsed)
         if code != OK:
             self.fail.add(elapsed)
             return
         self.success.add(elapsed)
-        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.last_success_ns = now_ns  # perf_counter time: `last_inference` converts
         self.inference_count += call.rows
-        self.execution_count += 1
-        phases = call.phases
-        for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
-            getattr(self, phase).add(phases.get(phase, 0))
-        batch = self.batches.setdefault(call.rows, BatchStats())
-        for phase in ("compute_input", "compute_infer", "compute_output"):
-            getattr(batch, phase).add(phases.get(phase, 0))
-        self.queue_time.observe(phases.get("queue", 0) / 1e9)
+        queue = call.run_start - call.decoded
+        self.queue.add(queue)
+        self.queue_time.observe(queue)
         self.batch_size.observe(call.rows)
+        compute_input = call.decoded - call.start
+        compute_infer = call.run_end - call.run_start
+        compute_output = now_ns - call.run_end
+        self.compute_input.add(compute_input)
+        self.compute_infer.add(compute_infer)
+        self.compute_output.add(compute_output)
+        if call.batch_rows:  # this call's session.run counts once: Triton counts executions
+            self.execution_count += 1
+            batch = self.batches.get(call.batch_rows)
+            if batch is None:
+                batch = self.batches[call.batch_rows] = BatchStats()
+            batch.compute_input.add(compute_input)
+            batch.compute_infer.add(compute_infer)
+            batch.compute_output.add(compute_output)
+
+    @property
+    def last_inference(self) -> int:
+        """Triton's last_inference: ms since the epoch of the latest success (0: none yet)."""
+        if not self.last_success_ns:
+            return 0
+        ago_ns = time.perf_counter_ns() - self.last_success_ns
+        return (time.time_ns() - ago_ns) // 1_000_000
 
 
 class Call:
-    """One inference call: its version once resolved, and its time split into Triton's phases."""
+    """One inference call: its version once resolved, and when each of Triton's phases ended.
 
-    __slots__ = ("_last", "model", "phases", "rows", "start", "stats", "version")
+    A context manager: leaving it counts the call once in its version's stats (or, if it failed
+    before a version was chosen, by status code alone) and lets any exception through."""
 
-    def __init__(self) -> None:
-        self.start = self._last = time.perf_counter_ns()
-        self.phases: dict[str, int] = {}
-        self.rows = 0
-        self.model = self.version = ""
+    __slots__ = ("batch_rows", "context", "decoded", "rows", "run_end", "run_start", "start",
+                 "stats", "telemetry")  # fmt: skip
+
+    def __init__(self, telemetry: Telemetry, context: Any) -> None:
+        self.telemetry, self.context = telemetry, context
+        self.start = self.decoded = self.run_start = self.run_end = time.perf_counter_ns()
+        self.rows = 0  # rows of this request
+        self.batch_rows = 0  # rows of the session.run it led (0: it rode in another's batch)
         self.stats: VersionStats | None = None
 
-    def resolved(self, model: str, version: int, stats: VersionStats) -> None:
-        self.model, self.version, self.stats = model, str(version), stats
+    def __enter__(self) -> Call:
+        return self
 
-    def lap(self, phase: str, until: int | None = None) -> None:
-        """End the current phase (now, or at `until`) and book its time to `phase`."""
-        now = time.perf_counter_ns() if until is None else until
-        self.phases[phase] = self.phases.get(phase, 0) + now - self._last
-        self._last = now
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, _: Any) -> None:
+        if kind is None:
+            code = OK
+        elif isinstance(err, asyncio.CancelledError):
+            code = cancelled_code(self.context).name
+        elif isinstance(err, Exception):  # counted here, mapped and logged by the RPC boundary
+            code = code_for(err).name
+        else:
+            return
+        if self.stats is not None:
+            self.stats.record(self, code, time.perf_counter_ns())
+        else:
+            unresolved = self.telemetry.unresolved
+            unresolved[code] = unresolved.get(code, 0) + 1
 
 
 # (model, version, ready, stats) for every version the repository knows.
@@ -152,23 +191,9 @@ class Telemetry(Collector):
         self.unresolved: dict[str, int] = {}  # code -> calls that failed before a version
         self.auth_failures = 0
 
-    @contextmanager
-    def track(self, context: Any) -> Iterator[Call]:
-        """Count the call once, whatever happens; exceptions propagate unchanged."""
-        call, code = Call(), OK
-        try:
-            yield call
-        except asyncio.CancelledError:
-            code = cancelled_code(context).name
-            raise
-        except Exception as err:  # counted here, mapped and logged by the RPC boundary
-            code = code_for(err).name
-            raise
-        finally:
-            if call.stats is not None:
-                call.stats.record(call, code, time.perf_counter_ns())
-            else:
-                self.unresolved[code] = self.unresolved.get(code, 0) + 1
+    def track(self, context: Any) -> Call:
+        """`with telemetry.track(context) as call:` counts the call once, whatever happens."""
+        return Call(self, context)
 
     def count(self, code: str) -> int:
         """Inference requests answered with `code` so far, across every version."""
@@ -205,7 +230,7 @@ class Telemetry(Collector):
                 requests.add_metric([model, version, code], count)
             for family, histogram in ((latency, stats.latency), (queue, stats.queue_time),
                                       (batch, stats.batch_size)):  # fmt: skip
-                family.add_metric([model, version], histogram.buckets(), histogram.sum)
+                family.add_metric([model, version], histogram.buckets(), histogram.total())
             ready.add_metric([model, version], float(is_ready))
             if is_ready:
                 models.add(model)

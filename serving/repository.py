@@ -24,8 +24,9 @@ from .errors import (
     ServingError,
     clip,
 )
+from .manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from .metrics import VersionStats
-from .runtime import MANIFEST_FILE, MODEL_FILE, Manifest, ModelRuntime, RuntimeOptions
+from .runtime import ModelRuntime, RuntimeOptions
 from .settings import VersionPolicy
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class ModelRepository:
         self._problems: dict[str, str] = {}  # models with nothing to serve: why
         self._lock = threading.Lock()  # one load or unload at a time
         self._draining = False
+        self._serving: dict[tuple[str, str], Loaded] = {}  # (name, version or "") -> ready
 
     def on_disk(self) -> list[str]:
         if not self.root.is_dir():
@@ -154,7 +156,7 @@ class ModelRepository:
             errors = [err for _, err in results.values() if err is not None]
             if any(e.state != READY for e in entries.values()):  # the old ones serve on
                 entries.update({e.version: e for e in ready if e.version not in entries})
-            self._models[name] = entries
+            self._swap(name, entries)
             self._problems.pop(name, None)
         live = {v: e.runtime for v, e in entries.items() if e.runtime and e.state == READY}
         if live:
@@ -220,11 +222,11 @@ class ModelRepository:
     def unload(self, name: str) -> None:
         with self._lock:
             entries = self.entries(name)
-            self._models[name] = {
+            self._swap(name, {
                 v: VersionEntry(v, UNAVAILABLE, UNLOADED, None, e.stats, e.signature)
                 for v, e in entries.items()
                 if e.runtime is not None
-            }
+            })  # fmt: skip
             self._unloaded.add(name)
         log.info("model %s: unloaded", name)
 
@@ -237,9 +239,26 @@ class ModelRepository:
             raise ModelNotFoundError(f"model '{clip(name)}': not found (serving {self.names()})")
         return entries
 
+    def _swap(self, name: str, entries: dict[int, VersionEntry]) -> None:
+        """Publish a model's new versions; `get`'s table of ready versions follows at once."""
+        self._models[name] = entries
+        serving: dict[tuple[str, str], Loaded] = {}
+        for model, versions in self._models.items():
+            ready = sorted(v for v, e in versions.items() if e.runtime and e.state == READY)
+            for v in ready:
+                runtime = versions[v].runtime
+                assert runtime is not None
+                serving[model, str(v)] = Loaded(model, v, runtime, versions[v].stats)
+            if ready:
+                serving[model, ""] = serving[model, str(ready[-1])]  # the newest
+        self._serving = serving  # one assignment: a reader sees the old table or the new
+
     def get(self, name: str, version: str = "") -> Loaded:
         """The requested version, or the newest ready one when `version` is empty."""
-        entries = self.entries(name)
+        found = self._serving.get((name, version))  # every request: one lookup
+        if found is not None:
+            return found
+        entries = self.entries(name)  # the reason it is not served
         if version:
             number = _version(version)
             entry = entries.get(number) if number is not None else None

@@ -1,8 +1,9 @@
 """One ONNX Runtime session for one published model version: manifest, hash, providers, contract.
 
 Everything about a version that can be checked before serving it is checked here, once, at load:
-the manifest's keys, model.onnx's sha256, the graph's tensors against the manifest, the execution
-provider actually obtained, and a warm-up that proves the outputs have the declared shapes. The
+the manifest (manifest.py) and model.onnx's sha256, the graph's tensors against the manifest, the
+execution provider actually obtained, and a warm-up that proves the outputs have the declared
+shapes and times the runs (where requests will run: see `calibrate`). The
 session is made from the very bytes that were hashed (no second read of the file, no external data
 files); nothing else of a version folder is read: model.pt and pickles are never loaded.
 """
@@ -10,35 +11,33 @@ files); nothing else of a version folder is read: model.pt and pickles are never
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from .codec import DTYPES, TensorSpec
-from .errors import ContractError, IntegrityError, ProviderError
-from .settings import Device
+from .codec import DTYPES
+from .errors import ContractError, ProviderError
+from .manifest import MANIFEST_FILE, MODEL_FILE, PLATFORM, Manifest, check_manifest, verify_file
+from .plan import WirePlan
+from .settings import Device, RunInline
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "stablemlp.manifest/1"
-MANIFEST_FILE = "manifest.json"
-MODEL_FILE = "model.onnx"
-PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX models
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # ONNX Runtime's type strings for the protocol datatypes we carry.
 ORT_TYPES = {"tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(int8)": "INT8",
              "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
              "tensor(float)": "FP32", "tensor(double)": "FP64"}  # fmt: skip
+# Timed runs per batch size when deciding where runs happen; the fastest counts (the others
+# include the odd preemption on a busy machine).
+CALIBRATION_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -48,90 +47,9 @@ class RuntimeOptions:
     inter_op_threads: int
     cuda_device_id: int = 0
     cuda_memory_limit: int = 0  # bytes; 0 = ONNX Runtime's default (no limit)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The parts of manifest.json that serving uses (see the repository contract)."""
-
-    model_name: str
-    version: int
-    opset: int
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    feature_names: tuple[str, ...]
-    threshold: float
-    sha256: str  # of model.onnx
-    size: int  # bytes of model.onnx
-    created_utc: str
-
-    @classmethod
-    def read(cls, path: Path) -> Manifest:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data["format"] != MANIFEST_FORMAT:
-                raise ContractError(
-                    f"{path.name} format: got {data['format']!r}, expected {MANIFEST_FORMAT!r}"
-                )
-            model_file = data["files"][MODEL_FILE]
-            return cls(
-                model_name=str(data["model_name"]),
-                version=int(data["version"]),
-                opset=int(data["opset"]),
-                inputs=tuple(_spec(t) for t in data["inputs"]),
-                outputs=tuple(_spec(t) for t in data["outputs"]),
-                feature_names=tuple(str(n) for n in data["feature_names"]),
-                threshold=float(data["threshold"]),
-                sha256=str(model_file["sha256"]),
-                size=int(model_file["bytes"]),
-                created_utc=str(data["created_utc"]),
-            )
-        except OSError as err:
-            raise ContractError(f"{path}: cannot read ({err.strerror})") from None
-        except (KeyError, TypeError, ValueError) as err:
-            raise ContractError(f"{path}: malformed ({type(err).__name__}: {err})") from None
-
-
-def _spec(tensor: Mapping[str, Any]) -> TensorSpec:
-    return TensorSpec(
-        str(tensor["name"]), str(tensor["datatype"]), tuple(int(d) for d in tensor["shape"])
-    )
-
-
-def check_manifest(manifest: Manifest) -> None:
-    """The model contract: one input [-1, F] with F feature names; outputs batched on dim 0."""
-    if len(manifest.inputs) != 1:
-        raise ContractError(f"manifest inputs: got {len(manifest.inputs)}, expected 1")
-    features = manifest.inputs[0]
-    if len(features.shape) != 2 or features.shape[1] != len(manifest.feature_names):
-        raise ContractError(
-            f"manifest input '{features.name}' shape: got {list(features.shape)}, "
-            f"expected [-1, {len(manifest.feature_names)}] (one column per feature name)"
-        )
-    if not manifest.outputs:
-        raise ContractError("manifest outputs: got none, expected at least one")
-    for spec in (*manifest.inputs, *manifest.outputs):
-        if spec.datatype not in DTYPES:
-            raise ContractError(f"manifest tensor '{spec.name}' datatype: got {spec.datatype!r}")
-        if not spec.shape or spec.shape[0] != -1 or min(spec.shape[1:], default=1) < 1:
-            raise ContractError(
-                f"manifest tensor '{spec.name}' shape: got {list(spec.shape)}, "
-                "expected [-1, d1, ...] with a dynamic batch dimension and fixed dims >= 1"
-            )
-
-
-def verify_file(path: Path, sha256: str, size: int) -> bytes:
-    """The file's bytes, if they are byte-for-byte the ones the manifest describes."""
-    with path.open("rb") as stream:
-        data = stream.read(size + 1)  # one byte more than promised reveals a longer file
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != size or digest != sha256:
-        got = f"{len(data)} bytes" if len(data) <= size else f"more than {size} bytes"
-        raise IntegrityError(
-            f"{path.parent.parent.name}/{path.parent.name}/{path.name}: got sha256 "
-            f"{digest} ({got}), expected {sha256} ({size} bytes) from manifest.json"
-        )
-    return data
+    max_batch_size: int = 1024  # most rows per request (and per merged batch)
+    run_inline: RunInline = "auto"  # session.run on the event loop: auto | always | never
+    inline_threshold_us: float = 100.0  # `auto`: inline while a run is predicted under this
 
 
 def _providers(options: RuntimeOptions) -> list[str | tuple[str, dict[str, str]]]:
@@ -231,6 +149,17 @@ class ModelRuntime:
         _check_graph(self._session, self.manifest)
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.options = options
+        self.plan = WirePlan(
+            self.manifest.inputs,
+            self.manifest.outputs,
+            options.max_batch_size,
+            model_name=version_dir.parent.name,  # served under its folder names
+            model_version=version_dir.name,
+        )
+        self.output_names = [spec.name for spec in self.manifest.outputs]  # ORT takes a list
+        # Requests of at most this many rows run on the event loop thread (see `calibrate`).
+        self.inline_rows = options.max_batch_size if options.run_inline == "always" else 0
+        self.run_ns: dict[int, int] = {}  # batch size -> fastest calibration run
 
     def run(
         self,
@@ -239,8 +168,11 @@ class ModelRuntime:
         control: RunControl | None = None,
     ) -> dict[str, np.ndarray]:
         options = control.options if control else None
-        results = self._session.run(list(outputs), dict(inputs), options)
-        return {name: np.asarray(value) for name, value in zip(outputs, results, strict=True)}
+        names = outputs if isinstance(outputs, list) else list(outputs)
+        results = self._session.run(
+            names, inputs if isinstance(inputs, dict) else dict(inputs), options
+        )
+        return dict(zip(names, results, strict=True))  # graph checked: outputs are tensors
 
     async def run_in(
         self,
@@ -288,6 +220,54 @@ class ModelRuntime:
                         f"warm-up output '{spec.name}': got {got.dtype} {list(got.shape)}, "
                         f"expected {spec.datatype} {list(want_shape)}"
                     )
+        if runs > 0 and self.options.run_inline == "auto":
+            self.calibrate(batch_sizes)
+
+    def calibrate(self, batch_sizes: Sequence[int]) -> None:
+        """Time runs at each warm-up size, smallest first, and set `inline_rows`.
+
+        A run that costs less than handing it to a worker thread (submit, wake the thread, take
+        the GIL back: ~50-90 us measured on 2 cores) is cheaper done on the event loop itself,
+        which it blocks only that long. Sizes past the first over the threshold are not timed."""
+        threshold_ns = int(self.options.inline_threshold_us * 1000)
+        for rows in sorted(batch_sizes):
+            feeds = {
+                spec.name: np.zeros((rows, *spec.shape[1:]), dtype=DTYPES[spec.datatype])
+                for spec in self.manifest.inputs
+            }
+            timings = []
+            for _ in range(CALIBRATION_RUNS):
+                started = time.perf_counter_ns()
+                self.run(feeds, self.output_names)
+                timings.append(time.perf_counter_ns() - started)
+            self.run_ns[rows] = min(timings)
+            if self.run_ns[rows] > threshold_ns:
+                break
+        self.inline_rows = inline_rows(self.run_ns, threshold_ns)
+        log.info(
+            "%s/%s: session.run %s; runs of up to %d rows stay on the event loop (under %.0f us)",
+            self.path.parent.parent.name, self.path.parent.name,
+            ", ".join(f"{ns / 1000:.0f} us at {rows} rows" for rows, ns in self.run_ns.items()),
+            self.inline_rows, self.options.inline_threshold_us,
+        )  # fmt: skip
+
+
+def inline_rows(run_ns: Mapping[int, int], threshold_ns: int) -> int:
+    """The most rows whose run is predicted to take at most `threshold_ns`, on the straight line
+    between the measured sizes around the threshold; 0 if even the smallest size is slower."""
+    points = sorted(run_ns.items())
+    under = [(rows, ns) for rows, ns in points if ns <= threshold_ns]
+    if not under:
+        return 0
+    rows, ns = under[-1]
+    over = [(r, t) for r, t in points if r > rows]
+    if not over:
+        return rows
+    next_rows, next_ns = over[0]
+    if next_ns <= ns:  # noise: no slope to extrapolate along
+        return rows
+    extra = (threshold_ns - ns) * (next_rows - rows) // (next_ns - ns)
+    return int(min(next_rows - 1, rows + extra))
 
 
 __all__ = [
@@ -302,5 +282,6 @@ __all__ = [
     "RuntimeOptions",
     "check_manifest",
     "create_session",
+    "inline_rows",
     "verify_file",
 ]

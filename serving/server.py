@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import gc
 import importlib.metadata
 import logging
+import os
 import signal
 import sys
 import time
@@ -28,14 +31,17 @@ from grpc_reflection.v1alpha import reflection
 from protos import grpc_service_pb2 as pb
 
 from .auth import TokenInterceptor, read_token, server_credentials
+from .batcher import BatchingOptions
 from .errors import ServingError, lenient
 from .limits import Admission
 from .metrics import Telemetry, serve_metrics
 from .repository import ModelRepository
 from .runtime import RuntimeOptions
+from .scheduler import Scheduler
 from .servicer import InferenceServicer
 from .settings import Settings, add_arguments, load_settings
 from .watcher import watch_repository
+from .workers import WorkerRole, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +82,21 @@ def _repository(settings: Settings) -> ModelRepository:
             inter_op_threads=settings.inter_op_threads,
             cuda_device_id=settings.cuda_device_id,
             cuda_memory_limit=settings.cuda_memory_limit,
+            max_batch_size=settings.max_batch_size,
+            run_inline=settings.run_inline,
+            inline_threshold_us=settings.inline_threshold_us,
         ),
         warmup_batch_sizes=tuple(sorted({1, settings.max_batch_size})),
         warmup_runs=settings.warmup_runs,
         only=settings.models,
+    )
+
+
+def _batching(settings: Settings) -> BatchingOptions | None:
+    if not settings.dynamic_batching:
+        return None
+    return BatchingOptions(
+        settings.max_batch_size, settings.max_queue_delay_us, settings.preferred_batch_sizes
     )
 
 
@@ -110,7 +127,7 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
 
 
-def _grpc_server(settings: Settings, telemetry: Telemetry) -> grpc.aio.Server:
+def _grpc_server(settings: Settings, telemetry: Telemetry, reuse_port: bool) -> grpc.aio.Server:
     interceptors: list[Any] = []
     token = read_token(settings.auth_token, settings.auth_token_file)
     if token is not None:
@@ -124,7 +141,8 @@ def _grpc_server(settings: Settings, telemetry: Telemetry) -> grpc.aio.Server:
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a taken port must fail, not be silently shared
+            # A taken port must fail, not be silently shared; workers share theirs on purpose.
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
 
@@ -142,12 +160,14 @@ def _start_metrics(
     return port, stop
 
 
-async def build_server(settings: Settings) -> Built:
-    """Load, verify and warm every model, then assemble and bind (not start) the server."""
+async def build_server(settings: Settings, *, reuse_port: bool = False) -> Built:
+    """Load, verify and warm every model, then assemble and bind (not start) the server.
+
+    `reuse_port`: bind with SO_REUSEPORT, for worker processes sharing one port."""
     repository = _repository(settings)
     admission = Admission(settings.max_inflight)
     telemetry = Telemetry(repository.snapshot, lambda: admission.inflight, admission.limit)
-    server = _grpc_server(settings, telemetry)  # token and TLS files first: fail before loading
+    server = _grpc_server(settings, telemetry, reuse_port)  # token, TLS first: fail before loading
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     await asyncio.to_thread(repository.load_all)
     executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="infer")
@@ -155,7 +175,7 @@ async def build_server(settings: Settings) -> Built:
     servicer = InferenceServicer(
         repository,
         health,
-        executor,
+        Scheduler(executor, _batching(settings)),
         admission=admission,
         telemetry=telemetry,
         max_batch_size=settings.max_batch_size,
@@ -200,16 +220,27 @@ async def build_server(settings: Settings) -> Built:
     return Built(server, port, stop, telemetry, metrics_port)
 
 
-async def serve(settings: Settings) -> int:
-    server, port, stop, telemetry, _ = await build_server(settings)
+def _scheme(settings: Settings) -> str:
+    return "mTLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext"
+
+
+async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; `worker`: one of several processes on the port (workers.py)."""
+    server, port, stop, telemetry, _ = await build_server(settings, reuse_port=worker is not None)
     await server.start()
+    gc.freeze()  # what start-up made (modules, sessions) lives on: collections need not scan it
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    scheme = "mTLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext"
-    log.info("ready: listening on %s (%s)", _address(settings.host, port), scheme)
-    await stopping.wait()
+    address = _address(settings.host, port)
+    if worker is None:
+        log.info("ready: listening on %s (%s)", address, _scheme(settings))
+        await stopping.wait()
+    else:
+        log.info("%s (pid %d): serving on %s", worker.name, os.getpid(), address)
+        worker.serving(port)
+        await worker.watch_supervisor(stopping)
     log.info(
         "shutting down: NOT_SERVING, %.1f s grace for in-flight calls", settings.grace_period_s
     )
@@ -240,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stablemlp serve: {err}", file=sys.stderr)
         return 2
     try:
+        if settings.workers > 1:
+            return run_workers(
+                settings, functools.partial(_address, settings.host), _scheme(settings)
+            )
         return asyncio.run(serve(settings))
     except (ServingError, OSError, ValueError) as err:  # models, ports, TLS and token files
         print(f"stablemlp serve: cannot start: {err}", file=sys.stderr)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Executor
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -25,12 +25,15 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 
-from .codec import TensorSpec, decode_request, encode_response
+from .batcher import BatchingOptions
+from .codec import TensorSpec
 from .errors import InvalidRequestError, check_decoded, clip, rpc_boundary, status_for
 from .limits import Admission
+from .manifest import PLATFORM
 from .metrics import Duration, Telemetry, VersionStats
 from .repository import Loaded, ModelRepository
-from .runtime import CUDA, PLATFORM
+from .runtime import CUDA
+from .scheduler import Scheduler
 from .settings import VersionPolicy
 
 Context = Any  # grpc.aio.ServicerContext; the generated stubs are untyped
@@ -48,7 +51,7 @@ def _as_pb(d: Duration) -> pb.StatisticDuration:
 def model_statistics(name: str, version: int, stats: VersionStats) -> pb.ModelStatistics:
     """Triton's ModelStatistics from the counters /metrics also reads."""
     return pb.ModelStatistics(
-        name=name, version=str(version), last_inference=stats.last_inference_ms,
+        name=name, version=str(version), last_inference=stats.last_inference,
         inference_count=stats.inference_count, execution_count=stats.execution_count,
         inference_stats=pb.InferStatistics(
             success=_as_pb(stats.success), fail=_as_pb(stats.fail), queue=_as_pb(stats.queue),
@@ -65,7 +68,12 @@ def model_statistics(name: str, version: int, stats: VersionStats) -> pb.ModelSt
     )  # fmt: skip
 
 
-def model_config(loaded: Loaded, max_batch_size: int, policy: VersionPolicy) -> mc.ModelConfig:
+def model_config(
+    loaded: Loaded,
+    max_batch_size: int,
+    policy: VersionPolicy,
+    batching: BatchingOptions | None = None,
+) -> mc.ModelConfig:
     """Triton's shape: batch dim implicit (max_batch_size > 0), so dims drop the leading -1."""
     manifest, runtime = loaded.runtime.manifest, loaded.runtime
     on_gpu = runtime.providers[0] == CUDA
@@ -85,6 +93,9 @@ def model_config(loaded: Loaded, max_batch_size: int, policy: VersionPolicy) -> 
         config.output.add(
             name=spec.name, data_type=CONFIG_TYPES[spec.datatype], dims=spec.shape[1:]
         )
+    if batching is not None:
+        config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+        config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
     group = config.instance_group.add(name=loaded.name, count=1)
     group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
     if on_gpu:
@@ -97,6 +108,7 @@ def model_config(loaded: Loaded, max_batch_size: int, policy: VersionPolicy) -> 
         "opset": str(manifest.opset),
         "intra_op_thread_count": str(runtime.options.intra_op_threads),
         "inter_op_thread_count": str(runtime.options.inter_op_threads),
+        "inline_max_rows": str(runtime.inline_rows),  # runs on the event loop up to this size
     }
     for key, value in parameters.items():
         config.parameters[key].string_value = value
@@ -108,7 +120,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self,
         repository: ModelRepository,
         health: health_aio.HealthServicer,
-        executor: Executor,
+        scheduler: Scheduler,
         *,
         admission: Admission,
         telemetry: Telemetry,
@@ -116,7 +128,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version_policy: VersionPolicy,
         server_version: str,
     ) -> None:
-        self._repository, self._health, self._executor = repository, health, executor
+        self._repository, self._health, self._scheduler = repository, health, scheduler
         self._admission, self._telemetry = admission, telemetry
         self._max_batch_size, self._version_policy = max_batch_size, version_policy
         self._server_version = server_version
@@ -139,21 +151,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Admit, resolve one version (kept for the whole call), decode, run, encode; counted."""
         with self._telemetry.track(context) as call, self._admission.admit():
             loaded = self._repository.get(request.model_name, request.model_version)
-            call.resolved(loaded.name, loaded.version, loaded.stats)
-            manifest, runtime = loaded.runtime.manifest, loaded.runtime
-            decoded = decode_request(
-                request, manifest.inputs, manifest.outputs, self._max_batch_size
-            )
-            call.lap("compute_input")
-            names = [spec.name for spec in decoded.outputs]
-            started, results = await runtime.run_in(self._executor, decoded.inputs, names)
-            call.lap("queue", until=started)
-            call.lap("compute_infer")
-            version = str(loaded.version)
-            response = encode_response(request, version, results, decoded.outputs, decoded.raw)
-            call.lap("compute_output")
-            call.rows = decoded.rows
-        return response
+            call.stats, runtime = loaded.stats, loaded.runtime
+            decoded = runtime.plan.decode(request)
+            call.decoded, call.rows = time.perf_counter_ns(), decoded.rows
+            results = await self._scheduler.run(runtime, decoded, call)
+            return runtime.plan.encode(request, results, decoded)
 
     @rpc_boundary
     async def ServerLive(
@@ -232,7 +234,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
         loaded = self._repository.get(request.name, request.version)
-        config = model_config(loaded, self._max_batch_size, self._version_policy)
+        config = model_config(
+            loaded, self._max_batch_size, self._version_policy, self._scheduler.batching
+        )
         return pb.ModelConfigResponse(config=config)
 
     @rpc_boundary

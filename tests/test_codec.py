@@ -188,3 +188,65 @@ def test_encode_contents_form_fills_typed_fields() -> None:
     assert list(response.outputs[0].contents.int64_contents) == [0, 1]
     response = encode_response(_request(ROWS[:2], raw=False), "1", RESULTS, OUTPUTS[:1], raw=False)
     assert list(response.outputs[0].contents.fp32_contents) == [0.25, 0.75]
+
+
+# ---------------------------------------------------------------- the per-version wire plan
+
+
+def _outcome(
+    decode: Callable[[pb.ModelInferRequest], object], request: pb.ModelInferRequest
+) -> object:
+    """What decoding gives, comparable: the arrays' bytes (NaN-safe), or the refusal's message."""
+    try:
+        decoded = decode(request)
+    except InvalidRequestError as err:
+        return str(err)
+    assert isinstance(decoded, tuple)
+    arrays = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in decoded.inputs.items()}
+    return arrays, decoded.outputs, decoded.raw, decoded.rows
+
+
+def _plan_cases() -> list[pb.ModelInferRequest]:
+    rows = ROWS.copy()
+    rows[0, 1] = np.nan
+    # An infinity's 4 bytes straddling two finite elements: a false alarm for the fast path.
+    shifted = (b"\0\0" + np.array([np.inf], "<f4").tobytes()).ljust(ROWS.nbytes, b"\0")
+    cases = [_request(rows, raw) for raw in (True, False)]
+    cases += [_outputs("label"), _outputs("label", "probability"), _outputs("probability", "x")]
+    infinite = ROWS.copy()
+    infinite[2, 1] = -np.inf
+    cases += [_request(rows[:1], raw=False), _request(infinite), _request(infinite, False)]
+    cases += [_request(ROWS, shape=[3, F + 1]), _request(ROWS, datatype="FP64")]
+    odd = _request(ROWS)
+    odd.raw_input_contents[0] = shifted  # infinity's bytes across an element boundary
+    both = _request(ROWS)
+    both.inputs[0].contents.fp32_contents.append(1.0)
+    extra = _request(ROWS, raw=False)
+    extra.inputs[0].contents.int_contents.append(1)
+    return [*cases, odd, both, extra, pb.ModelInferRequest()]
+
+
+@pytest.mark.parametrize("index", range(len(_plan_cases())))
+def test_the_wire_plan_decodes_exactly_as_the_codec(index: int) -> None:
+    """The plan's fast path decides nothing: the same arrays, or the same refusal."""
+    from serving.plan import WirePlan
+
+    request = _plan_cases()[index]
+    plan = WirePlan(INPUTS, OUTPUTS, MAX_BATCH)
+    codec = _outcome(lambda r: decode_request(r, INPUTS, OUTPUTS, MAX_BATCH), request)
+    assert _outcome(plan.decode, request) == codec
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_the_wire_plan_encodes_exactly_as_the_codec(raw: bool) -> None:
+    from serving.plan import WirePlan
+
+    plan = WirePlan(INPUTS, OUTPUTS, MAX_BATCH, model_name="m", model_version="3")
+    renamed = _request(ROWS[:2], raw)
+    renamed.model_name = "other"  # a name the plan was not made for: the general path
+    for request in (_request(ROWS[:2], raw), _outputs("label"), renamed):
+        request.id = "abc" if raw else ""
+        decoded = decode_request(request, INPUTS, OUTPUTS, MAX_BATCH)
+        want = encode_response(request, "3", RESULTS, decoded.outputs, decoded.raw)
+        assert plan.encode(request, RESULTS, decoded) == want
+        assert plan.encode(request, RESULTS, decoded) == want  # templates are not consumed

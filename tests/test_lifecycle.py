@@ -126,8 +126,12 @@ def test_cancelled_runs_never_start_or_are_terminated(
 
 @pytest.fixture(scope="module")
 def limited(model_repository: Path, start_server: StartServer) -> Iterator[ServerProcess]:
-    """One request at a time, one worker, 900-byte messages (a 1-row request is 159 bytes)."""
+    """One request at a time, one worker, 900-byte messages (a 1-row request is 159 bytes).
+
+    Runs go to the worker thread (`--run-inline never`): a run kept on the event loop never
+    overlaps another request, so only awaited runs can meet the limit."""
     args = ["--max-inflight", "1", "--inference-workers", "1", "--max-message-bytes", "900"]
+    args += ["--run-inline", "never"]
     with start_server(model_repository, *args) as running:
         yield running
 

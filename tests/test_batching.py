@@ -1,0 +1,252 @@
+"""Dynamic batching and where runs happen: merged runs give every request what a lone run gives.
+
+In process: the Batcher on real ONNX Runtime sessions (the exported model, and a model that fails
+on some rows). Real servers: results under concurrency, preferred sizes, deadlines, statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import MODEL_NAME, HeldOutSplit, ServerProcess, infer_request, outputs
+
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+from serving.batcher import Batcher, BatchingOptions
+from serving.metrics import Call, Telemetry
+from serving.runtime import ModelRuntime, RuntimeOptions, inline_rows
+
+StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
+TIMEOUT = 10.0
+NAMES = ["probability", "label"]
+
+
+def _options(run_inline: str = "auto") -> RuntimeOptions:
+    return RuntimeOptions("cpu", 1, 1, run_inline=run_inline)  # type: ignore[arg-type]
+
+
+def _call() -> Call:
+    return Telemetry(list, lambda: 0, 1).track(None)
+
+
+async def _submit_all(
+    batcher: Batcher, runtime: ModelRuntime, parts: list[np.ndarray]
+) -> tuple[list[dict[str, np.ndarray] | BaseException], list[Call]]:
+    calls = [_call() for _ in parts]
+    jobs = [
+        batcher.submit(runtime, {"features": p}, len(p), c)
+        for p, c in zip(parts, calls, strict=True)
+    ]
+    return list(await asyncio.gather(*jobs, return_exceptions=True)), calls
+
+
+@pytest.mark.parametrize(
+    ("run_inline", "max_rows", "runs"),
+    [("auto", 1024, [14, 0, 0, 0]), ("never", 1024, [14, 0, 0, 0]), ("auto", 8, [4, 0, 8, 2])],
+)  # merged runs on the event loop or a worker thread; a batch never passes max_batch_size
+def test_merged_runs_equal_lone_runs(
+    model_repository: Path, test_split: HeldOutSplit, run_inline: str, max_rows: int,
+    runs: list[int],
+) -> None:  # fmt: skip
+    runtime = ModelRuntime(model_repository / MODEL_NAME / "1", _options(run_inline))
+    runtime.warm_up((1, 1024), runs=1)
+    parts = [test_split.features[i : i + n] for i, n in ((0, 1), (1, 3), (4, 8), (12, 2))]
+
+    async def merged() -> tuple[list[dict[str, np.ndarray] | BaseException], list[Call]]:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(executor, BatchingOptions(max_rows, 50_000))
+            return await _submit_all(batcher, runtime, parts)
+
+    results, calls = asyncio.run(merged())
+    for part, got in zip(parts, results, strict=True):
+        assert not isinstance(got, BaseException)
+        alone = runtime.run({"features": part}, NAMES)
+        for name in NAMES:
+            np.testing.assert_array_equal(got[name], alone[name])
+    assert [c.batch_rows for c in calls] == runs  # each run counted once, with its first request
+
+
+def test_inline_rows_follow_the_timed_runs() -> None:
+    assert inline_rows({1: 7_000, 1024: 300_000}, 100_000) == 1 + 93_000 * 1023 // 293_000
+    assert inline_rows({1: 200_000}, 100_000) == 0
+    assert inline_rows({1: 5_000, 64: 40_000}, 100_000) == 64  # nothing measured above
+
+
+def _failing_model(folder: Path) -> Path:
+    """Honours the contract; a row whose first feature is not 0..3 makes ONNX Runtime fail
+    (GatherElements index out of range), so one bad request can break a merged run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.array([[0.1], [0.4], [0.6], [0.9]], np.float32), "table")
+    nodes = [
+        helper.make_node("Constant", [], ["starts"], value_ints=[0]),
+        helper.make_node("Constant", [], ["ends"], value_ints=[1]),
+        helper.make_node("Constant", [], ["axes"], value_ints=[1]),
+        helper.make_node("Slice", ["features", "starts", "ends", "axes"], ["first"]),
+        helper.make_node("Cast", ["first"], ["index"], to=TensorProto.INT64),
+        helper.make_node("GatherElements", ["table", "index"], ["probability"], axis=0),
+        helper.make_node("Constant", [], ["half"], value_float=0.5),
+        helper.make_node("GreaterOrEqual", ["probability", "half"], ["positive"]),
+        helper.make_node("Cast", ["positive"], ["label"], to=TensorProto.INT64),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "failing",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 30])],
+        [
+            helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch", 1]),
+        ],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    version = folder / "failing" / "1"
+    version.mkdir(parents=True)
+    data = model.SerializeToString()
+    (version / "model.onnx").write_bytes(data)
+    manifest = {
+        "format": "stablemlp.manifest/1", "model_name": "failing", "version": 1,
+        "created_utc": "2026-01-01T00:00:00Z", "platform": "onnxruntime_onnx", "opset": 18,
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 30]}],
+        "outputs": [{"name": "probability", "datatype": "FP32", "shape": [-1, 1]},
+                    {"name": "label", "datatype": "INT64", "shape": [-1, 1]}],
+        "feature_names": [f"f{i}" for i in range(30)], "threshold": 0.5,
+        "files": {"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
+    }  # fmt: skip
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    return version
+
+
+@pytest.mark.parametrize("run_inline", ["auto", "never"])
+def test_a_request_that_breaks_a_merged_run_fails_alone(tmp_path: Path, run_inline: str) -> None:
+    runtime = ModelRuntime(_failing_model(tmp_path), _options(run_inline))
+    runtime.warm_up((1, 8), runs=0)  # all-NaN rows cast to garbage indices: no warm-up here
+    parts = [np.zeros((2, 30), np.float32) + v for v in (1.0, 7.0, 3.0)]  # 7: out of range
+
+    async def merged() -> list[dict[str, np.ndarray] | BaseException]:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(executor, BatchingOptions(8, 50_000))
+            return (await _submit_all(batcher, runtime, parts))[0]
+
+    good, bad, other = asyncio.run(merged())
+    assert isinstance(bad, Exception) and "GatherElements" in str(bad)
+    assert not isinstance(good, BaseException) and not isinstance(other, BaseException)
+    np.testing.assert_allclose(good["probability"], [[0.4], [0.4]])
+    np.testing.assert_array_equal(other["label"], [[1], [1]])
+
+
+# ---------------------------------------------------------------- real servers
+
+
+def _stats(stub: pb_grpc.GRPCInferenceServiceStub) -> pb.ModelStatistics:
+    request = pb.ModelStatisticsRequest(name=MODEL_NAME)
+    (stats,) = stub.ModelStatistics(request, timeout=TIMEOUT).model_stats
+    return stats
+
+
+@pytest.mark.parametrize("run_inline", ["auto", "never"])
+def test_concurrent_requests_merge_and_each_gets_its_rows(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit, run_inline: str
+) -> None:
+    args = ["--dynamic-batching", "true", "--max-queue-delay-us", "20000"]
+    args += ["--run-inline", run_inline]
+    with (
+        start_server(model_repository, *args) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        config = stub.ModelConfig(pb.ModelConfigRequest(name=MODEL_NAME), timeout=TIMEOUT).config
+        assert config.dynamic_batching.max_queue_delay_microseconds == 20000
+        bounds = [(i, i + 1 + i % 5) for i in range(0, 48, 6)]
+        futures = [
+            stub.ModelInfer.future(infer_request(test_split.features[a:b], raw=a % 12 == 0),
+                                   timeout=TIMEOUT)
+            for a, b in bounds
+        ]  # fmt: skip
+        bad = stub.ModelInfer.future(infer_request(test_split.features[:2, :5]), timeout=TIMEOUT)
+        for (a, b), future in zip(bounds, futures, strict=True):
+            response = future.result()
+            if a % 12 == 0:
+                got = outputs(response)
+            else:
+                got = {t.name: t.contents for t in response.outputs}
+                got = {
+                    "probability": np.array(got["probability"].fp32_contents).reshape(-1, 1),
+                    "label": np.array(got["label"].int64_contents).reshape(-1, 1),
+                }
+            np.testing.assert_allclose(got["probability"], test_split.probability[a:b], atol=1e-6)
+            np.testing.assert_array_equal(got["label"], test_split.label[a:b])
+        assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT  # failed alone, at decode
+        stats = _stats(stub)
+        assert stats.inference_count == sum(b - a for a, b in bounds)
+        assert stats.inference_stats.success.count == len(bounds)
+        assert stats.execution_count < len(bounds)  # some requests shared a run
+
+
+def test_preferred_size_runs_without_waiting_and_deadlines_hold(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit
+) -> None:
+    args = ["--dynamic-batching", "true", "--max-queue-delay-us", "30000000"]  # 30 s
+    args += ["--preferred-batch-sizes", "4"]
+    with (
+        start_server(model_repository, *args) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        first = stub.ModelInfer(infer_request(test_split.features[:1]), timeout=TIMEOUT)
+        assert outputs(first)["label"] == test_split.label[:1]  # isolated: ran at once, alone
+        lone = stub.ModelInfer.future(infer_request(test_split.features[:1]), timeout=0.5)
+        assert lone.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # waited for company, in vain
+        started = time.monotonic()
+        four = [
+            stub.ModelInfer.future(infer_request(test_split.features[i : i + 1]), timeout=TIMEOUT)
+            for i in range(4)
+        ]
+        for i, future in enumerate(four):
+            np.testing.assert_array_equal(
+                outputs(future.result())["label"], test_split.label[i : i + 1]
+            )
+        assert time.monotonic() - started < 5  # 4 rows = a preferred size: no 30 s wait
+        stats = _stats(stub)
+        assert stats.execution_count == 2 and stats.inference_count == 5  # the lone one never ran
+        assert stats.inference_stats.fail.count == 1
+    assert srv.log().count("ModelInfer failed: DEADLINE_EXCEEDED") == 1
+
+
+def test_an_unloaded_version_is_freed_with_its_batcher(
+    model_repository: Path, test_split: HeldOutSplit
+) -> None:
+    """Reloads must not pile up sessions: the scheduler's batcher does not keep its version."""
+    import gc
+    import weakref
+
+    from serving.scheduler import Scheduler
+
+    runtime = ModelRuntime(model_repository / MODEL_NAME / "1", _options())
+    runtime.warm_up((1, 1024), runs=1)
+    request = infer_request(test_split.features[:2])
+
+    async def serve_twice(runtime: ModelRuntime, scheduler: Scheduler) -> list[int]:
+        calls = [_call(), _call()]
+        for call in calls:
+            results = await scheduler.run(runtime, runtime.plan.decode(request), call)
+            np.testing.assert_array_equal(results["label"], test_split.label[:2])
+        return [call.batch_rows for call in calls]
+
+    with ThreadPoolExecutor(1) as executor:
+        scheduler = Scheduler(executor, BatchingOptions(1024, 1_000_000))  # 1 s: the 2nd joins
+        assert asyncio.run(serve_twice(runtime, scheduler)) == [2, 2]  # alone, then in a batch
+        freed = weakref.ref(runtime)
+        del runtime
+        gc.collect()  # the scheduler lives on, as in a server whose version was unloaded
+        assert freed() is None

@@ -1,0 +1,93 @@
+"""`stablemlp serve --workers N`: several real server processes on one port, one supervisor."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import ROOT, HeldOutSplit, ServerProcess, infer_request, outputs
+
+from protos import grpc_service_pb2_grpc as pb_grpc
+from serving import server as server_module
+from serving.settings import load_settings
+from serving.workers import reserve_port, worker_settings
+
+StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
+TIMEOUT = 10.0
+_WORKER = re.compile(r"worker (\d)/2 \(pid (\d+)\): serving on (\S+)")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_two_workers_share_a_port_answer_and_stop_cleanly(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit
+) -> None:
+    with start_server(model_repository, "--workers", "2") as srv:
+        log = srv.wait_for_log("serving on", count=2)
+        workers = {int(i): (int(pid), address) for i, pid, address in _WORKER.findall(log)}
+        assert set(workers) == {1, 2} and {a for _, a in workers.values()} == {srv.address}
+        assert len(re.findall(r"metrics: (http://\S+)", log)) == 2  # one /metrics per worker
+        rows = test_split.features[:5]
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel
+        for _ in range(8):  # connections land on either worker; every one answers the same
+            with grpc.insecure_channel(srv.address, options=options) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                got = outputs(stub.ModelInfer(infer_request(rows), timeout=TIMEOUT))
+            np.testing.assert_allclose(got["probability"], test_split.probability[:5], atol=1e-6)
+            np.testing.assert_array_equal(got["label"], test_split.label[:5])
+        assert srv.stop() == 0
+        assert all(_gone(pid) for pid, _ in workers.values())
+        assert "stopped: workers exited with [0, 0]" in srv.log()
+
+
+def test_a_port_in_use_fails_before_any_worker_starts(model_repository: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--model-repository", str(model_repository), "--host", "127.0.0.1"]
+        argv += ["--port", str(port), "--workers", "2", "--metrics-port", "-1"]
+        assert server_module.main(argv) == 1
+        with pytest.raises(OSError):
+            reserve_port("127.0.0.1", port)
+
+
+def test_workers_that_cannot_start_make_the_supervisor_exit_nonzero(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "serving", "serve", "--model-repository", str(tmp_path)]
+    command += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "worker 1/2: cannot start: model repository" in done.stderr or (
+        "worker 2/2: cannot start: model repository" in done.stderr
+    ), done.stderr
+    assert "exited before it served; stopping" in done.stderr
+    assert re.search(r"workers exited with \[(1, -15|-15, 1|1, 1)\]", done.stderr), done.stderr
+
+
+def test_each_worker_gets_its_share_of_threads_and_its_own_metrics_port() -> None:
+    settings = load_settings(
+        {"model_repository": Path("m"), "workers": 2, "inference_workers": 4, "metrics_port": 9100}
+    )
+    shares = [worker_settings(settings, i, 8001) for i in range(2)]
+    assert [s.metrics_port for s in shares] == [9100, 9101]
+    assert {(s.workers, s.port, s.inference_workers) for s in shares} == {(1, 8001, 2)}
+    for metrics in (0, -1):  # any free port each, or none: unchanged
+        one = worker_settings(load_settings({"model_repository": Path("m"), "workers": 2,
+                                             "metrics_port": metrics}), 1, 8001)  # fmt: skip
+        assert one.metrics_port == metrics and one.inference_workers >= 1
