@@ -7,6 +7,8 @@ picks a free one); grpc.health.v1 is then polled with a deadline. CPU and RSS co
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import queue
 import re
@@ -61,22 +63,39 @@ def floor_server_command(repository: Path) -> list[str]:
     return [sys.executable, "-m", "bench.floors", "--model-repository", str(repository)]
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (a `--workers N` supervisor and its server processes)."""
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        for task in glob.glob(f"/proc/{current}/task/*/children"):
+            with contextlib.suppress(OSError), open(task) as children:
+                pending.extend(int(child) for child in children.read().split())
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of `pid` so far (/proc/<pid>/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    """utime + stime so far of every thread of `pid` and its descendants (/proc stat 14, 15)."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICKS
 
 
 def memory_mb(pid: int) -> dict[str, float]:
-    """Resident set now (VmRSS) and at its peak (VmHWM), in MB (10^6 bytes)."""
-    found: dict[str, float] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                found[key] = int(value.split()[0]) * 1024 / 1e6
-    return {"rss_mb": found.get("VmRSS", 0.0), "peak_rss_mb": found.get("VmHWM", 0.0)}
+    """Resident set now (VmRSS) and at its peak (VmHWM), in MB (10^6 bytes), summed over `pid`
+    and its descendants."""
+    found = {"VmRSS": 0.0, "VmHWM": 0.0}
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in found:
+                    found[key] += int(value.split()[0]) * 1024 / 1e6
+    return {"rss_mb": found["VmRSS"], "peak_rss_mb": found["VmHWM"]}
 
 
 def wait_until_serving(address: str, deadline: float) -> None:

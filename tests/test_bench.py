@@ -3,10 +3,12 @@ transport floor under perf_analyzer when Triton's client environment exists."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -242,3 +244,28 @@ def test_perf_analyzer_drives_the_transport_floor(model_repository: Path, tmp_pa
     finally:
         assert floor.stop() == 0
     assert figures is not None and figures["inferences_per_s"] > 0 and figures["p99_us"] > 0
+
+
+def test_server_cpu_and_memory_include_worker_processes() -> None:
+    """A `--workers N` supervisor's figures must count its server processes too (they were
+    read from the supervisor's PID alone, so 2-worker runs showed ~0 CPU)."""
+    from bench.servers import memory_mb, process_tree
+
+    child_code = "import sys, time; x = bytearray(60_000_000); print(flush=True); time.sleep(30)"
+    parent_code = (
+        "import subprocess, sys; "
+        f"c = subprocess.Popen([sys.executable, '-c', {child_code!r}], stdout=sys.stdout); "
+        "c.wait()"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None
+        parent.stdout.readline()  # the child has allocated its memory
+        tree = process_tree(parent.pid)
+        assert len(tree) == 2 and tree[0] == parent.pid
+        assert memory_mb(parent.pid)["rss_mb"] > 60
+    finally:
+        for pid in reversed(process_tree(parent.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait(timeout=10)
