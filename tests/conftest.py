@@ -272,12 +272,42 @@ def infer_request(rows: np.ndarray, raw: bool = True, **fields: Any) -> Any:
 
 
 def outputs(response: Any) -> dict[str, np.ndarray]:
-    """name -> array of a ModelInferResponse (raw form)."""
-    dtypes = {"FP32": "<f4", "INT64": "<i8"}
+    """name -> array of a ModelInferResponse, in whichever form (raw or contents) it came."""
+    if response.raw_output_contents:
+        dtypes = {"FP32": "<f4", "INT64": "<i8"}
+        return {
+            t.name: np.frombuffer(raw, dtypes[t.datatype]).reshape(t.shape)
+            for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+        }
     return {
-        t.name: np.frombuffer(raw, dtypes[t.datatype]).reshape(t.shape)
-        for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+        t.name: np.array(
+            t.contents.fp32_contents if t.datatype == "FP32" else t.contents.int64_contents
+        ).reshape(t.shape)
+        for t in response.outputs
     }
+
+
+def publish_onnx(folder: Path, name: str, model: Any) -> Path:
+    """Write a hand-built ONNX `model` as version 1 of `name` under repository `folder`, with a
+    manifest honouring the serving contract (features FP32 [-1,30] -> probability, label)."""
+    import hashlib
+    import json
+
+    version = folder / name / "1"
+    version.mkdir(parents=True)
+    data = model.SerializeToString()
+    (version / "model.onnx").write_bytes(data)
+    manifest = {
+        "format": "stablemlp.manifest/1", "model_name": name, "version": 1,
+        "created_utc": "2026-01-01T00:00:00Z", "platform": "onnxruntime_onnx", "opset": 18,
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 30]}],
+        "outputs": [{"name": "probability", "datatype": "FP32", "shape": [-1, 1]},
+                    {"name": "label", "datatype": "INT64", "shape": [-1, 1]}],
+        "feature_names": [f"f{i}" for i in range(30)], "threshold": 0.5,
+        "files": {"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
+    }  # fmt: skip
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    return version
 
 
 def _rehash(folder: Path) -> None:

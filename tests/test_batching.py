@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import MODEL_NAME, HeldOutSplit, ServerProcess, infer_request, outputs
+from conftest import MODEL_NAME, HeldOutSplit, ServerProcess, infer_request, outputs, publish_onnx
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -110,21 +108,7 @@ def _failing_model(folder: Path) -> Path:
         [table],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    version = folder / "failing" / "1"
-    version.mkdir(parents=True)
-    data = model.SerializeToString()
-    (version / "model.onnx").write_bytes(data)
-    manifest = {
-        "format": "stablemlp.manifest/1", "model_name": "failing", "version": 1,
-        "created_utc": "2026-01-01T00:00:00Z", "platform": "onnxruntime_onnx", "opset": 18,
-        "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 30]}],
-        "outputs": [{"name": "probability", "datatype": "FP32", "shape": [-1, 1]},
-                    {"name": "label", "datatype": "INT64", "shape": [-1, 1]}],
-        "feature_names": [f"f{i}" for i in range(30)], "threshold": 0.5,
-        "files": {"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
-    }  # fmt: skip
-    (version / "manifest.json").write_text(json.dumps(manifest))
-    return version
+    return publish_onnx(folder, "failing", model)
 
 
 @pytest.mark.parametrize("run_inline", ["auto", "never"])

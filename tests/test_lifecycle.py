@@ -26,6 +26,7 @@ from conftest import (
     break_version,
     infer_request,
     outputs,
+    publish_onnx,
     publish_version,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -351,8 +352,6 @@ LAYERS, WIDTH = 12, 2048  # a 256-row call costs 12 x 2 GFLOP: ~0.1-1 s on one c
 
 def _slow_model(folder: Path) -> None:
     """A model that honours the contract and takes long: 12 Relu(MatMul) layers of 2048."""
-    import hashlib
-    import json
 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -385,20 +384,7 @@ def _slow_model(folder: Path) -> None:
         weights,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    version = folder / "slow" / "1"
-    version.mkdir(parents=True)
-    data = model.SerializeToString()
-    (version / "model.onnx").write_bytes(data)
-    manifest = {
-        "format": "stablemlp.manifest/1", "model_name": "slow", "version": 1,
-        "created_utc": "2026-01-01T00:00:00Z", "platform": "onnxruntime_onnx", "opset": 18,
-        "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 30]}],
-        "outputs": [{"name": "probability", "datatype": "FP32", "shape": [-1, 1]},
-                    {"name": "label", "datatype": "INT64", "shape": [-1, 1]}],
-        "feature_names": [f"f{i}" for i in range(30)], "threshold": 0.5,
-        "files": {"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
-    }  # fmt: skip
-    (version / "manifest.json").write_text(json.dumps(manifest))
+    publish_onnx(folder, "slow", model)
     onnx.checker.check_model(model)
 
 

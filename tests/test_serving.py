@@ -18,7 +18,16 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import MODEL_NAME, ROOT, HeldOutSplit, Reference, ServerProcess, wait_until_serving
+from conftest import (
+    MODEL_NAME,
+    ROOT,
+    HeldOutSplit,
+    Reference,
+    ServerProcess,
+    infer_request,
+    outputs,
+    wait_until_serving,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -237,56 +246,31 @@ def stub(server: ServerProcess) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-def _infer_request(rows: np.ndarray, raw: bool = True, **fields: object) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=MODEL_NAME, **fields)  # type: ignore[arg-type]
-    tensor = request.inputs.add(name="features", datatype="FP32", shape=rows.shape)
-    if raw:
-        request.raw_input_contents.append(np.ascontiguousarray(rows, "<f4").tobytes())
-    else:
-        tensor.contents.fp32_contents.extend(rows.ravel().tolist())
-    return request
-
-
-def _outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    if response.raw_output_contents:
-        dtypes = {"FP32": "<f4", "INT64": "<i8"}
-        return {
-            t.name: np.frombuffer(raw, dtypes[t.datatype]).reshape(t.shape)
-            for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
-        }
-    return {
-        t.name: np.array(
-            t.contents.fp32_contents if t.datatype == "FP32" else t.contents.int64_contents
-        ).reshape(t.shape)
-        for t in response.outputs
-    }
-
-
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "contents"])
 def test_served_predictions_equal_in_process_onnxruntime(
     stub: pb_grpc.GRPCInferenceServiceStub, test_split: HeldOutSplit, raw: bool
 ) -> None:
-    response = stub.ModelInfer(_infer_request(test_split.features, raw, id="q7"), timeout=TIMEOUT)
+    response = stub.ModelInfer(infer_request(test_split.features, raw, id="q7"), timeout=TIMEOUT)
     assert (response.model_name, response.model_version, response.id) == (MODEL_NAME, "1", "q7")
     assert bool(response.raw_output_contents) is raw
-    outputs = _outputs(response)
-    np.testing.assert_array_equal(outputs["probability"], test_split.probability)
-    np.testing.assert_array_equal(outputs["label"], test_split.label)
+    served = outputs(response)
+    np.testing.assert_array_equal(served["probability"], test_split.probability)
+    np.testing.assert_array_equal(served["label"], test_split.label)
 
 
 def test_requested_output_subset(
     stub: pb_grpc.GRPCInferenceServiceStub, test_split: HeldOutSplit
 ) -> None:
-    request = _infer_request(test_split.features[:5])
+    request = infer_request(test_split.features[:5])
     request.outputs.add(name="label")
     response = stub.ModelInfer(request, timeout=TIMEOUT)
     assert [t.name for t in response.outputs] == ["label"]
-    np.testing.assert_array_equal(_outputs(response)["label"], test_split.label[:5])
+    np.testing.assert_array_equal(outputs(response)["label"], test_split.label[:5])
 
 
 def _edited(rows: np.ndarray, raw: bool = True, **changes: object) -> pb.ModelInferRequest:
     """A valid request for `rows`, then edited: model_name, name, datatype, shape, payload..."""
-    request = _infer_request(rows, raw)
+    request = infer_request(rows, raw)
     tensor = request.inputs[0]
     if "model_name" in changes:
         request.model_name = str(changes["model_name"])
@@ -312,21 +296,21 @@ def _invalid_cases(
     bad, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
     infinite = rows.copy()
     infinite[1, 4] = -np.inf
-    both = _infer_request(rows)
+    both = infer_request(rows)
     both.inputs[0].contents.fp32_contents.extend(rows.ravel().tolist())
     return [
-        ("inf", _infer_request(infinite), bad, "value at index [1, 4]: got -inf"),
+        ("inf", infer_request(infinite), bad, "value at index [1, 4]: got -inf"),
         ("name", _edited(rows, name="x"), bad, "inputs[0].name: got 'x', expected 'features'"),
         ("datatype", _edited(rows, datatype="FP16"), bad, "datatype: got 'FP16', expected 'FP32'"),
         ("rank", _edited(rows, shape=[rows.size]), bad, "got [60] (rank 1), expected rank 2"),
-        ("features", _infer_request(rows[:, :29]), bad, "shape[1]: got 29, expected 30"),
+        ("features", infer_request(rows[:, :29]), bad, "shape[1]: got 29, expected 30"),
         ("bytes", _edited(rows, payload=b"\0" * 8), bad, "got 8 bytes, expected 240"),
         ("elements", _edited(rows, raw=False, drop=True), bad, "got 59 elements, expected 60"),
         ("both", both, bad, "both contents.fp32_contents and raw_input_contents"),
-        ("empty", _infer_request(rows[:0]), bad, "(batch size): got 0, expected 1..1024"),
+        ("empty", infer_request(rows[:0]), bad, "(batch size): got 0, expected 1..1024"),
         (
             "limit",
-            _infer_request(np.zeros((1025, 30), np.float32)),
+            infer_request(np.zeros((1025, 30), np.float32)),
             bad,
             "got 1025, expected 1..1024",
         ),
@@ -334,7 +318,7 @@ def _invalid_cases(
         ("model", _edited(rows, model_name="nope"), missing, "model 'nope': not found"),
         (
             "version",
-            _infer_request(rows, model_version="9"),
+            infer_request(rows, model_version="9"),
             missing,
             "got '9', expected one of [1]",
         ),
@@ -351,8 +335,8 @@ def test_each_invalid_request_gets_its_code_and_the_server_keeps_serving(
             pytest.fail(f"{case}: no error")
         assert raised.value.code() == code, case
         assert fragment in raised.value.details(), (case, raised.value.details())
-        response = stub.ModelInfer(_infer_request(rows), timeout=TIMEOUT)
-        np.testing.assert_array_equal(_outputs(response)["label"], test_split.label[:2])
+        response = stub.ModelInfer(infer_request(rows), timeout=TIMEOUT)
+        np.testing.assert_array_equal(outputs(response)["label"], test_split.label[:2])
 
 
 def test_stream_answers_every_request_and_survives_errors(
@@ -360,9 +344,9 @@ def test_stream_answers_every_request_and_survives_errors(
 ) -> None:
     rows = test_split.features[:3]
     requests = [
-        _infer_request(rows, id="a"),
-        _infer_request(rows[:, :5], id="b"),
-        _infer_request(rows, raw=False, id="c"),
+        infer_request(rows, id="a"),
+        infer_request(rows[:, :5], id="b"),
+        infer_request(rows, raw=False, id="c"),
     ]
     replies = list(stub.ModelStreamInfer(iter(requests), timeout=TIMEOUT))
     assert len(replies) == 3
@@ -370,7 +354,7 @@ def test_stream_answers_every_request_and_survives_errors(
     assert "shape[1]: got 5, expected 30" in replies[1].error_message
     assert replies[2].infer_response.id == "c"
     np.testing.assert_array_equal(
-        _outputs(replies[2].infer_response)["probability"], test_split.probability[:3]
+        outputs(replies[2].infer_response)["probability"], test_split.probability[:3]
     )
 
 
@@ -461,9 +445,9 @@ def test_model_statistics_count_per_version(
         return only
 
     before = stats()
-    stub.ModelInfer(_infer_request(test_split.features[:7]), timeout=TIMEOUT)
+    stub.ModelInfer(infer_request(test_split.features[:7]), timeout=TIMEOUT)
     with pytest.raises(grpc.RpcError):
-        stub.ModelInfer(_infer_request(test_split.features[:7, :3]), timeout=TIMEOUT)
+        stub.ModelInfer(infer_request(test_split.features[:7, :3]), timeout=TIMEOUT)
     after = stats()
     assert (after.name, after.version) == (MODEL_NAME, "1")
     assert after.inference_count - before.inference_count == 7
@@ -495,9 +479,9 @@ def test_eight_threads_of_two_hundred_requests_all_correct(
             for _ in range(200):
                 index = rng.choice(len(test_split.features), size=int(rng.integers(1, 9)))
                 response = stub.ModelInfer(
-                    _infer_request(test_split.features[index]), timeout=TIMEOUT
+                    infer_request(test_split.features[index]), timeout=TIMEOUT
                 )
-                out = _outputs(response)
+                out = outputs(response)
                 if not (
                     np.array_equal(out["probability"], test_split.probability[index])
                     and np.array_equal(out["label"], test_split.label[index])
@@ -580,7 +564,7 @@ def test_load_unload_swap_and_graceful_shutdown(
 
         _add_version(repo_copy, 2)  # a new version appears; a load rescans and swaps to it
         stub.RepositoryModelLoad(load, timeout=60)
-        assert stub.ModelInfer(_infer_request(rows), timeout=TIMEOUT).model_version == "2"
+        assert stub.ModelInfer(infer_request(rows), timeout=TIMEOUT).model_version == "2"
         index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=TIMEOUT)
         assert [(m.name, m.version, m.state) for m in index.models] == [(MODEL_NAME, "2", "READY")]
 
@@ -591,7 +575,7 @@ def test_load_unload_swap_and_graceful_shutdown(
             stub.RepositoryModelLoad(load, timeout=60)
         assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "version 3" in raised.value.details() and "sha256" in raised.value.details()
-        assert stub.ModelInfer(_infer_request(rows), timeout=TIMEOUT).model_version == "2"
+        assert stub.ModelInfer(infer_request(rows), timeout=TIMEOUT).model_version == "2"
         shutil.rmtree(repo_copy / MODEL_NAME / "3")
 
         stub.RepositoryModelUnload(
@@ -599,7 +583,7 @@ def test_load_unload_swap_and_graceful_shutdown(
         )
         assert not stub.ModelReady(pb.ModelReadyRequest(name=MODEL_NAME), timeout=TIMEOUT).ready
         with pytest.raises(grpc.RpcError) as raised:
-            stub.ModelInfer(_infer_request(rows), timeout=TIMEOUT)
+            stub.ModelInfer(infer_request(rows), timeout=TIMEOUT)
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "model 'breast_cancer' version 2: UNAVAILABLE (unloaded)" in raised.value.details()
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
