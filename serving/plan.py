@@ -21,6 +21,7 @@ from .codec import encode_response as encode_general
 # Fixed-width packed `contents` fields read with one np.frombuffer: (field number << 3) | 2, the
 # tag of a length-delimited field (protobuf encoding; numbers from grpc_service.proto).
 _PACKED_TAGS = {"fp32_contents": 6 << 3 | 2, "fp64_contents": 7 << 3 | 2}
+BYTE_SEARCH_MAX = 512  # bytes: up to here searching the bytes beats np.isinf (0.3 vs 1 us)
 
 
 class _Input:
@@ -35,17 +36,24 @@ class _Input:
         self.dtype = DTYPES[spec.datatype]
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.fixed))
         self.tag = _PACKED_TAGS.get(CONTENTS_FIELD[spec.datatype], -1)
-        # Infinities are refused (NaN means missing): their little-endian bytes, searched for in
-        # the tensor's bytes. A match off an element boundary is a false alarm that only sends
-        # the request to codec.py's exact check; an infinity itself is always found.
+        # Infinities are refused (NaN means missing). A few rows: their little-endian bytes,
+        # searched for in the tensor's bytes (a match off an element boundary is a false alarm
+        # that only sends the request to codec.py's exact check). More rows: np.isinf, since the
+        # byte search grows ~0.12 us per row (8 us at 64 rows, 122 us at 1024; isinf: 1.3, 3).
         self.inf: tuple[bytes, bytes] | None = None  # (+inf, -inf) of a floating type
         if self.dtype.kind == "f":
             positive, negative = (np.array([v], self.dtype).tobytes() for v in (np.inf, -np.inf))
             self.inf = (positive, negative)
 
-    def finite(self, data: bytes) -> bool:
-        """No infinity among the elements of `data` (possibly a false "no" off-boundary)."""
-        return self.inf is None or not (self.inf[0] in data or self.inf[1] in data)
+    def finite(self, data: bytes, array: np.ndarray) -> bool:
+        """No infinity among the elements of `array`, the view of `data` (possibly a false "no"
+        for a small one: see above)."""
+        inf = self.inf
+        if inf is None:
+            return True
+        if len(data) <= BYTE_SEARCH_MAX:
+            return not (inf[0] in data or inf[1] in data)
+        return not np.isinf(array).any()
 
     def contents(self, contents: pb.InferTensorContents, rows: int) -> np.ndarray | None:
         """The packed field's body as an array, if it is the only field set, the right size, and
@@ -66,9 +74,10 @@ class _Input:
             length |= (byte & 0x7F) << shift
             if byte < 0x80:
                 break
-        if length != want or start + length != len(data) or not self.finite(data):
+        if length != want or start + length != len(data):
             return None
-        return np.ndarray((rows, *self.shape), self.dtype, data, start)
+        array = np.ndarray((rows, *self.shape), self.dtype, data, start)
+        return array if self.finite(data, array) else None
 
 
 class WirePlan:
@@ -117,10 +126,9 @@ class WirePlan:
             data = raw[0]
             if len(raw) != 1 or len(data) != rows * spec.row_bytes or tensor.HasField("contents"):
                 return None
-            inf = spec.inf
-            if inf is not None and (inf[0] in data or inf[1] in data):  # spec.finite, inlined
-                return None
             array: np.ndarray | None = np.ndarray((rows, *spec.shape), spec.dtype, data)  # a view
+            if not spec.finite(data, array):
+                return None
         else:
             array = spec.contents(tensor.contents, rows)
         outputs = self._selection(request) if request.outputs else self.outputs

@@ -223,6 +223,11 @@ def _plan_cases() -> list[pb.ModelInferRequest]:
     both.inputs[0].contents.fp32_contents.append(1.0)
     extra = _request(ROWS, raw=False)
     extra.inputs[0].contents.int_contents.append(1)
+    # Past BYTE_SEARCH_MAX the fast path checks with np.isinf instead of searching bytes.
+    large = np.tile(rows, (64, 1))
+    large_infinite = large.copy()
+    large_infinite[100, 3] = np.inf
+    cases += [_request(big, raw) for big in (large, large_infinite) for raw in (True, False)]
     return [*cases, odd, both, extra, pb.ModelInferRequest()]
 
 
@@ -235,6 +240,22 @@ def test_the_wire_plan_decodes_exactly_as_the_codec(index: int) -> None:
     plan = WirePlan(INPUTS, OUTPUTS, MAX_BATCH)
     codec = _outcome(lambda r: decode_request(r, INPUTS, OUTPUTS, MAX_BATCH), request)
     assert _outcome(plan.decode, request) == codec
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("count", [1, 64, 1024])
+def test_the_wire_plan_takes_its_fast_path_at_every_size(raw: bool, count: int) -> None:
+    """Well-formed requests of any size skip codec.py's general path (NaN included)."""
+    from serving.plan import WirePlan
+
+    rows = np.resize(ROWS, (count, F))
+    rows[0, 0] = np.nan
+    plan = WirePlan(INPUTS, OUTPUTS, MAX_BATCH)
+    decoded = plan._decode_common(_request(rows, raw))
+    assert decoded is not None and decoded.rows == count
+    np.testing.assert_array_equal(decoded.inputs["features"], rows)
+    rows[-1, -1] = -np.inf
+    assert plan._decode_common(_request(rows, raw)) is None  # left to the codec, which refuses
 
 
 @pytest.mark.parametrize("raw", [True, False])
