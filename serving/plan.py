@@ -126,9 +126,8 @@ class WirePlan:
             data = raw[0]
             if len(raw) != 1 or len(data) != rows * spec.row_bytes or tensor.HasField("contents"):
                 return None
-            array: np.ndarray | None = np.ndarray((rows, *spec.shape), spec.dtype, data)  # a view
-            if not spec.finite(data, array):
-                return None
+            view = np.ndarray((rows, *spec.shape), spec.dtype, data)  # no copy
+            array = view if spec.finite(data, view) else None
         else:
             array = spec.contents(tensor.contents, rows)
         outputs = self._selection(request) if request.outputs else self.outputs
