@@ -44,6 +44,8 @@ from .servers import (
     measure_import,
     memory_mb,
     our_server_command,
+    pin,
+    split_cores,
     start_server,
 )
 from .stats import median_figures, paired_ratios, ratio_range, ratios
@@ -99,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="TCP connections per client process (several let the kernel spread load over "
         "server processes sharing a port with SO_REUSEPORT)",
+    )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="bind the servers to one half of the cores and the load generators (and "
+        "perf_analyzer) to the other, as if they ran on separate machines",
     )
     p.add_argument("--cold-starts", type=int, default=3, help="server starts timed")
     p.add_argument(
@@ -218,6 +226,17 @@ def cell_documents(
     return docs
 
 
+def _pin(server_pids: Sequence[int], stack: contextlib.ExitStack) -> dict[str, list[int]]:
+    """Servers on one half of the cores; this thread, and so the load processes and
+    perf_analyzer it starts from now on, on the other (until the run ends)."""
+    server_cores, load_cores = split_cores()
+    for pid in server_pids:
+        pin(pid, server_cores)
+    stack.callback(os.sched_setaffinity, 0, os.sched_getaffinity(0))
+    os.sched_setaffinity(0, load_cores)
+    return {"server_cores": sorted(server_cores), "load_cores": sorted(load_cores)}
+
+
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]:
     timing, machine = _timing(args), machine_facts()
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stablemlp-bench-")))
@@ -245,6 +264,8 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
     floor_server = start_server("transport_floor", floor_server_command(repository))
     stack.callback(floor_server.stop)
     floor = Target("transport_floor", floor_server.address, floor_server.pid)
+    pids = [t.pid for t in (ours, floor) if t.pid is not None]
+    cores = _pin(pids, stack) if args.pin else None
     requests = build_requests(cells, manifests)
     check_targets(repository, cells, requests, ours=ours, floor=floor)
     compute = compute_floors(repository, cells, manifests, timing)
@@ -269,6 +290,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
             "connections_per_process": timing.connections,
             "server_args": list(args.server_arg),
             "external_server": bool(args.server),
+            "pinned": cores,
         },
         "models": {"main": args.model, "wide": wide},
         "startup": startup,

@@ -173,6 +173,18 @@ def _phase_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _placement(pinned: Mapping[str, Sequence[int]] | None) -> str:
+    if not pinned:
+        return (
+            "Placement: unpinned; the servers and the load generator share every core as the "
+            "kernel schedules them."
+        )
+    return (
+        f"Placement: pinned (--pin); servers on cores {list(pinned['server_cores'])}, load "
+        f"generators and perf_analyzer on {list(pinned['load_cores'])}, as on separate machines."
+    )
+
+
 def markdown(doc: Mapping[str, Any]) -> str:
     s, startup = doc["settings"], doc["startup"]
     out = [
@@ -186,6 +198,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
         "pre-serialized requests). Ratios are ours / floor: the median over repeats of the "
         "ratio within each repeat, where both were measured back to back (range: lowest..highest "
         "repeat).",
+        "",
+        _placement(s.get("pinned")),
         "",
         "## Targets (issue 5)",
         "",

@@ -75,6 +75,23 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def split_cores() -> tuple[set[int], set[int]]:
+    """This process's usable cores halved: (the servers', the load generators')."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise RuntimeError(f"--pin needs at least 2 usable cores, found {len(cores)}")
+    half = len(cores) // 2
+    return set(cores[:half]), set(cores[half:])
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Bind every thread of `pid` and its descendants to `cores`; threads made later inherit."""
+    for member in process_tree(pid):
+        for task in glob.glob(f"/proc/{member}/task/*"):
+            with contextlib.suppress(OSError):  # a thread that has just ended
+                os.sched_setaffinity(int(task.rsplit("/", 1)[1]), cores)
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime so far of every thread of `pid` and its descendants (/proc stat 14, 15)."""
     total = 0

@@ -4,6 +4,7 @@ transport floor under perf_analyzer when Triton's client environment exists."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -206,8 +207,10 @@ def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Pa
     assert 0 < startup["seconds_to_serving_median"] < 60 and startup["idle_rss_mb"] > 0
     assert [t["met"] is not None for t in doc["targets"]] == [True] * len(doc["targets"])
     assert doc["perf_analyzer"]["cells"] == []  # a smoke run leaves it out unless asked
+    assert doc["settings"]["pinned"] is None  # --pin not given
 
     text = (out / "bench.md").read_text()
+    assert "Placement: unpinned" in text
     assert "## Targets (issue 5)" in text and "| breast_cancer_wide | raw | 1 | 8 |" in text
     if doc["plot"]:
         assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -268,4 +271,34 @@ def test_server_cpu_and_memory_include_worker_processes() -> None:
         for pid in reversed(process_tree(parent.pid)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin needs 2 cores")
+def test_pin_binds_every_thread_of_a_process_tree() -> None:
+    """--pin: the server side's threads (a worker's too) all on one half of the cores."""
+    from bench.servers import pin, process_tree, split_cores
+
+    server_cores, load_cores = split_cores()
+    assert server_cores and load_cores and not server_cores & load_cores
+    code = (
+        "import subprocess, sys, threading, time; "
+        "threading.Thread(target=time.sleep, args=(30,), daemon=True).start(); "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; print(flush=True); "
+        "time.sleep(30)'], stdout=sys.stdout); c.wait()"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == b"\n"  # child is up
+        pin(parent.pid, server_cores)
+        threads = [
+            int(task.rsplit("/", 1)[1])
+            for member in process_tree(parent.pid)
+            for task in glob.glob(f"/proc/{member}/task/*")
+        ]
+        assert len(threads) >= 3  # parent, its thread, the child
+        assert all(os.sched_getaffinity(tid) == server_cores for tid in threads)
+    finally:
+        for member in reversed(process_tree(parent.pid)):
+            os.kill(member, signal.SIGKILL)
         parent.wait(timeout=10)
