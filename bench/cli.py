@@ -202,6 +202,7 @@ def cell_documents(
     docs = []
     for cell in cells:
         ours, floor = grid[cell.key]["ours"], grid[cell.key]["transport_floor"]
+        model_floor = grid[cell.key]["model_floor"]
         ours_median = median_figures(ours)
         spread = {k: ratio_range(ours, floor, k) for k in ("requests_per_s", "p50_us", "p99_us")}
         docs.append(
@@ -215,6 +216,9 @@ def cell_documents(
                 "transport_floor": median_figures(floor),
                 "vs_transport_floor": paired_ratios(ours, floor),
                 "vs_transport_floor_range": spread,
+                "model_floor": median_figures(model_floor),
+                "vs_model_floor": paired_ratios(ours, model_floor),
+                "model_floor_vs_transport_floor": paired_ratios(model_floor, floor),
                 "vs_compute_floor": ratios(
                     {k: ours_median[k] for k in ("requests_per_s", "p50_us", "p99_us")},
                     compute[(cell.model, cell.batch)],
@@ -264,13 +268,16 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
     floor_server = start_server("transport_floor", floor_server_command(repository))
     stack.callback(floor_server.stop)
     floor = Target("transport_floor", floor_server.address, floor_server.pid)
-    pids = [t.pid for t in (ours, floor) if t.pid is not None]
+    model_server = start_server("model_floor", floor_server_command(repository, run_model=True))
+    stack.callback(model_server.stop)
+    model_floor = Target("model_floor", model_server.address, model_server.pid)
+    pids = [t.pid for t in (ours, floor, model_floor) if t.pid is not None]
     cores = _pin(pids, stack) if args.pin else None
     requests = build_requests(cells, manifests)
-    check_targets(repository, cells, requests, ours=ours, floor=floor)
+    check_targets(repository, cells, requests, ours=ours, floors=(floor, model_floor))
     compute = compute_floors(repository, cells, manifests, timing)
     with LoadGenerator(max(1, args.client_processes)) as generator:
-        grid = run_grid(generator, [floor, ours], cells, requests, timing)
+        grid = run_grid(generator, [floor, model_floor, ours], cells, requests, timing)
     wrapper = None if args.no_perf_analyzer else resolve_wrapper(args.perf_analyzer, args.smoke)
     addresses = [(t.name, t.address) for t in (floor, ours)]
     perf = compare(wrapper, args.model, addresses, NARROW_SHAPES, timing.window_s, work)

@@ -1,9 +1,13 @@
-"""The two floors our server is measured against, taken in the same run on the same payloads.
+"""The floors our server is measured against, taken in the same run on the same payloads.
 
 Transport floor: a bare grpc.aio server with our generated stubs whose ModelInfer returns a fixed,
 pre-built reply of the right shape without running a model (`python -m bench.floors ...`, its own
 process, like our server). It also answers the metadata RPCs perf_analyzer asks for, from the
 models' manifest.json. Compute floor: ONNX Runtime `session.run` in-process on the same rows.
+
+Model floor (`--run-model`): the transport floor that also views the request's rows (no copy) and
+runs them through `session.run` on the event loop before sending its fixed reply: the least any
+server that really runs the model pays, so what ours costs beyond it is serving overhead alone.
 """
 
 from __future__ import annotations
@@ -63,16 +67,47 @@ def fixed_response(
     return response
 
 
-class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """ModelInfer = one dict lookup; the replies are built once per (model, rows, form)."""
+class ModelRunner:
+    """One model's session for the model floor, as our server makes it (one intra-op thread)."""
 
-    def __init__(self, manifests: dict[str, dict[str, Any]]) -> None:
-        self._manifests = manifests
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        import onnxruntime as ort  # only here: the transport floor never runs a model
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        spec = manifest["inputs"][0]
+        self.input, self.width = spec["name"], int(np.prod(spec["shape"][1:]))
+        self.outputs = [o["name"] for o in manifest["outputs"]]
+        self.runs = self.rows = 0
+
+    def run(self, request: pb.ModelInferRequest) -> None:
+        rows = request.inputs[0].shape[0]
+        if request.raw_input_contents:
+            data = request.raw_input_contents[0]
+        else:  # one packed fp32 field: its tag and length, then the rows' bytes
+            data = request.inputs[0].contents.SerializeToString()
+            data = data[len(data) - rows * self.width * 4 :]
+        array = np.ndarray((rows, self.width), np.float32, data)
+        self.session.run(self.outputs, {self.input: array})
+        self.runs, self.rows = self.runs + 1, self.rows + rows
+
+
+class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """ModelInfer = one dict lookup (and, for the model floor, one session.run); the replies are
+    built once per (model, rows, form)."""
+
+    def __init__(
+        self, manifests: dict[str, dict[str, Any]], runners: dict[str, ModelRunner] | None = None
+    ) -> None:
+        self._manifests, self._runners = manifests, runners or {}
         self._replies: dict[tuple[str, int, bool], pb.ModelInferResponse] = {}
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
+        if self._runners:
+            self._runners[request.model_name].run(request)
         key = (request.model_name, request.inputs[0].shape[0], bool(request.raw_input_contents))
         reply = self._replies.get(key)
         if reply is None:
@@ -132,11 +167,22 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelStatisticsResponse()
         for name in [request.name] if request.name else list(self._manifests):
             version = str(self._manifests[name]["version"])
-            response.model_stats.add(name=name, version=version)  # zeros: nothing is run
+            runner = self._runners.get(name)  # the transport floor runs nothing: zeros
+            runs, rows = (runner.runs, runner.rows) if runner else (0, 0)
+            response.model_stats.add(
+                name=name, version=version, execution_count=runs, inference_count=rows
+            )
         return response
 
 
-async def serve_floor(repository: Path, host: str, port: int) -> int:
+def model_runners(repository: Path, manifests: dict[str, dict[str, Any]]) -> dict[str, ModelRunner]:
+    return {
+        name: ModelRunner(repository / name / str(m["version"]) / "model.onnx", m)
+        for name, m in manifests.items()
+    }
+
+
+async def serve_floor(repository: Path, host: str, port: int, run_model: bool = False) -> int:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -144,8 +190,10 @@ async def serve_floor(repository: Path, host: str, port: int) -> int:
             ("grpc.so_reuseport", 0),
         ]
     )
+    manifests = read_manifests(repository)
+    runners = model_runners(repository, manifests) if run_model else None
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        FloorServicer(read_manifests(repository)), server
+        FloorServicer(manifests, runners), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -196,13 +244,16 @@ def measure_compute(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.floors", description="the transport-floor gRPC server"
+        prog="python -m bench.floors", description="the transport- and model-floor gRPC servers"
     )
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--run-model", action="store_true", help="the model floor: session.run on every request"
+    )
     args = parser.parse_args(argv)
-    return asyncio.run(serve_floor(args.model_repository, args.host, args.port))
+    return asyncio.run(serve_floor(args.model_repository, args.host, args.port, args.run_model))
 
 
 if __name__ == "__main__":

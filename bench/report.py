@@ -173,6 +173,34 @@ def _phase_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _model_floor_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The model floor splits each gap: what running the model costs any server, and the rest."""
+    out = [
+        "",
+        "## The model floor: the transport floor plus session.run on the request's rows",
+        "",
+        "What any server that runs this model on its event loop pays at least (zero-copy view of "
+        "the rows, one session.run, a pre-built reply). *model floor / transport floor* is the "
+        "share of the transport floor's figure left once the model runs; *ours / model floor* "
+        "is our serving overhead alone.",
+        "",
+        "| model | form | batch | conc | model floor req/s | model floor / transport floor "
+        "| ours / model floor | p50 µs model floor | p50 ratio ours / model floor "
+        "| server CPU µs/req model floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in cells:
+        mf, vs, of = c["model_floor"], c["vs_model_floor"], c["model_floor_vs_transport_floor"]
+        out.append(
+            f"| {c['model']} | {c['form'].split('_')[0]} | {c['batch']} "
+            f"| {c['concurrency']} | {_num(mf.get('requests_per_s'))} "
+            f"| {_num(of.get('requests_per_s'), 2)} | {_num(vs.get('requests_per_s'), 2)} "
+            f"| {_num(mf.get('p50_us'))} | {_num(vs.get('p50_us'), 2)} "
+            f"| {_num(mf.get('server_cpu_us_per_request'))} |"
+        )
+    return out
+
+
 def _placement(pinned: Mapping[str, Sequence[int]] | None) -> str:
     if not pinned:
         return (
@@ -213,6 +241,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         )
     out += ["", "## Ours vs the transport floor (same load generator, same payloads)", ""]
     out += _cell_rows(doc["cells"])
+    out += _model_floor_rows(doc["cells"])
     out += _phase_rows(doc["cells"])
     out += [
         "",

@@ -59,8 +59,10 @@ def our_server_command(repository: Path, extra: Sequence[str] = ()) -> list[str]
     ]
 
 
-def floor_server_command(repository: Path) -> list[str]:
-    return [sys.executable, "-m", "bench.floors", "--model-repository", str(repository)]
+def floor_server_command(repository: Path, run_model: bool = False) -> list[str]:
+    """The transport floor, or with `run_model` the model floor (bench/floors.py)."""
+    command = [sys.executable, "-m", "bench.floors", "--model-repository", str(repository)]
+    return [*command, "--run-model"] if run_model else command
 
 
 def process_tree(pid: int) -> list[int]:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -24,6 +25,8 @@ from bench.cli import main as bench_main
 from bench.perfanalyzer import find_wrapper, parse_csv, run_perf_analyzer
 from bench.report import targets
 from bench.servers import child_env, floor_server_command, start_server
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = "breast_cancer_wide"
@@ -194,6 +197,8 @@ def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Pa
         assert cell["ours"]["server_success_us"] > 0  # our server's own ModelStatistics
         assert "server_success_us" not in cell["transport_floor"]  # the floor counts nothing
         assert cell["vs_transport_floor"]["requests_per_s"] > 0
+        assert cell["model_floor"]["requests_per_s"] > 0 and cell["model_floor"]["errors"] == 0
+        assert cell["vs_model_floor"]["requests_per_s"] > 0
         assert len(cell["vs_transport_floor_range"]["requests_per_s"]) == 2
         assert len(cell["ours_repeats"]) == len(cell["transport_floor_repeats"]) == 1
     assert {(f["model"], f["batch"]) for f in doc["compute_floor"]} == {
@@ -210,7 +215,7 @@ def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Pa
     assert doc["settings"]["pinned"] is None  # --pin not given
 
     text = (out / "bench.md").read_text()
-    assert "Placement: unpinned" in text
+    assert "Placement: unpinned" in text and "## The model floor" in text
     assert "## Targets (issue 5)" in text and "| breast_cancer_wide | raw | 1 | 8 |" in text
     if doc["plot"]:
         assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -247,6 +252,25 @@ def test_perf_analyzer_drives_the_transport_floor(model_repository: Path, tmp_pa
     finally:
         assert floor.stop() == 0
     assert figures is not None and figures["inferences_per_s"] > 0 and figures["p99_us"] > 0
+
+
+@pytest.mark.slow
+def test_the_model_floor_runs_the_model_on_every_request(model_repository: Path) -> None:
+    """It answers like the transport floor but counts a session.run per request, in both forms."""
+    from bench.grid import build_request, make_rows
+
+    server = start_server("model_floor", floor_server_command(model_repository, run_model=True))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            for form, rows in (("raw_input_contents", 1), ("fp32_contents", 64)):
+                request = build_request("breast_cancer", "features", make_rows(rows, 30), form)
+                reply = stub.ModelInfer(request, timeout=10)
+                assert [list(o.shape) for o in reply.outputs] == [[rows, 1], [rows, 1]]
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="breast_cancer"))
+    finally:
+        assert server.stop() == 0
+    assert (stats.model_stats[0].execution_count, stats.model_stats[0].inference_count) == (2, 65)
 
 
 def test_server_cpu_and_memory_include_worker_processes() -> None:
