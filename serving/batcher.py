@@ -51,10 +51,15 @@ class _Item:
     __slots__ = ("call", "future", "inputs", "rows", "runtime")
 
     def __init__(
-        self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, call: Call
+        self,
+        runtime: ModelRuntime,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        call: Call,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.runtime, self.inputs, self.rows, self.call = runtime, inputs, rows, call
-        self.future: asyncio.Future[Results] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[Results] = loop.create_future()
 
 
 class Batcher:
@@ -64,6 +69,9 @@ class Batcher:
     so an unloaded version's session is freed with the batcher looked up by it (scheduler.py)."""
 
     def __init__(self, executor: Executor, options: BatchingOptions) -> None:
+        # Made on the event loop thread; kept, since asyncio.get_running_loop() costs a getpid()
+        # system call per use on Python 3.11 (three per request here).
+        self._loop = asyncio.get_running_loop()
         self._executor = executor
         self._max = options.max_batch_size
         self._delay_s = options.max_queue_delay_us / 1e6
@@ -82,7 +90,7 @@ class Batcher:
         """Whether a request arriving now should wait for company: only if one is pending, or
         the previous request arrived less than a delay ago. An isolated request (low load, or
         concurrency 1) runs at once, alone, as without batching."""
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         recent, self._last_arrival = now - self._last_arrival < self._delay_s, now
         return recent or bool(self._pending)
 
@@ -92,13 +100,13 @@ class Batcher:
         """Every output of `runtime` for these rows, once the batch they joined has run."""
         if self._rows + rows > self._max:
             self._flush()
-        item = _Item(runtime, inputs, rows, call)
+        item = _Item(runtime, inputs, rows, call, self._loop)
         self._pending.append(item)
         self._rows += rows
         if self._rows >= self._run_at or self._rows in self._preferred:
             self._flush()
         elif self._timer is None:
-            self._deadline = asyncio.get_running_loop().time() + self._delay_s
+            self._deadline = self._loop.time() + self._delay_s
             self._wait()
         try:
             return await item.future
@@ -116,7 +124,7 @@ class Batcher:
         meanwhile. Those turns also show when waiting is pointless: a few turns in a row that
         found nothing to do (each shorter than `QUIET_TURN_S`, no new request) mean no other
         request is on its way, so the batch runs then; under load the loop is never that idle."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         remaining = self._deadline - now
         if remaining > _TIMER_SLACK_S:

@@ -74,6 +74,35 @@ def test_merged_runs_equal_lone_runs(
     assert [c.batch_rows for c in calls] == runs  # each run counted once, with its first request
 
 
+def test_requests_do_not_look_up_the_running_loop(
+    model_repository: Path, test_split: HeldOutSplit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncio.get_running_loop() makes a getpid() system call on Python 3.11: the batcher looks
+    it up once, when made, not per request (it did three times per request)."""
+    runtime = ModelRuntime(model_repository / MODEL_NAME / "1", _options())
+    runtime.warm_up((1,), runs=1)
+    lookups = 0
+    real = asyncio.get_running_loop
+
+    def counting() -> asyncio.AbstractEventLoop:
+        nonlocal lookups
+        lookups += 1
+        return real()
+
+    async def requests() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(executor, BatchingOptions(1024, 50_000))
+            monkeypatch.setattr(asyncio, "get_running_loop", counting)
+            for i in range(4):
+                assert batcher.joins() == (i > 0)  # the first one arrives after a long gap
+            parts = [test_split.features[i : i + 1] for i in range(4)]
+            results, _ = await _submit_all(batcher, runtime, parts)
+            assert not any(isinstance(r, BaseException) for r in results)
+
+    asyncio.run(requests())
+    assert lookups == 0
+
+
 def test_inline_rows_follow_the_timed_runs() -> None:
     assert inline_rows({1: 7_000, 1024: 300_000}, 100_000) == 1 + 93_000 * 1023 // 293_000
     assert inline_rows({1: 200_000}, 100_000) == 0
