@@ -301,7 +301,7 @@ def plot(doc: Mapping[str, Any], path: Path) -> bool:
         return False
     main = doc["cells"][0]["model"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"ours": "tab:blue", "transport_floor": "tab:orange"}
+    colors = {"ours": "tab:blue", "model_floor": "tab:green", "transport_floor": "tab:orange"}
     styles = {"fp32_contents": ("-", "o"), "raw_input_contents": ("--", "s")}
     ticks: set[int] = set()
     for form, (line, marker) in styles.items():
@@ -325,7 +325,7 @@ def plot(doc: Mapping[str, Any], path: Path) -> bool:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{main}: ours vs the transport floor (medians)")
+    fig.suptitle(f"{main}: ours vs the model and transport floors (medians)")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
