@@ -17,14 +17,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .floors import read_manifests
 from .grid import (
     NARROW_SHAPES,
-    Cell,
     Target,
     Timing,
     build_grid,
@@ -44,11 +43,10 @@ from .servers import (
     measure_import,
     memory_mb,
     our_server_command,
-    pin,
-    split_cores,
+    pin_servers,
     start_server,
 )
-from .stats import median_figures, paired_ratios, ratio_range, ratios
+from .stats import cell_documents
 
 log = logging.getLogger(__name__)
 
@@ -192,55 +190,6 @@ def start_ours(
     return server, startup
 
 
-def cell_documents(
-    cells: Sequence[Cell],
-    grid: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]],
-    compute: Mapping[tuple[str, int], Mapping[str, float]],
-) -> list[dict[str, Any]]:
-    """Per cell: medians over repeats, ratios to the transport floor (median of the paired
-    per-repeat ratios, with their range) and to the compute floor."""
-    docs = []
-    for cell in cells:
-        ours, floor = grid[cell.key]["ours"], grid[cell.key]["transport_floor"]
-        model_floor = grid[cell.key]["model_floor"]
-        ours_median = median_figures(ours)
-        spread = {k: ratio_range(ours, floor, k) for k in ("requests_per_s", "p50_us", "p99_us")}
-        docs.append(
-            {
-                "model": cell.model,
-                "form": cell.form,
-                "batch": cell.batch,
-                "concurrency": cell.concurrency,
-                "repeats": len(ours),
-                "ours": ours_median,
-                "transport_floor": median_figures(floor),
-                "vs_transport_floor": paired_ratios(ours, floor),
-                "vs_transport_floor_range": spread,
-                "model_floor": median_figures(model_floor),
-                "vs_model_floor": paired_ratios(ours, model_floor),
-                "model_floor_vs_transport_floor": paired_ratios(model_floor, floor),
-                "vs_compute_floor": ratios(
-                    {k: ours_median[k] for k in ("requests_per_s", "p50_us", "p99_us")},
-                    compute[(cell.model, cell.batch)],
-                ),
-                "ours_repeats": list(ours),
-                "transport_floor_repeats": list(floor),
-            }
-        )
-    return docs
-
-
-def _pin(server_pids: Sequence[int], stack: contextlib.ExitStack) -> dict[str, list[int]]:
-    """Servers on one half of the cores; this thread, and so the load processes and
-    perf_analyzer it starts from now on, on the other (until the run ends)."""
-    server_cores, load_cores = split_cores()
-    for pid in server_pids:
-        pin(pid, server_cores)
-    stack.callback(os.sched_setaffinity, 0, os.sched_getaffinity(0))
-    os.sched_setaffinity(0, load_cores)
-    return {"server_cores": sorted(server_cores), "load_cores": sorted(load_cores)}
-
-
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]:
     timing, machine = _timing(args), machine_facts()
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stablemlp-bench-")))
@@ -272,7 +221,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
     stack.callback(model_server.stop)
     model_floor = Target("model_floor", model_server.address, model_server.pid)
     pids = [t.pid for t in (ours, floor, model_floor) if t.pid is not None]
-    cores = _pin(pids, stack) if args.pin else None
+    cores = pin_servers(pids, stack) if args.pin else None
     requests = build_requests(cells, manifests)
     check_targets(repository, cells, requests, ours=ours, floors=(floor, model_floor))
     compute = compute_floors(repository, cells, manifests, timing)

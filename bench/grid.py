@@ -22,7 +22,7 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from .floors import measure_compute
 from .loadgen import LoadGenerator, LoadSpec
 from .servers import cpu_seconds, memory_mb
-from .stats import latency_summary_us, measurement, median_figures, phase_means_us
+from .stats import PHASES, latency_summary_us, measurement, median_figures, phase_means_us
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +188,6 @@ def compute_floors(
             )
         floors[(model, batch)] = median_figures(runs)
     return floors
-
-
-PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 def server_phases(stub: Any, model: str) -> dict[str, tuple[int, int]]:

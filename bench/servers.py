@@ -94,6 +94,17 @@ def pin(pid: int, cores: set[int]) -> None:
                 os.sched_setaffinity(int(task.rsplit("/", 1)[1]), cores)
 
 
+def pin_servers(server_pids: Sequence[int], stack: contextlib.ExitStack) -> dict[str, list[int]]:
+    """Servers on one half of the cores; this thread, and so the load processes and
+    perf_analyzer it starts from now on, on the other (until the run ends)."""
+    server_cores, load_cores = split_cores()
+    for pid in server_pids:
+        pin(pid, server_cores)
+    stack.callback(os.sched_setaffinity, 0, os.sched_getaffinity(0))
+    os.sched_setaffinity(0, load_cores)
+    return {"server_cores": sorted(server_cores), "load_cores": sorted(load_cores)}
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime so far of every thread of `pid` and its descendants (/proc stat 14, 15)."""
     total = 0
@@ -241,6 +252,10 @@ __all__ = [
     "measure_import",
     "memory_mb",
     "our_server_command",
+    "pin",
+    "pin_servers",
+    "process_tree",
+    "split_cores",
     "start_server",
     "wait_until_serving",
 ]

@@ -9,8 +9,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .grid import Cell  # grid imports this module
 
 PERCENTILES = (50, 90, 99)
+# Triton's ModelStatistics phases, as our server's statistics report them
+PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 # The figures a ratio to a floor means something for (counts and error tallies are left out).
 RATIO_KEYS = (
     "requests_per_s",
@@ -126,9 +132,49 @@ def ratios(ours: Mapping[str, float], floor: Mapping[str, float]) -> dict[str, f
     return {key: ratio(ours[key], floor[key]) for key in RATIO_KEYS if key in ours and key in floor}
 
 
+def cell_documents(
+    cells: Sequence[Cell],
+    grid: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]],
+    compute: Mapping[tuple[str, int], Mapping[str, float]],
+) -> list[dict[str, Any]]:
+    """Per cell: medians over repeats, ratios to the transport floor (median of the paired
+    per-repeat ratios, with their range) and to the compute floor."""
+    docs = []
+    for cell in cells:
+        ours, floor = grid[cell.key]["ours"], grid[cell.key]["transport_floor"]
+        model_floor = grid[cell.key]["model_floor"]
+        ours_median = median_figures(ours)
+        spread = {k: ratio_range(ours, floor, k) for k in ("requests_per_s", "p50_us", "p99_us")}
+        docs.append(
+            {
+                "model": cell.model,
+                "form": cell.form,
+                "batch": cell.batch,
+                "concurrency": cell.concurrency,
+                "repeats": len(ours),
+                "ours": ours_median,
+                "transport_floor": median_figures(floor),
+                "vs_transport_floor": paired_ratios(ours, floor),
+                "vs_transport_floor_range": spread,
+                "model_floor": median_figures(model_floor),
+                "vs_model_floor": paired_ratios(ours, model_floor),
+                "model_floor_vs_transport_floor": paired_ratios(model_floor, floor),
+                "vs_compute_floor": ratios(
+                    {k: ours_median[k] for k in ("requests_per_s", "p50_us", "p99_us")},
+                    compute[(cell.model, cell.batch)],
+                ),
+                "ours_repeats": list(ours),
+                "transport_floor_repeats": list(floor),
+            }
+        )
+    return docs
+
+
 __all__ = [
     "PERCENTILES",
+    "PHASES",
     "RATIO_KEYS",
+    "cell_documents",
     "latency_summary_us",
     "measurement",
     "median_figures",
