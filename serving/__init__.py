@@ -1,10 +1,10 @@
 """stablemlp serving: a KServe v2 / Triton gRPC server for exported models, and its client.
 
 Layers, in reading order: settings -> codec (plan: its per-version fast path) -> manifest ->
-runtime -> repository -> scheduler (batcher) -> servicer -> server (errors.py maps failures to
-status codes). Beside them: metrics (counts behind ModelStatistics and /metrics), limits
-(admission), auth (TLS, tokens), watcher (repository polling), workers (several processes on one
-port). client.py talks to a running server. No torch here.
+runtime -> versions -> repository -> scheduler (batcher) -> servicer -> server (errors.py maps
+failures to status codes). Beside them: metrics (counts behind ModelStatistics and /metrics),
+limits (admission), auth (TLS, tokens), watcher (repository polling), workers (several processes
+on one port). client.py talks to a running server. No torch here.
 """
 
 from .client import Security, predict

@@ -13,79 +13,31 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import (
-    ContractError,
     ModelLoadError,
     ModelNotFoundError,
     ModelUnavailableError,
     ServingError,
     clip,
 )
-from .manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from .metrics import VersionStats
 from .runtime import ModelRuntime, RuntimeOptions
 from .settings import VersionPolicy
+from .versions import (
+    READY,
+    UNAVAILABLE,
+    UNLOADED,
+    Loaded,
+    Signature,
+    VersionEntry,
+    check_interface,
+    signature,
+    version_number,
+)
 
 log = logging.getLogger(__name__)
-
-READY = "READY"
-UNAVAILABLE = "UNAVAILABLE"
-UNLOADED = "unloaded"  # the reason given for a version unloaded on request
-# (inode, size, mtime_ns) of manifest.json and model.onnx: a version folder replaced or rewritten
-# changes it. Published folders appear by rename, so this is cheap and never sees half a file.
-Signature = tuple[tuple[int, int, int], ...]
-
-
-def _stat(path: Path) -> tuple[int, int, int]:
-    try:
-        st = path.stat()
-    except OSError:
-        return (0, 0, 0)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _signature(folder: Path) -> Signature:
-    return (_stat(folder / MANIFEST_FILE), _stat(folder / MODEL_FILE))
-
-
-@dataclass(frozen=True)
-class VersionEntry:
-    version: int
-    state: str  # READY | UNAVAILABLE
-    reason: str  # why it is unavailable ("" when ready, or why newer files were refused)
-    runtime: ModelRuntime | None
-    stats: VersionStats
-    signature: Signature = ()
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """What one inference needs: a ready version of a model."""
-
-    name: str
-    version: int
-    runtime: ModelRuntime
-    stats: VersionStats
-
-
-def _version(name: str) -> int | None:
-    """Version folders are positive integers written plainly; anything else is ignored."""
-    return int(name) if name.isdigit() and name == str(int(name)) and int(name) > 0 else None
-
-
-def _check_interface(new: Manifest, serving: Manifest) -> None:
-    """A hot swap must not change what clients send or get under their feet."""
-    for what in ("inputs", "outputs", "feature_names"):
-        got, want = getattr(new, what), getattr(serving, what)
-        if got != want:
-            raise ContractError(
-                f"manifest {what} differ from version {serving.version}, which is serving "
-                f"(got {clip(str(got), 200)}, expected {clip(str(want), 200)}); "
-                "unload the model first to change its interface"
-            )
 
 
 class ModelRepository:
@@ -121,7 +73,7 @@ class ModelRepository:
         folder = self.root / name
         if not name or name.startswith(".") or "/" in name or not folder.is_dir():
             raise ModelNotFoundError(f"model '{clip(name)}': not found in the repository")
-        found = {_version(p.name): p for p in folder.iterdir() if p.is_dir()}
+        found = {version_number(p.name): p for p in folder.iterdir() if p.is_dir()}
         return {v: p for v, p in found.items() if v is not None}
 
     def load_all(self) -> None:
@@ -138,7 +90,7 @@ class ModelRepository:
         selected version is loaded afresh. The first refusal is raised after the swap."""
         with self._lock:
             folders = self._version_dirs(name)
-            self._seen[name] = {v: _signature(p) for v, p in folders.items()}
+            self._seen[name] = {v: signature(p) for v, p in folders.items()}
             self._unloaded.discard(name)
             chosen = self._policy.select(list(folders))
             if not chosen:
@@ -176,21 +128,21 @@ class ModelRepository:
         reuse: bool,
         serving: VersionEntry | None,
     ) -> tuple[VersionEntry, ModelLoadError | None]:
-        signature = _signature(folder)
-        if reuse and old is not None and old.signature == signature and old.reason != UNLOADED:
+        seen = signature(folder)
+        if reuse and old is not None and old.signature == seen and old.reason != UNLOADED:
             return old, None  # unchanged: still serving, or still refused for the same files
         stats = old.stats if old is not None else VersionStats()
         try:
             runtime = ModelRuntime(folder, self._options)
             if serving is not None and serving.runtime is not None and version >= serving.version:
-                _check_interface(runtime.manifest, serving.runtime.manifest)  # the new default
+                check_interface(runtime.manifest, serving.runtime.manifest)  # the new default
             runtime.warm_up(*self._warmup)
         except ModelLoadError as err:
             error = type(err)(f"model '{name}' version {version}: {err}")
             if old is not None and old.runtime is not None and old.state == READY:
                 kept = f"serving the files loaded before; the new ones were refused: {err}"
                 return dataclasses.replace(old, reason=kept), error  # rewritten in place
-            refused = VersionEntry(version, UNAVAILABLE, str(err), None, stats, signature)
+            refused = VersionEntry(version, UNAVAILABLE, str(err), None, stats, seen)
             return refused, error
         manifest = runtime.manifest
         if (manifest.model_name, manifest.version) != (name, version):
@@ -198,7 +150,7 @@ class ModelRepository:
                 "model %s version %d: manifest.json says %s version %d; serving it as its folder",
                 name, version, manifest.model_name, manifest.version,
             )  # fmt: skip
-        return VersionEntry(version, READY, "", runtime, stats, signature), None
+        return VersionEntry(version, READY, "", runtime, stats, seen), None
 
     def refresh(self) -> list[str]:
         """Reload each model whose version folders changed since the last load; returns them."""
@@ -210,7 +162,7 @@ class ModelRepository:
                 folders = self._version_dirs(name)
             except ModelNotFoundError:
                 continue  # the folder went away: keep serving what is loaded
-            if self._seen.get(name) == {v: _signature(p) for v, p in folders.items()}:
+            if self._seen.get(name) == {v: signature(p) for v, p in folders.items()}:
                 continue
             changed.append(name)
             try:
@@ -260,7 +212,7 @@ class ModelRepository:
             return found
         entries = self.entries(name)  # the reason it is not served
         if version:
-            number = _version(version)
+            number = version_number(version)
             entry = entries.get(number) if number is not None else None
             if entry is None:
                 raise ModelNotFoundError(
@@ -324,4 +276,4 @@ class ModelRepository:
         self._draining = True
 
 
-__all__ = ["READY", "UNAVAILABLE", "Loaded", "ModelRepository", "VersionEntry"]
+__all__ = ["ModelRepository"]

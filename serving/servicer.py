@@ -31,10 +31,11 @@ from .errors import InvalidRequestError, check_decoded, clip, rpc_boundary, stat
 from .limits import Admission
 from .manifest import PLATFORM
 from .metrics import Duration, Telemetry, VersionStats
-from .repository import Loaded, ModelRepository
+from .repository import ModelRepository
 from .runtime import CUDA
 from .scheduler import Scheduler
 from .settings import VersionPolicy
+from .versions import Loaded
 
 Context = Any  # grpc.aio.ServicerContext; the generated stubs are untyped
 SERVER_NAME = "stablemlp"
