@@ -17,6 +17,12 @@ def _range(cell: Mapping[str, Any], key: str) -> str:
     return f"({low_high[0]:.2f}..{low_high[1]:.2f})" if len(low_high) == 2 else ""
 
 
+def _key(cell: Mapping[str, Any]) -> str:
+    """A row's first four cells: model, form, batch, concurrency."""
+    form = cell["form"].split("_")[0]
+    return f"| {cell['model']} | {form} | {cell['batch']} | {cell['concurrency']} "
+
+
 def _cell_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = [
         "| model | form | batch | conc | ours req/s | floor req/s | ratio (range)"
@@ -31,8 +37,7 @@ def _cell_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
             return "/".join(_num(f.get(k)) for k in ("p50_us", "p90_us", "p99_us"))
 
         lines.append(
-            f"| {c['model']} | {c['form'].split('_')[0]} | {c['batch']} | {c['concurrency']} "
-            f"| {_num(ours.get('requests_per_s'))} | {_num(floor.get('requests_per_s'))} "
+            f"{_key(c)}| {_num(ours.get('requests_per_s'))} | {_num(floor.get('requests_per_s'))} "
             f"| {_num(vs.get('requests_per_s'), 2)} {_range(c, 'requests_per_s')} "
             f"| {lat(ours)} | {lat(floor)} "
             f"| {_num(vs.get('p50_us'), 2)} | {_num(vs.get('p99_us'), 2)} "
@@ -58,10 +63,7 @@ def _phase_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
     for c in cells:
         ours = c["ours"]
         phases = " | ".join(_num(ours.get(f"server_{p}_us"), 1) for p in PHASES)
-        lines.append(
-            f"| {c['model']} | {c['form'].split('_')[0]} | {c['batch']} "
-            f"| {c['concurrency']} | {phases} | {_num(ours.get('p50_us'))} |"
-        )
+        lines.append(f"{_key(c)}| {phases} | {_num(ours.get('p50_us'))} |")
     return lines
 
 
@@ -79,13 +81,12 @@ def _model_floor_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
         "| model | form | batch | conc | model floor req/s | model floor / transport floor "
         "| ours / model floor | p50 µs model floor | p50 ratio ours / model floor "
         "| server CPU µs/req model floor |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "|" + " --- |" * 10,
     ]
     for c in cells:
         mf, vs, of = c["model_floor"], c["vs_model_floor"], c["model_floor_vs_transport_floor"]
         out.append(
-            f"| {c['model']} | {c['form'].split('_')[0]} | {c['batch']} "
-            f"| {c['concurrency']} | {_num(mf.get('requests_per_s'))} "
+            f"{_key(c)}| {_num(mf.get('requests_per_s'))} "
             f"| {_num(of.get('requests_per_s'), 2)} | {_num(vs.get('requests_per_s'), 2)} "
             f"| {_num(mf.get('p50_us'))} | {_num(vs.get('p50_us'), 2)} "
             f"| {_num(mf.get('server_cpu_us_per_request'))} |"
