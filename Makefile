@@ -55,8 +55,13 @@ lint: install
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/shellcheck scripts/*.sh .ci/run
 
+# mypy names modules by folder, so it checks a view of the checkout named `stablemlp` (a symlink
+# under build/): the same module names as the installed package.
 typecheck: install
-	$(BIN)/mypy model export serving bench
+	mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/stablemlp
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml \
+		-p stablemlp.model -p stablemlp.export -p stablemlp.serving -p stablemlp.bench \
+		-m stablemlp.cli
 
 protos: install
 	PYTHON=$(BIN)/python bash scripts/gen_protos.sh

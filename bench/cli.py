@@ -146,7 +146,7 @@ def build_repository(root: Path, model: str, wide_model: str | None) -> Path:
             ["export", str(run_dir), "--repository", str(repository)],
         ):
             out = subprocess.run(
-                [sys.executable, "-m", "serving", *command],
+                [sys.executable, "-m", "stablemlp", *command],
                 env=child_env(),
                 capture_output=True,
                 text=True,

@@ -1,9 +1,9 @@
 """The floors our server is measured against, taken in the same run on the same payloads.
 
 Transport floor: a bare grpc.aio server with our generated stubs whose ModelInfer returns a fixed,
-pre-built reply of the right shape without running a model (`python -m bench.floors ...`, its own
-process, like our server). It also answers the metadata RPCs perf_analyzer asks for, from the
-models' manifest.json. Compute floor: ONNX Runtime `session.run` in-process on the same rows.
+pre-built reply of the right shape without running a model (`python -m stablemlp.bench.floors ...`,
+its own process, like our server). It also answers the metadata RPCs perf_analyzer asks for, from
+the models' manifest.json. Compute floor: ONNX Runtime `session.run` in-process on the same rows.
 
 Model floor (`--run-model`): the transport floor that also views the request's rows (no copy) and
 runs them through `session.run` on the event loop before sending its fixed reply: the least any
@@ -27,9 +27,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-from protos import model_config_pb2 as mc
+from ..protos import grpc_service_pb2 as pb
+from ..protos import grpc_service_pb2_grpc as pb_grpc
+from ..protos import model_config_pb2 as mc
 
 READY_LINE = "ready: listening on {address}"  # the line our server logs too
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # our server's default, so both accept the same payloads
@@ -244,7 +244,8 @@ def measure_compute(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.floors", description="the transport- and model-floor gRPC servers"
+        prog="python -m stablemlp.bench.floors",
+        description="the transport- and model-floor gRPC servers",
     )
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")

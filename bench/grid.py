@@ -16,9 +16,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-
+from ..protos import grpc_service_pb2 as pb
+from ..protos import grpc_service_pb2_grpc as pb_grpc
 from .floors import measure_compute
 from .loadgen import LoadGenerator, LoadSpec
 from .servers import cpu_seconds, memory_mb

@@ -1,11 +1,11 @@
 """Closed-loop gRPC load from worker processes that share nothing with the server under test.
 
-Each worker (`python -m bench.loadgen`) runs one asyncio loop with K calls outstanding on its
-grpc.aio channel(s) and sends pre-serialized request bytes through a generic unary-unary call with
-no (de)serializer, so the client spends as little CPU per request as Python allows; the same workers
-drive the transport floor and our server, so their ratio is fair. The parent speaks JSON lines
-on the workers' stdin/stdout. Windows are absolute CLOCK_MONOTONIC times (system-wide on Linux),
-so every worker warms up and measures over the same interval.
+Each worker (`python -m stablemlp.bench.loadgen`) runs one asyncio loop with K calls outstanding on
+its grpc.aio channel(s) and sends pre-serialized request bytes through a generic unary-unary call
+with no (de)serializer, so the client spends as little CPU per request as Python allows; the same
+workers drive the transport floor and our server, so their ratio is fair. The parent speaks JSON
+lines on the workers' stdin/stdout. Windows are absolute CLOCK_MONOTONIC times (system-wide on
+Linux), so every worker warms up and measures over the same interval.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class LoadGenerator:
     """A pool of worker processes, started once and reused for every measurement."""
 
     def __init__(self, processes: int) -> None:
-        command = [sys.executable, "-m", "bench.loadgen"]
+        command = [sys.executable, "-m", "stablemlp.bench.loadgen"]
         self._procs = [
             subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(), bufsize=0

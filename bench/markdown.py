@@ -155,7 +155,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         f"- start to health SERVING: {_num(startup.get('seconds_to_serving_median'), 2)} s "
         f"(runs: {startup.get('seconds_to_serving')})",
         f"- idle RSS after SERVING: {_num(startup.get('idle_rss_mb'), 1)} MB",
-        f"- `import serving.server`: {_num(startup.get('import_seconds'), 3)} s "
+        f"- `import stablemlp.serving.server`: {_num(startup.get('import_seconds'), 3)} s "
         f"(bare interpreter {_num(startup.get('interpreter_seconds'), 3)} s); "
         f"torch imported: {startup.get('torch_imported')}",
     ]

@@ -33,9 +33,9 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def child_env() -> dict[str, str]:
-    """The environment for our child processes: this checkout importable, INFO logging."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "STABLEMLP_LOG_LEVEL": "INFO"}
+    """The environment for our child processes (same interpreter, so the same installed
+    `stablemlp`), with INFO logging."""
+    return {**os.environ, "STABLEMLP_LOG_LEVEL": "INFO"}
 
 
 # Our server's defaults, except ports: its Prometheus endpoint (on, as in production) takes any
@@ -47,7 +47,7 @@ def our_server_command(repository: Path, extra: Sequence[str] = ()) -> list[str]
     return [
         sys.executable,
         "-m",
-        "serving",
+        "stablemlp",
         "serve",
         "--model-repository",
         str(repository),
@@ -61,7 +61,13 @@ def our_server_command(repository: Path, extra: Sequence[str] = ()) -> list[str]
 
 def floor_server_command(repository: Path, run_model: bool = False) -> list[str]:
     """The transport floor, or with `run_model` the model floor (bench/floors.py)."""
-    command = [sys.executable, "-m", "bench.floors", "--model-repository", str(repository)]
+    command = [
+        sys.executable,
+        "-m",
+        "stablemlp.bench.floors",
+        "--model-repository",
+        str(repository),
+    ]
     return [*command, "--run-model"] if run_model else command
 
 
@@ -222,7 +228,7 @@ def start_server(
 
 @dataclass(frozen=True)
 class ImportTiming:
-    seconds: float  # `import serving.server` in a fresh interpreter, interpreter start excluded
+    seconds: float  # `import stablemlp.serving.server`, fresh interpreter, its start excluded
     interpreter_seconds: float  # `python -c pass`, for scale
     torch_imported: bool
 
@@ -230,7 +236,7 @@ class ImportTiming:
 def measure_import(timeout_s: float = 60.0) -> ImportTiming:
     """Time the serving path's imports in a fresh interpreter and check torch stays out."""
     code = (
-        "import sys, time; t = time.perf_counter(); import serving.server; "
+        "import sys, time; t = time.perf_counter(); import stablemlp.serving.server; "
         "print(time.perf_counter() - t, 'torch' in sys.modules)"
     )
     run = [sys.executable, "-c", code]

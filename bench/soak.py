@@ -1,6 +1,6 @@
 """Soak test (not run in CI): inference at concurrency 64 while model versions are hot-reloaded.
 
-    python -m bench.soak [--model-repository REPO] [--seconds 60] [--concurrency 64]
+    python -m stablemlp.bench.soak [--model-repository REPO] [--seconds 60] [--concurrency 64]
 
 Copies the repository (the original is never touched), serves the copy with `stablemlp serve`
 (repository polling every second), and keeps `concurrency` ModelInfer calls outstanding. Every
@@ -35,8 +35,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
+from ..protos import grpc_service_pb2 as pb
+from ..protos import grpc_service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_GROWTH = 0.10  # issue 6: RSS at the end under 1.1 x RSS after the warm-up
@@ -52,7 +52,7 @@ def rss_mb(pid: int) -> float:
 
 def start_server(repository: Path) -> tuple[subprocess.Popen[str], str, list[str]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "STABLEMLP_LOG_LEVEL": "INFO"}
-    command = [sys.executable, "-m", "serving", "serve", "--model-repository", str(repository),
+    command = [sys.executable, "-m", "stablemlp", "serve", "--model-repository", str(repository),
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
                "--repository-poll-s", "1"]  # fmt: skip
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
@@ -203,8 +203,8 @@ async def run(args: argparse.Namespace, repository: Path, pid: int, address: str
 
 
 def trained_repository(work: Path) -> Path:
-    from export.cli import export_main
-    from model.cli import main as train_main
+    from ..export.cli import export_main
+    from ..model.cli import main as train_main
 
     run_dir, repository = work / "run", work / "repo"
     if train_main(["--epochs", "3", "--seed", "0", "--no-progress", "--output", str(run_dir)]):
@@ -215,7 +215,7 @@ def trained_repository(work: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stablemlp.bench.soak", description=__doc__)
     parser.add_argument("--model-repository", type=Path, help="default: train and export one")
     parser.add_argument("--model", default="breast_cancer")
     parser.add_argument("--seconds", type=float, default=60.0)

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
-from model.cli import TEST_SPLIT_NAME
-from model.preprocess import build_classifier
-
+from ..model.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
+from ..model.cli import TEST_SPLIT_NAME
+from ..model.preprocess import build_classifier
 from .documents import Release
 from .errors import ExportError
 from .fold import fold_batchnorm

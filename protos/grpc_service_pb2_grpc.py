@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import grpc_service_pb2 as protos_dot_grpc__service__pb2
+from stablemlp.protos import grpc_service_pb2 as stablemlp_dot_protos_dot_grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.75.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + f' but the generated code in protos/grpc_service_pb2_grpc.py depends on'
+        + f' but the generated code in stablemlp/protos/grpc_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,63 +38,63 @@ class GRPCInferenceServiceStub(object):
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=protos_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=protos_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=protos_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=protos_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=protos_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=protos_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.ModelInferResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelStreamInfer = channel.stream_stream(
                 '/inference.GRPCInferenceService/ModelStreamInfer',
-                request_serializer=protos_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelConfig',
-                request_serializer=protos_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelStatistics',
-                request_serializer=protos_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
         self.RepositoryIndex = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryIndex',
-                request_serializer=protos_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelLoad = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryModelLoad',
-                request_serializer=protos_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelUnload = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryModelUnload',
-                request_serializer=protos_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
-                response_deserializer=protos_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
+                request_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
+                response_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
                 _registered_method=True)
 
 
@@ -192,63 +192,63 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=protos_dot_grpc__service__pb2.ServerLiveRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerLiveRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=protos_dot_grpc__service__pb2.ServerReadyRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerReadyRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=protos_dot_grpc__service__pb2.ModelReadyRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelReadyRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=protos_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=protos_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=protos_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
                     servicer.ModelStreamInfer,
-                    request_deserializer=protos_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
-                    request_deserializer=protos_dot_grpc__service__pb2.ModelConfigRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelConfigRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatistics,
-                    request_deserializer=protos_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
             ),
             'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryIndex,
-                    request_deserializer=protos_dot_grpc__service__pb2.RepositoryIndexRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
             ),
             'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelLoad,
-                    request_deserializer=protos_dot_grpc__service__pb2.RepositoryModelLoadRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelLoadRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
             ),
             'RepositoryModelUnload': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelUnload,
-                    request_deserializer=protos_dot_grpc__service__pb2.RepositoryModelUnloadRequest.FromString,
-                    response_serializer=protos_dot_grpc__service__pb2.RepositoryModelUnloadResponse.SerializeToString,
+                    request_deserializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelUnloadRequest.FromString,
+                    response_serializer=stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelUnloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,8 +278,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            protos_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -305,8 +305,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            protos_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -332,8 +332,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            protos_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -359,8 +359,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            protos_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -386,8 +386,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            protos_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -413,8 +413,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            protos_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.ModelInferResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -440,8 +440,8 @@ class GRPCInferenceService(object):
             request_iterator,
             target,
             '/inference.GRPCInferenceService/ModelStreamInfer',
-            protos_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -467,8 +467,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ModelConfig',
-            protos_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -494,8 +494,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ModelStatistics',
-            protos_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -521,8 +521,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryIndex',
-            protos_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -548,8 +548,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryModelLoad',
-            protos_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -575,8 +575,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryModelUnload',
-            protos_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
-            protos_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
+            stablemlp_dot_protos_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

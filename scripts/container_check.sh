@@ -177,7 +177,7 @@ probe=(--target "127.0.0.1:$grpc_port" --repository "$WORK/model_repository")
 probe+=(--rows "$WORK/run/test_split.npz" --deadline "$HEALTH_DEADLINE_S" --since "$run_start")
 # The metrics endpoint is checked once the server has a setting for it.
 if "$PY" -c 'import dataclasses, sys
-from serving.settings import Settings
+from stablemlp.serving.settings import Settings
 sys.exit("metrics_port" not in {f.name for f in dataclasses.fields(Settings)})'; then
   probe+=(--metrics-url "http://127.0.0.1:$metrics_port/metrics")
 fi

@@ -1,6 +1,6 @@
 """`stablemlp predict` and `predict()`: send rows to a running server, get (probability, label).
 
-    from serving.client import predict
+    from ..serving.client import predict
     predict("localhost:8001", [[17.99, 10.38, ...]], model="breast_cancer")  # [(0.013, 0)]
 
 Rows may hold NaN for missing values (the model imputes them). Requests carry raw little-endian
@@ -24,9 +24,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-
+from ..protos import grpc_service_pb2 as pb
+from ..protos import grpc_service_pb2_grpc as pb_grpc
 from .codec import DTYPES
 
 PROBABILITY, LABEL = "probability", "label"  # output names of the model contract

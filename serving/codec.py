@@ -12,8 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
-
+from ..protos import grpc_service_pb2 as pb
 from .errors import InvalidRequestError, clip, clip_items
 
 # Datatypes of the inference protocol that this server can carry, as little-endian numpy types.

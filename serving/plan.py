@@ -13,8 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
-
+from ..protos import grpc_service_pb2 as pb
 from .codec import CONTENTS_FIELD, DTYPES, DecodedRequest, TensorSpec, decode_request
 from .codec import encode_response as encode_general
 

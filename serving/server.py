@@ -28,8 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs lack aio
 from grpc_reflection.v1alpha import reflection
 
-from protos import grpc_service_pb2 as pb
-
+from ..protos import grpc_service_pb2 as pb
 from .auth import TokenInterceptor, read_token, server_credentials
 from .batcher import BatchingOptions
 from .errors import ServingError, lenient

@@ -21,10 +21,9 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs lack aio
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-from protos import model_config_pb2 as mc
-
+from ..protos import grpc_service_pb2 as pb
+from ..protos import grpc_service_pb2_grpc as pb_grpc
+from ..protos import model_config_pb2 as mc
 from .batcher import BatchingOptions
 from .codec import TensorSpec
 from .errors import InvalidRequestError, check_decoded, clip, rpc_boundary, status_for

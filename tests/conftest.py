@@ -30,7 +30,7 @@ Helpers (plain functions)
     break_version(repository, version, kind)      publish a version that must be refused:
                                                   truncate | flip | garbage | shape
 
-Servers are subprocesses (`python -m serving serve ...`), as in production; the bound port is read
+Servers are subprocesses (`python -m stablemlp serve ...`), as in production; the bound port is read
 from the "ready: listening on HOST:PORT" log line, then grpc.health.v1 is watched with a deadline.
 """
 
@@ -65,7 +65,7 @@ _METRICS = re.compile(r"metrics: (http://\S+)")
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch", reason="training needs the train extra")
-    from model.cli import main as train_main
+    from stablemlp.model.cli import main as train_main
 
     run = tmp_path_factory.mktemp("run")
     assert train_main(["--epochs", "3", "--seed", "0", "--no-progress", "--output", str(run)]) == 0
@@ -74,7 +74,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_repository(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.cli import export_main
+    from stablemlp.export.cli import export_main
 
     repository = tmp_path_factory.mktemp("model_repository")
     assert export_main([str(run_dir), "--repository", str(repository)]) == 0
@@ -146,11 +146,17 @@ class ServerProcess:
     ) -> None:
         child_env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "STABLEMLP_LOG_LEVEL": "INFO",
             **(env or {}),
         }
-        command = [sys.executable, "-m", "serving", "serve", "--model-repository", str(repository)]
+        command = [
+            sys.executable,
+            "-m",
+            "stablemlp",
+            "serve",
+            "--model-repository",
+            str(repository),
+        ]
         command += ["--host", "127.0.0.1", "--port", "0", "--warmup-runs", "1"]
         command += ["--metrics-port", "0", "--repository-poll-s", "0", *args]
         self.process = subprocess.Popen(
@@ -260,7 +266,7 @@ def server(
 
 def infer_request(rows: np.ndarray, raw: bool = True, **fields: Any) -> Any:
     """A ModelInfer request for `rows` of the breast_cancer model."""
-    from protos import grpc_service_pb2 as pb
+    from stablemlp.protos import grpc_service_pb2 as pb
 
     request = pb.ModelInferRequest(**{"model_name": MODEL_NAME, **fields})
     tensor = request.inputs.add(name="features", datatype="FP32", shape=rows.shape)

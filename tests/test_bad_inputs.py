@@ -19,10 +19,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-from serving.codec import CONTENTS_FIELD, DTYPES, TensorSpec, decode_request
-from serving.errors import CLIP_CHARS, InvalidRequestError
+from stablemlp.protos import grpc_service_pb2 as pb
+from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
+from stablemlp.serving.codec import CONTENTS_FIELD, DTYPES, TensorSpec, decode_request
+from stablemlp.serving.errors import CLIP_CHARS, InvalidRequestError
 
 TOKEN = "corpus-token-0123456789"
 GOOD = (("authorization", f"Bearer {TOKEN}"),)
@@ -367,7 +367,7 @@ def test_well_formed_requests_of_any_spec_decode_exactly(data: st.DataObject) ->
 
 
 def test_clipped_text_has_no_line_breaks() -> None:
-    from serving.errors import clip
+    from stablemlp.serving.errors import clip
 
     assert clip("a\nb\r\x00") == "a\\nb\\r\\x00"
     assert clip(LONG) == "x" * CLIP_CHARS + CLIPPED

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from conftest import MODEL_NAME, HeldOutSplit, ServerProcess, infer_request, outputs, publish_onnx
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-from serving.batcher import Batcher, BatchingOptions
-from serving.metrics import Call, Telemetry
-from serving.runtime import ModelRuntime, RuntimeOptions, inline_rows
+from stablemlp.protos import grpc_service_pb2 as pb
+from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
+from stablemlp.serving.batcher import Batcher, BatchingOptions
+from stablemlp.serving.metrics import Call, Telemetry
+from stablemlp.serving.runtime import ModelRuntime, RuntimeOptions, inline_rows
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 TIMEOUT = 10.0
@@ -243,7 +243,7 @@ def test_an_unloaded_version_is_freed_with_its_batcher(
     import gc
     import weakref
 
-    from serving.scheduler import Scheduler
+    from stablemlp.serving.scheduler import Scheduler
 
     runtime = ModelRuntime(model_repository / MODEL_NAME / "1", _options())
     runtime.warm_up((1, 1024), runs=1)

@@ -19,14 +19,14 @@ import grpc
 import numpy as np
 import pytest
 
-from bench import stats
-from bench.cli import is_loopback
-from bench.cli import main as bench_main
-from bench.perfanalyzer import find_wrapper, parse_csv, run_perf_analyzer
-from bench.report import targets
-from bench.servers import child_env, floor_server_command, start_server
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
+from stablemlp.bench import stats
+from stablemlp.bench.cli import is_loopback
+from stablemlp.bench.cli import main as bench_main
+from stablemlp.bench.perfanalyzer import find_wrapper, parse_csv, run_perf_analyzer
+from stablemlp.bench.report import targets
+from stablemlp.bench.servers import child_env, floor_server_command, start_server
+from stablemlp.protos import grpc_service_pb2 as pb
+from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = "breast_cancer_wide"
@@ -164,7 +164,7 @@ def bench_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFa
         ["export", str(run), "--repository", str(repository)],
     ):
         subprocess.run(
-            [sys.executable, "-m", "serving", *command],
+            [sys.executable, "-m", "stablemlp", *command],
             env=child_env(),
             check=True,
             capture_output=True,
@@ -257,7 +257,7 @@ def test_perf_analyzer_drives_the_transport_floor(model_repository: Path, tmp_pa
 @pytest.mark.slow
 def test_the_model_floor_runs_the_model_on_every_request(model_repository: Path) -> None:
     """It answers like the transport floor but counts a session.run per request, in both forms."""
-    from bench.grid import build_request, make_rows
+    from stablemlp.bench.grid import build_request, make_rows
 
     server = start_server("model_floor", floor_server_command(model_repository, run_model=True))
     try:
@@ -276,7 +276,7 @@ def test_the_model_floor_runs_the_model_on_every_request(model_repository: Path)
 def test_server_cpu_and_memory_include_worker_processes() -> None:
     """A `--workers N` supervisor's figures must count its server processes too (they were
     read from the supervisor's PID alone, so 2-worker runs showed ~0 CPU)."""
-    from bench.servers import memory_mb, process_tree
+    from stablemlp.bench.servers import memory_mb, process_tree
 
     child_code = "import sys, time; x = bytearray(60_000_000); print(flush=True); time.sleep(30)"
     parent_code = (
@@ -301,7 +301,7 @@ def test_server_cpu_and_memory_include_worker_processes() -> None:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin needs 2 cores")
 def test_pin_binds_every_thread_of_a_process_tree() -> None:
     """--pin: the server side's threads (a worker's too) all on one half of the cores."""
-    from bench.servers import pin, process_tree, split_cores
+    from stablemlp.bench.servers import pin, process_tree, split_cores
 
     server_cores, load_cores = split_cores()
     assert server_cores and load_cores and not server_cores & load_cores

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protos import grpc_service_pb2 as pb
-from serving.codec import TensorSpec, decode_request, encode_response
-from serving.errors import InvalidRequestError
+from stablemlp.protos import grpc_service_pb2 as pb
+from stablemlp.serving.codec import TensorSpec, decode_request, encode_response
+from stablemlp.serving.errors import InvalidRequestError
 
 F = 4
 MAX_BATCH = 1024
@@ -234,7 +234,7 @@ def _plan_cases() -> list[pb.ModelInferRequest]:
 @pytest.mark.parametrize("index", range(len(_plan_cases())))
 def test_the_wire_plan_decodes_exactly_as_the_codec(index: int) -> None:
     """The plan's fast path decides nothing: the same arrays, or the same refusal."""
-    from serving.plan import WirePlan
+    from stablemlp.serving.plan import WirePlan
 
     request = _plan_cases()[index]
     plan = WirePlan(INPUTS, OUTPUTS, MAX_BATCH)
@@ -246,7 +246,7 @@ def test_the_wire_plan_decodes_exactly_as_the_codec(index: int) -> None:
 @pytest.mark.parametrize("count", [1, 64, 1024])
 def test_the_wire_plan_takes_its_fast_path_at_every_size(raw: bool, count: int) -> None:
     """Well-formed requests of any size skip codec.py's general path (NaN included)."""
-    from serving.plan import WirePlan
+    from stablemlp.serving.plan import WirePlan
 
     rows = np.resize(ROWS, (count, F))
     rows[0, 0] = np.nan
@@ -260,7 +260,7 @@ def test_the_wire_plan_takes_its_fast_path_at_every_size(raw: bool, count: int) 
 
 @pytest.mark.parametrize("raw", [True, False])
 def test_the_wire_plan_encodes_exactly_as_the_codec(raw: bool) -> None:
-    from serving.plan import WirePlan
+    from stablemlp.serving.plan import WirePlan
 
     plan = WirePlan(INPUTS, OUTPUTS, MAX_BATCH, model_name="m", model_version="3")
     renamed = _request(ROWS[:2], raw)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.cli import main as train_main
-from model.data import DataError, feature_stats, load_builtin, load_csv, split_dataset
+from stablemlp.model.cli import main as train_main
+from stablemlp.model.data import DataError, feature_stats, load_builtin, load_csv, split_dataset
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -27,7 +27,7 @@ import pytest
 import referencing
 import yaml
 
-from protos import grpc_service_pb2 as pb
+from stablemlp.protos import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -321,7 +321,8 @@ def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    needed = ["pyproject.toml", "README.md", "model", "export", "serving", "protos", "bench"]
+    needed = ["pyproject.toml", "README.md", "__init__.py", "__main__.py", "cli.py"]
+    needed += ["model", "export", "serving", "protos", "bench"]
     needed.append("model_repository")
     for path in needed:
         assert not any(fnmatch.fnmatch(path, pattern.rstrip("/")) for pattern in ignored), path

@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from model.diagnose import VariantResult, dead_units, diagnose, main, probe
-from model.gradients import (
+from stablemlp.model.diagnose import VariantResult, dead_units, diagnose, main, probe
+from stablemlp.model.gradients import (
     EXPLODING_NORM,
     VANISHING_RATIO,
     GradientMonitor,
     NonFiniteGradientError,
     verdict,
 )
-from model.variants import PLAIN, RELU, STABILIZED, Variant, build_variant
+from stablemlp.model.variants import PLAIN, RELU, STABILIZED, Variant, build_variant
 
 # Depth 20 is where the contrast is unmistakable; width 16 and 30 steps keep the suite fast.
 DEPTH, WIDTH, STEPS = 20, 16, 30

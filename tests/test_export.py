@@ -18,21 +18,27 @@ import torch
 from google.protobuf import text_format
 from torch import nn
 
-from export import cli as export_cli
-from export.cli import export_main, export_run, verify_main
-from export.documents import MAX_BATCH_SIZE
-from export.errors import FoldError
-from export.fold import batchnorm_layers, fold_batchnorm
-from export.formats import INPUT_NAME, OPSET, OUTPUT_NAMES, op_types
-from export.parity import TOLERANCE, ParityError, check_parity, random_batches, torch_runner
-from export.publish import publish_version, sha256_hex, versions
-from export.verify import MANIFEST_KEYS
-from model.checkpoint import CHECKPOINT_NAME, Checkpoint, FeatureSchema, save_checkpoint
-from model.cli import TEST_SPLIT_NAME
-from model.cli import main as train_main
-from model.network import MLPConfig, StabilizedMLP
-from model.preprocess import build_classifier
-from protos import model_config_pb2
+from stablemlp.export import cli as export_cli
+from stablemlp.export.cli import export_main, export_run, verify_main
+from stablemlp.export.documents import MAX_BATCH_SIZE
+from stablemlp.export.errors import FoldError
+from stablemlp.export.fold import batchnorm_layers, fold_batchnorm
+from stablemlp.export.formats import INPUT_NAME, OPSET, OUTPUT_NAMES, op_types
+from stablemlp.export.parity import (
+    TOLERANCE,
+    ParityError,
+    check_parity,
+    random_batches,
+    torch_runner,
+)
+from stablemlp.export.publish import publish_version, sha256_hex, versions
+from stablemlp.export.verify import MANIFEST_KEYS
+from stablemlp.model.checkpoint import CHECKPOINT_NAME, Checkpoint, FeatureSchema, save_checkpoint
+from stablemlp.model.cli import TEST_SPLIT_NAME
+from stablemlp.model.cli import main as train_main
+from stablemlp.model.network import MLPConfig, StabilizedMLP
+from stablemlp.model.preprocess import build_classifier
+from stablemlp.protos import model_config_pb2
 
 N_FEATURES = 6
 MODEL = "tiny"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from google.protobuf.descriptor import Descriptor
 
-from protos import grpc_service_pb2, model_config_pb2
+from stablemlp.protos import grpc_service_pb2, model_config_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_VENV = Path(os.environ.get("STABLEMLP_TRITON_VENV", ROOT / ".venv-triton"))

@@ -31,10 +31,10 @@ from conftest import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-from serving import server as server_module
-from serving.runtime import ModelRuntime, RunControl, RuntimeOptions
+from stablemlp.protos import grpc_service_pb2 as pb
+from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
+from stablemlp.serving import server as server_module
+from stablemlp.serving.runtime import ModelRuntime, RunControl, RuntimeOptions
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 CPU_OPTIONS = RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1)

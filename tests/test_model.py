@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import Checkpoint, FeatureSchema, load_checkpoint, save_checkpoint
-from model.cli import main as train_main
-from model.data import load_builtin, split_dataset
-from model.network import MLPConfig, StabilizedMLP
-from model.preprocess import Standardize
-from model.train import NonFiniteLossError, TrainConfig, fit
+from stablemlp.model.checkpoint import Checkpoint, FeatureSchema, load_checkpoint, save_checkpoint
+from stablemlp.model.cli import main as train_main
+from stablemlp.model.data import load_builtin, split_dataset
+from stablemlp.model.network import MLPConfig, StabilizedMLP
+from stablemlp.model.preprocess import Standardize
+from stablemlp.model.train import NonFiniteLossError, TrainConfig, fit
 
 
 def test_block_structure_is_linear_batchnorm_elu() -> None:

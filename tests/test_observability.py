@@ -14,9 +14,9 @@ import pytest
 from conftest import MODEL_NAME, HeldOutSplit, ServerProcess, infer_request
 from prometheus_client.parser import text_string_to_metric_families
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-from serving import cli
+from stablemlp import cli
+from stablemlp.protos import grpc_service_pb2 as pb
+from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 
 TIMEOUT = 10.0
 
@@ -111,7 +111,7 @@ def test_logs_are_json_lines_with_one_line_per_failed_call(
     assert len(lines) == before + 3  # every line parsed as JSON above; one per failed call
     assert {k: lines[-1][k] for k in ("level", "logger", "rpc", "code")} == {
         "level": "INFO",
-        "logger": "serving.errors",
+        "logger": "stablemlp.serving.errors",
         "rpc": "ModelInfer",
         "code": "INVALID_ARGUMENT",
     }

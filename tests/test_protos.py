@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from protos import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+from stablemlp.protos import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 
 _TYPE = FieldDescriptor  # the TYPE_* constants
 

@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-from serving import client
-from serving.auth import TokenInterceptor
+from stablemlp.protos import grpc_service_pb2 as pb
+from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
+from stablemlp.serving import client
+from stablemlp.serving.auth import TokenInterceptor
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 TIMEOUT = 10.0
@@ -207,10 +207,10 @@ def test_model_files_are_hashed_and_nothing_in_them_is_executed(
 
     import onnx
 
-    from serving.errors import ContractError
-    from serving.repository import ModelRepository
-    from serving.runtime import ModelRuntime, RuntimeOptions
-    from serving.settings import VersionPolicy
+    from stablemlp.serving.errors import ContractError
+    from stablemlp.serving.repository import ModelRepository
+    from stablemlp.serving.runtime import ModelRuntime, RuntimeOptions
+    from stablemlp.serving.settings import VersionPolicy
 
     repository = Path(shutil.copytree(model_repository, tmp_path / "repo"))
     tripwire = tmp_path / "executed"
@@ -251,6 +251,6 @@ def test_serving_code_never_unpickles_or_evaluates() -> None:
         r"^\s*(import|from)\s+(pickle|dill|joblib|torch|marshal)\b|\b(eval|exec)\(|allow_pickle=True",
         re.MULTILINE,
     )
-    root = Path(__file__).resolve().parents[1] / "serving"
+    root = Path(__file__).resolve().parents[1] / "serving"  # the serving subpackage
     for path in sorted(root.glob("*.py")):
         assert not banned.search(path.read_text()), path.name

@@ -20,7 +20,6 @@ import onnxruntime as ort
 import pytest
 from conftest import (
     MODEL_NAME,
-    ROOT,
     HeldOutSplit,
     Reference,
     ServerProcess,
@@ -33,12 +32,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-from protos import model_config_pb2 as mc
-from serving import client
-from serving import server as server_module
-from serving.errors import (
+from stablemlp.protos import grpc_service_pb2 as pb
+from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
+from stablemlp.protos import model_config_pb2 as mc
+from stablemlp.serving import client
+from stablemlp.serving import server as server_module
+from stablemlp.serving.errors import (
     INTERNAL_MESSAGE,
     STATUS,
     ContractError,
@@ -47,9 +46,9 @@ from serving.errors import (
     ServingError,
     status_for,
 )
-from serving.repository import ModelRepository
-from serving.runtime import CUDA, ModelRuntime, RuntimeOptions
-from serving.settings import Settings, VersionPolicy, load_settings
+from stablemlp.serving.repository import ModelRepository
+from stablemlp.serving.runtime import CUDA, ModelRuntime, RuntimeOptions
+from stablemlp.serving.settings import Settings, VersionPolicy, load_settings
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 CPU_OPTIONS = RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1)
@@ -104,11 +103,10 @@ def test_serve_help_lists_every_setting_with_its_env_variable(
 
 def test_serving_never_imports_torch() -> None:
     code = (
-        "import sys, serving.server, serving.client, serving.cli; "
+        "import sys, stablemlp.serving.server, stablemlp.serving.client, stablemlp.cli; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
-    env = {"PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=60)
 
 
 # ---------------------------------------------------------------- runtime and repository

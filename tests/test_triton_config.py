@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from google.protobuf import json_format, text_format
 
-from protos import model_config_pb2
+from stablemlp.protos import model_config_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, HeldOutSplit, ServerProcess, infer_request, outputs
 
-from protos import grpc_service_pb2_grpc as pb_grpc
-from serving import server as server_module
-from serving.settings import load_settings
-from serving.workers import reserve_port, worker_settings
+from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
+from stablemlp.serving import server as server_module
+from stablemlp.serving.settings import load_settings
+from stablemlp.serving.workers import reserve_port, worker_settings
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 TIMEOUT = 10.0
@@ -68,7 +68,7 @@ def test_a_port_in_use_fails_before_any_worker_starts(model_repository: Path) ->
 
 
 def test_workers_that_cannot_start_make_the_supervisor_exit_nonzero(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "serving", "serve", "--model-repository", str(tmp_path)]
+    command = [sys.executable, "-m", "stablemlp", "serve", "--model-repository", str(tmp_path)]
     command += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--workers", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)

@@ -14,13 +14,25 @@ from collections.abc import Callable, Sequence
 
 # name -> ("module:function", one-line help). Each function is `main(argv) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("model.cli:main", "train the stabilized MLP on the built-in data or a CSV"),
-    "export": ("export.cli:export_main", "fold BatchNorm, export ONNX + TorchScript, publish"),
-    "verify": ("export.cli:verify_main", "re-check a published model version (hashes, parity)"),
-    "diagnose": ("model.diagnose:main", "compare gradient health of plain vs stabilized deep MLPs"),
-    "serve": ("serving.server:main", "serve a model repository over KServe v2 gRPC"),
-    "predict": ("serving.client:main", "send rows to a running server and print predictions"),
-    "bench": ("bench.cli:main", "measure serving throughput/latency against floors"),
+    "train": ("stablemlp.model.cli:main", "train the stabilized MLP on the built-in data or a CSV"),
+    "export": (
+        "stablemlp.export.cli:export_main",
+        "fold BatchNorm, export ONNX + TorchScript, publish",
+    ),
+    "verify": (
+        "stablemlp.export.cli:verify_main",
+        "re-check a published model version (hashes, parity)",
+    ),
+    "diagnose": (
+        "stablemlp.model.diagnose:main",
+        "compare gradient health of plain vs stabilized deep MLPs",
+    ),
+    "serve": ("stablemlp.serving.server:main", "serve a model repository over KServe v2 gRPC"),
+    "predict": (
+        "stablemlp.serving.client:main",
+        "send rows to a running server and print predictions",
+    ),
+    "bench": ("stablemlp.bench.cli:main", "measure serving throughput/latency against floors"),
 }
 
 # Extras a subcommand needs beyond the serving base install.

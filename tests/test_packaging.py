@@ -1,0 +1,69 @@
+"""What `pip install` puts on a user's path: one package, `stablemlp`, and nothing generic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ("model", "export", "serving", "protos", "bench")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(out), str(ROOT)],
+        check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
+    (found,) = out.glob("stablemlp-*.whl")
+    return found
+
+
+def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {"stablemlp"}
+    for sub in SUBPACKAGES:
+        assert f"stablemlp/{sub}/__init__.py" in names
+    assert {"stablemlp/__init__.py", "stablemlp/__main__.py", "stablemlp/cli.py"} <= set(names)
+    assert not any("/tests/" in name or name.endswith(".onnx") for name in names)
+
+
+def test_the_wheel_imports_as_stablemlp_only(wheel: Path, tmp_path: Path) -> None:
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "import stablemlp, stablemlp.serving.server, stablemlp.protos.grpc_service_pb2; "
+        "assert stablemlp.serving.server.__file__.startswith(sys.argv[1]); "
+        "import importlib.util as u; "
+        "assert all(u.find_spec(n) is None for n in ('model', 'export', 'serving', 'protos', "
+        "'bench', 'cli'))"
+    )
+    # -I: no user site, no PYTHONPATH, and not the current folder (a checkout) on the path
+    subprocess.run(
+        [sys.executable, "-I", "-c", code, str(tmp_path / "site")],
+        check=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def test_the_installed_package_runs_as_a_module_and_a_console_script(tmp_path: Path) -> None:
+    failed = subprocess.run(
+        [sys.executable, "-I", "-c", "import model"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert failed.returncode != 0 and "No module named 'model'" in failed.stderr
+    as_module = subprocess.run(
+        [sys.executable, "-I", "-m", "stablemlp", "--help"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert as_module.returncode == 0 and "serve" in as_module.stdout
+    script = Path(sys.executable).parent / "stablemlp"
+    as_script = subprocess.run(
+        [str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert as_script.returncode == 0 and as_script.stdout == as_module.stdout
