@@ -13,11 +13,10 @@ from typing import Any
 import onnx
 import torch
 
+from ..serving.manifest import PLATFORM, FileEntry, Manifest, TensorSpec
 from .formats import INPUT_NAME, OPSET, OUTPUT_NAMES
 from .parity import ParityReport
 
-MANIFEST_FORMAT = "stablemlp.manifest/1"
-PLATFORM = "onnxruntime_onnx"
 # Largest batch Triton may send in one request (config.pbtxt max_batch_size, manifest key of the
 # same name); parity is proven up to this size (parity.BATCH_SIZES ends at 1024).
 MAX_BATCH_SIZE = 1024
@@ -41,34 +40,36 @@ class Release:
     parity: ParityReport
 
 
-def tensors(n_features: int) -> dict[str, list[dict[str, Any]]]:
-    """The manifest's "inputs" and "outputs": names, datatypes, shapes (-1 = any batch)."""
+def tensors(n_features: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The graph's inputs and outputs: names, datatypes, shapes (-1 = any batch)."""
     outputs = zip(OUTPUT_NAMES, OUTPUT_DATATYPES, strict=True)
-    return {
-        "inputs": [{"name": INPUT_NAME, "datatype": INPUT_DATATYPE, "shape": [-1, n_features]}],
-        "outputs": [{"name": name, "datatype": dtype, "shape": [-1, 1]} for name, dtype in outputs],
-    }
+    return (
+        (TensorSpec(INPUT_NAME, INPUT_DATATYPE, (-1, n_features)),),
+        tuple(TensorSpec(name, dtype, (-1, 1)) for name, dtype in outputs),
+    )
 
 
 def manifest(
-    release: Release, version: int, created_utc: str, files: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
-    return {
-        "format": MANIFEST_FORMAT,
-        "model_name": release.model_name,
-        "version": version,
-        "created_utc": created_utc,
-        "platform": PLATFORM,
-        "opset": OPSET,
-        "max_batch_size": MAX_BATCH_SIZE,
-        **tensors(len(release.feature_names)),
-        "feature_names": list(release.feature_names),
-        "threshold": release.threshold,
-        "files": files,
-        "parity": release.parity.summary(),
-        "metrics": finite(release.metrics),
-        "torch_version": torch.__version__,
-    }
+    release: Release, version: int, created_utc: str, files: dict[str, FileEntry]
+) -> Manifest:
+    inputs, outputs = tensors(len(release.feature_names))
+    return Manifest(
+        model_name=release.model_name,
+        version=version,
+        created_utc=created_utc,
+        opset=OPSET,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=inputs,
+        outputs=outputs,
+        feature_names=release.feature_names,
+        threshold=release.threshold,
+        files=files,
+        details={
+            "parity": finite(release.parity.summary()),
+            "metrics": finite(release.metrics),
+            "torch_version": torch.__version__,
+        },
+    )
 
 
 def onnx_metadata(release: Release, version: int, created_utc: str) -> dict[str, str]:
@@ -187,7 +188,6 @@ def _fmt(value: float) -> str:
 
 __all__ = [
     "INPUT_DATATYPE",
-    "MANIFEST_FORMAT",
     "MAX_BATCH_SIZE",
     "OUTPUT_DATATYPES",
     "PLATFORM",

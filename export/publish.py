@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..serving.manifest import MANIFEST_FILE, MODEL_FILE, MODEL_NAME, VERSION, FileEntry
 from . import documents
 from .documents import Release
 from .errors import PublishError
@@ -29,17 +29,13 @@ from .formats import with_metadata
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
+ONNX_FILE = MODEL_FILE
 TORCHSCRIPT_FILE = "model.pt"
 PARITY_FILE = "parity.json"
 CARD_FILE = "MODEL_CARD.md"
-MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.pbtxt"
 # How many times a version number may be lost to a concurrent publisher before giving up.
 MAX_PUBLISH_ATTEMPTS = 20
-# Model names become directory names and Triton model names.
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_VERSION = re.compile(r"[1-9][0-9]*")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -47,8 +43,8 @@ def sha256_hex(data: bytes) -> str:
 
 
 def check_model_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
-        raise PublishError(f"model name {name!r} must match {_NAME.pattern}")
+    if not MODEL_NAME.fullmatch(name):  # it becomes a folder name and Triton's model name
+        raise PublishError(f"model name {name!r} must match {MODEL_NAME.pattern}")
     return name
 
 
@@ -56,7 +52,7 @@ def versions(model_dir: Path) -> list[int]:
     """Published versions, ascending; entries whose name is not a positive integer are ignored."""
     if not model_dir.is_dir():
         return []
-    found = [int(p.name) for p in model_dir.iterdir() if _VERSION.fullmatch(p.name) and p.is_dir()]
+    found = [int(p.name) for p in model_dir.iterdir() if VERSION.fullmatch(p.name) and p.is_dir()]
     return sorted(found)
 
 
@@ -75,11 +71,8 @@ def build_files(release: Release, version: int, created_utc: str) -> dict[str, b
         PARITY_FILE: _json_bytes(release.parity.to_dict()),
         CARD_FILE: documents.model_card(release, version, created_utc).encode(),
     }
-    hashes = {
-        name: {"sha256": sha256_hex(data), "bytes": len(data)} for name, data in files.items()
-    }
-    manifest = documents.manifest(release, version, created_utc, hashes)
-    files[MANIFEST_FILE] = _json_bytes(manifest)
+    hashes = {name: FileEntry(sha256_hex(data), len(data)) for name, data in files.items()}
+    files[MANIFEST_FILE] = documents.manifest(release, version, created_utc, hashes).to_json()
     return files
 
 

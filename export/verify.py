@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
 
+from ..serving.errors import ContractError as ManifestError
+from ..serving.manifest import Manifest
 from . import documents
 from .errors import ContractError, VerifyError
 from .formats import OPSET, check_onnx, load_torchscript, metadata_of
@@ -38,24 +39,8 @@ from .publish import (
 
 VERIFY_SEED = 0
 REQUIRED_FILES = (ONNX_FILE, TORCHSCRIPT_FILE, CARD_FILE)
-# Every key the manifest contract promises.
-MANIFEST_KEYS = (
-    "format",
-    "model_name",
-    "version",
-    "created_utc",
-    "platform",
-    "opset",
-    "max_batch_size",
-    "inputs",
-    "outputs",
-    "feature_names",
-    "threshold",
-    "files",
-    "parity",
-    "metrics",
-    "torch_version",
-)
+# The manifest's free-form part that export always writes.
+DETAIL_KEYS = ("parity", "metrics", "torch_version")
 
 
 @dataclass(frozen=True)
@@ -103,7 +88,7 @@ def verify_version(repository: Path, model: str, version: int) -> Verified:
         graph = onnx.load_from_string(onnx_bytes)
     except DecodeError as err:
         raise VerifyError(f"{ONNX_FILE} is not an ONNX model: {err}") from err
-    n_features = len(manifest["feature_names"])
+    n_features = len(manifest.feature_names)
     try:
         check_onnx(graph, n_features)
     except ContractError as err:
@@ -123,20 +108,17 @@ def verify_version(repository: Path, model: str, version: int) -> Verified:
     )
     if not report.passed:
         raise ParityError(report)
-    return Verified(model, version, len(manifest["files"]), report)
+    return Verified(model, version, len(manifest.files), report)
 
 
-def _manifest(version_dir: Path) -> dict[str, Any]:
-    path = version_dir / MANIFEST_FILE
+def _manifest(version_dir: Path) -> Manifest:
     try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise VerifyError(f"{MANIFEST_FILE} unreadable: {err}") from err
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if manifest.get("format") != documents.MANIFEST_FORMAT or missing:
-        raise VerifyError(
-            f"{MANIFEST_FILE}: not a {documents.MANIFEST_FORMAT} manifest (missing {missing})"
-        )
+        manifest = Manifest.read(version_dir / MANIFEST_FILE)
+    except ManifestError as err:
+        raise VerifyError(str(err)) from err
+    missing = [key for key in DETAIL_KEYS if key not in manifest.details]
+    if missing:
+        raise VerifyError(f"{MANIFEST_FILE}: missing {missing}")
     return manifest
 
 
@@ -151,45 +133,44 @@ def _feature_stats(metadata: dict[str, str], n_features: int) -> tuple[list[floa
     return means, stds
 
 
-def _check_hashes(version_dir: Path, manifest: dict[str, Any]) -> None:
-    files: dict[str, dict[str, Any]] = manifest["files"]
+def _check_hashes(version_dir: Path, manifest: Manifest) -> None:
     for name in REQUIRED_FILES:
-        if name not in files:
+        if name not in manifest.files:
             raise VerifyError(f"{MANIFEST_FILE} lists no {name}")
-    for name, expected in files.items():
+    for name, expected in manifest.files.items():
         path = version_dir / name
-        if Path(name).name != name or not path.is_file():
+        if not path.is_file():
             raise VerifyError(f"{name} is missing")
         data = path.read_bytes()
-        if sha256_hex(data) != expected["sha256"] or len(data) != expected["bytes"]:
+        if sha256_hex(data) != expected.sha256 or len(data) != expected.size:
             raise VerifyError(f"{name}: sha256 mismatch with {MANIFEST_FILE} (file changed)")
 
 
-def _check_manifest(
-    manifest: dict[str, Any], metadata: dict[str, str], model: str, version: int
-) -> None:
+def _check_manifest(manifest: Manifest, metadata: dict[str, str], model: str, version: int) -> None:
+    inputs, outputs = documents.tensors(len(manifest.feature_names))
     expected = {
         "model_name": model,
         "version": version,
         "opset": OPSET,
-        **documents.tensors(len(manifest["feature_names"])),
-        "feature_names": json.loads(metadata.get("feature_names", "null")),
+        "inputs": inputs,
+        "outputs": outputs,
+        "feature_names": tuple(json.loads(metadata.get("feature_names", "null")) or ()),
         "threshold": float(metadata.get("threshold", "nan")),
     }
     for key, value in expected.items():
-        if manifest.get(key) != value:
+        if getattr(manifest, key) != value:
             raise VerifyError(
-                f"{MANIFEST_FILE}: {key} is {manifest.get(key)!r}, expected {value!r}"
+                f"{MANIFEST_FILE}: {key} is {getattr(manifest, key)!r}, expected {value!r}"
             )
 
 
-def _check_config(model_dir: Path, manifest: dict[str, Any]) -> None:
+def _check_config(model_dir: Path, manifest: Manifest) -> None:
     expected = documents.config_pbtxt(
-        manifest["model_name"], len(manifest["feature_names"]), int(manifest["max_batch_size"])
+        manifest.model_name, len(manifest.feature_names), manifest.max_batch_size
     )
     path = model_dir / CONFIG_FILE
     if not path.is_file() or path.read_text() != expected:
         raise VerifyError(f"{CONFIG_FILE} is missing or does not match the manifest")
 
 
-__all__ = ["MANIFEST_KEYS", "REQUIRED_FILES", "VERIFY_SEED", "Verified", "select", "verify_version"]
+__all__ = ["DETAIL_KEYS", "REQUIRED_FILES", "VERIFY_SEED", "Verified", "select", "verify_version"]

@@ -1,16 +1,20 @@
-"""stablemlp serving: a KServe v2 / Triton gRPC server for exported models, and its client.
+"""stablemlp.serving: a KServe v2 / Triton server for exported models, and its client. No torch.
 
-Layers, in reading order: settings -> codec (plan: its per-version fast path) -> manifest ->
-runtime -> versions -> repository -> scheduler (batcher) -> servicer -> server (errors.py maps
-failures to status codes). Beside them: metrics (counts behind ModelStatistics and /metrics),
-limits (admission), auth (TLS, tokens), watcher (repository polling), workers (several processes
-on one port). client.py talks to a running server. No torch here.
+Layers, in reading order: settings -> manifest (the published contract) -> runtime (one ONNX
+Runtime session) and codec (a version's wire decode/encode) -> scheduler (batcher) -> versions ->
+repository (what is loaded; readiness) -> dataplane (protocol-neutral: admit, resolve, decode, run,
+encode, count) -> servicer (the gRPC front; grpc_boundary maps failures, replies builds Triton's
+messages) -> server (assembly, health, signals). Beside them: errors (the exception tree), metrics,
+limits (admission), auth (TLS, tokens), watcher (polling), workers (several processes on one
+port). client.py talks to a running server. The server and client are imported on first use.
 """
 
-from .client import Security, predict
+from typing import Any
+
 from .errors import (
     AuthenticationError,
     ContractError,
+    ControlDisabledError,
     IntegrityError,
     InvalidRequestError,
     ModelLoadError,
@@ -20,14 +24,31 @@ from .errors import (
     ProviderError,
     ServingError,
 )
-from .server import build_server, main, serve
-from .settings import Settings, VersionPolicy, load_settings
+from .manifest import Manifest, TensorSpec
+from .policy import VersionPolicy
+from .settings import Settings, load_settings
+
+_LAZY = {"build_server": "server", "main": "server", "serve": "server", "predict": "client",
+         "Security": "client"}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """The server and client, imported when first asked for (they pull in gRPC and ONNX
+    Runtime; the manifest and errors are needed without them, by export)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AuthenticationError",
     "ContractError",
+    "ControlDisabledError",
     "IntegrityError",
     "InvalidRequestError",
+    "Manifest",
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelUnavailableError",
@@ -36,6 +57,7 @@ __all__ = [
     "Security",
     "ServingError",
     "Settings",
+    "TensorSpec",
     "VersionPolicy",
     "build_server",
     "load_settings",

@@ -1,9 +1,10 @@
 """Who may call: TLS or mutual TLS on the gRPC port, and a bearer token checked in one interceptor.
 
-The token comes from STABLEMLP_AUTH_TOKEN or a file (never a flag, so `ps` cannot show it), is
-compared in constant time (hmac.compare_digest), and is never logged. Health checks can stay open
-for orchestrator probes. A refused call gets UNAUTHENTICATED through errors.py's table; its payload
-is not even parsed.
+The tokens come from STABLEMLP_AUTH_TOKEN / STABLEMLP_CONTROL_TOKEN or files (never a flag, so `ps`
+cannot show them), are compared in constant time (hmac.compare_digest), and are never logged.
+Repository load/unload need the control token; everything else the inference token; health checks
+can stay open for orchestrator probes. A refused call gets UNAUTHENTICATED, logged with the peer;
+its payload is not even parsed.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from .errors import AuthenticationError, status_for
+from .errors import AuthenticationError
+from .grpc_boundary import GRPC_CODES, failure
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-Handler = "grpc.RpcMethodHandler[Any, Any]"
+CONTROL_RPCS = ("RepositoryModelLoad", "RepositoryModelUnload")
 SCHEME = "bearer "  # RFC 6750; the scheme name is case-insensitive (RFC 7235)
 
 
-def read_token(token: str, token_file: Path | None) -> bytes | None:
+def read_token(token: str, token_file: Path | None, variable: str) -> bytes | None:
     """The configured token, or None for no token auth; an empty one is a mistake, not 'off'."""
     if token_file is not None:
         token = token_file.read_text(encoding="utf-8")
@@ -31,7 +33,7 @@ def read_token(token: str, token_file: Path | None) -> bytes | None:
         return None
     token = token.strip()
     if not token or any(c.isspace() or not c.isprintable() for c in token):
-        where = token_file or "STABLEMLP_AUTH_TOKEN"
+        where = token_file or variable
         raise ValueError(f"auth token from {where}: expected one word of printable characters")
     return token.encode()
 
@@ -49,11 +51,23 @@ def server_credentials(
     )
 
 
-def _refuse(handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str) -> Any:
-    """A handler of the same kind as `handler` that only aborts (requests stay unparsed bytes)."""
+def bearer_matches(value: object, token: bytes) -> bool:
+    """Whether an `authorization` value is `Bearer <token>` (constant-time comparison)."""
+    if not isinstance(value, str):
+        return False
+    scheme, presented = value[: len(SCHEME)], value[len(SCHEME) :]
+    return scheme.lower() == SCHEME and hmac.compare_digest(
+        presented.encode(errors="surrogateescape"), token
+    )
+
+
+def _refuse(handler: grpc.RpcMethodHandler[Any, Any], rpc: str, message: str) -> Any:
+    """A handler of the same kind as `handler` that only aborts (requests stay unparsed bytes);
+    the refusal is logged there, where the caller's address is known."""
 
     async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(code, message)
+        status, text = failure(AuthenticationError(message), rpc, context.peer())
+        await context.abort(GRPC_CODES[status], text)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort)
@@ -65,23 +79,26 @@ def _refuse(handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, mes
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Lets a call through only with `authorization: Bearer <token>` (or to an open service)."""
+    """Lets a call through only with `authorization: Bearer <token>`: the control token for
+    repository load/unload, the inference token for everything else (health may stay open)."""
 
     def __init__(
-        self, token: bytes, exempt_health: bool, on_refused: Callable[[], None] = lambda: None
+        self,
+        token: bytes | None,
+        control_token: bytes | None,
+        exempt_health: bool,
+        on_refused: Callable[[], None] = lambda: None,
     ) -> None:
-        self._token, self._on_refused = token, on_refused
+        self._token, self._control, self._on_refused = token, control_token, on_refused
         self._open = (f"/{HEALTH_SERVICE}/",) if exempt_health else ()
 
-    def authorized(self, metadata: Any) -> bool:
-        """Exactly one `authorization: Bearer <token>` entry, and the token matches."""
-        values = [v for k, v in metadata or () if k == "authorization"]
-        if len(values) != 1 or not isinstance(values[0], str):
-            return False
-        scheme, presented = values[0][: len(SCHEME)], values[0][len(SCHEME) :]
-        return scheme.lower() == SCHEME and hmac.compare_digest(
-            presented.encode(errors="surrogateescape"), self._token
-        )
+    def required(self, method: str) -> tuple[bytes | None, str]:
+        """The token `method` needs (None: none), and what to call it in a refusal."""
+        if method.rsplit("/", 1)[-1] in CONTROL_RPCS:
+            return self._control, "control token"
+        if method.startswith(self._open):
+            return None, ""
+        return self._token, "token"
 
     async def intercept_service(
         self,
@@ -92,18 +109,27 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method.startswith(self._open):
+        token, what = self.required(method)
+        if handler is None or token is None:
             return handler
-        if self.authorized(handler_call_details.invocation_metadata):
+        values = [
+            v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"
+        ]
+        if len(values) == 1 and bearer_matches(values[0], token):
             return handler
         self._on_refused()
-        rpc = method.rsplit("/", 1)[-1]
-        code, message = status_for(
-            AuthenticationError("missing or wrong token: send 'authorization: Bearer <token>'"),
-            rpc,
+        message = f"missing or wrong {what}: send 'authorization: Bearer <{what}>'"
+        refused: grpc.RpcMethodHandler[Any, Any] = _refuse(
+            handler, method.rsplit("/", 1)[-1], message
         )
-        refused: grpc.RpcMethodHandler[Any, Any] = _refuse(handler, code, message)
         return refused
 
 
-__all__ = ["HEALTH_SERVICE", "TokenInterceptor", "read_token", "server_credentials"]
+__all__ = [
+    "CONTROL_RPCS",
+    "HEALTH_SERVICE",
+    "TokenInterceptor",
+    "bearer_matches",
+    "read_token",
+    "server_credentials",
+]

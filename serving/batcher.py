@@ -11,7 +11,10 @@ wait at all (`joins`): at low load batching costs nothing.
 Failures stay per request: a request that fails to decode never joins a batch, and if a merged run
 raises, each of its requests is run again alone, so only the one whose rows break the model fails.
 A request whose deadline passes while queued is dropped before the run; a merged run on a worker
-thread is terminated only once every request in it has gone.
+thread is terminated only once every request in it has gone. Each request gets back its rows and
+the timing of the run it rode in (`Executed`); counting is the caller's business. The repository
+makes one batcher per loaded version and closes it when the version goes: what is pending still
+runs, and later requests run alone.
 
 Measured on 2 cores (1-row requests of the 30-feature MLP, gRPC transport on the same machine):
 at concurrency 8 merged runs gave ~15% more requests/s than running each alone, since one
@@ -25,10 +28,10 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from .metrics import Call
 from .runtime import ModelRuntime
 
 Results = dict[str, np.ndarray]
@@ -40,6 +43,16 @@ QUIET_TURNS = 4
 QUIET_TURN_S = 5e-6
 
 
+class Executed(NamedTuple):
+    """A request's outputs and the session.run they came from."""
+
+    results: Results
+    started_ns: int  # perf_counter_ns when the run began
+    ended_ns: int  # and ended
+    batch_rows: int  # rows of that run (the request's own, or a merged batch's)
+    lead: bool  # the first request of its run: the one that counts the execution (as Triton)
+
+
 @dataclass(frozen=True)
 class BatchingOptions:
     max_batch_size: int  # most rows in one merged run (Triton: the model's max_batch_size)
@@ -48,31 +61,30 @@ class BatchingOptions:
 
 
 class _Item:
-    __slots__ = ("call", "future", "inputs", "rows", "runtime")
+    __slots__ = ("future", "inputs", "rows")
+
+    def __init__(
+        self, inputs: Mapping[str, np.ndarray], rows: int, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.inputs, self.rows = inputs, rows
+        self.future: asyncio.Future[Executed] = loop.create_future()
+
+
+class Batcher:
+    """The pending batch of one model version; lives on the event loop thread (no locks)."""
 
     def __init__(
         self,
         runtime: ModelRuntime,
-        inputs: Mapping[str, np.ndarray],
-        rows: int,
-        call: Call,
+        executor: Executor,
+        options: BatchingOptions,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self.runtime, self.inputs, self.rows, self.call = runtime, inputs, rows, call
-        self.future: asyncio.Future[Results] = loop.create_future()
-
-
-class Batcher:
-    """The pending batch of one model version; lives on the event loop thread (no locks).
-
-    It keeps no reference to the version's runtime (its requests do, until they are answered),
-    so an unloaded version's session is freed with the batcher looked up by it (scheduler.py)."""
-
-    def __init__(self, executor: Executor, options: BatchingOptions) -> None:
-        # Made on the event loop thread; kept, since asyncio.get_running_loop() costs a getpid()
-        # system call per use on Python 3.11 (three per request here).
-        self._loop = asyncio.get_running_loop()
-        self._executor = executor
+        # The loop is kept, not looked up: asyncio.get_running_loop() costs a getpid() system
+        # call per use on Python 3.11 (three per request here).
+        self._loop = loop
+        self._runtime, self._executor = runtime, executor
+        self._closed = False
         self._max = options.max_batch_size
         self._delay_s = options.max_queue_delay_us / 1e6
         self._preferred = frozenset(options.preferred_batch_sizes)
@@ -90,17 +102,23 @@ class Batcher:
         """Whether a request arriving now should wait for company: only if one is pending, or
         the previous request arrived less than a delay ago. An isolated request (low load, or
         concurrency 1) runs at once, alone, as without batching."""
+        if self._closed:
+            return False
         now = self._loop.time()
         recent, self._last_arrival = now - self._last_arrival < self._delay_s, now
         return recent or bool(self._pending)
 
-    async def submit(
-        self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, call: Call
-    ) -> Results:
-        """Every output of `runtime` for these rows, once the batch they joined has run."""
+    def close(self) -> None:
+        """The version is going: run what is pending now; later requests run alone (`joins`).
+        Call on the event loop thread."""
+        self._closed = True
+        self._flush()
+
+    async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed:
+        """Every output for these rows, once the batch they joined has run."""
         if self._rows + rows > self._max:
             self._flush()
-        item = _Item(runtime, inputs, rows, call, self._loop)
+        item = _Item(inputs, rows, self._loop)
         self._pending.append(item)
         self._rows += rows
         if self._rows >= self._run_at or self._rows in self._preferred:
@@ -149,7 +167,7 @@ class Batcher:
         rows = sum(item.rows for item in items)
         if not items:
             return
-        if rows <= items[0].runtime.inline_rows:
+        if rows <= self._runtime.inline_rows:
             self._run_inline(items, rows)
         else:
             task = asyncio.ensure_future(self._run_on_worker(items, rows))
@@ -157,7 +175,7 @@ class Batcher:
             task.add_done_callback(self._tasks.discard)
 
     def _run_inline(self, items: list[_Item], rows: int) -> None:
-        runtime = items[0].runtime
+        runtime = self._runtime
         started = time.perf_counter_ns()
         try:
             results = runtime.run(_merge(items), runtime.output_names)
@@ -171,7 +189,7 @@ class Batcher:
         _deliver(items, rows, started, results)
 
     async def _run_on_worker(self, items: list[_Item], rows: int) -> None:
-        runtime = items[0].runtime
+        runtime = self._runtime
         run = asyncio.ensure_future(
             runtime.run_in(self._executor, _merge(items), runtime.output_names)
         )
@@ -205,20 +223,18 @@ def _merge(items: list[_Item]) -> Mapping[str, np.ndarray]:
 
 
 def _deliver(items: list[_Item], rows: int, started: int, results: Results) -> None:
-    """Each request's rows (views, no copies) and its share of the timing."""
+    """Each request's rows (views, no copies) and the run's timing."""
     ended = time.perf_counter_ns()
     offset = 0
     for i, item in enumerate(items):
-        call = item.call
-        call.run_start, call.run_end = started, ended
-        call.batch_rows = rows if i == 0 else 0  # the run counts once, with its first request
         if not item.future.done():
-            if len(items) == 1:
-                item.future.set_result(results)
-            else:
+            if len(items) > 1:
                 end = offset + item.rows
-                item.future.set_result({k: v[offset:end] for k, v in results.items()})
+                mine = {k: v[offset:end] for k, v in results.items()}
+            else:
+                mine = results
+            item.future.set_result(Executed(mine, started, ended, rows, i == 0))
         offset += item.rows
 
 
-__all__ = ["Batcher", "BatchingOptions"]
+__all__ = ["Batcher", "BatchingOptions", "Executed", "Results"]

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
-from .codec import DTYPES
+from .manifest import DTYPES
 
 PROBABILITY, LABEL = "probability", "label"  # output names of the model contract
 

@@ -1,253 +1,457 @@
-"""Wire <-> numpy for ModelInfer: every check on a request's tensors lives here, and only here.
+"""The wire codec of one model version: KServe v2 tensors in, numpy arrays out, and back.
 
-Inputs arrive as `raw_input_contents` (little-endian bytes, read zero-copy with np.frombuffer) or as
-typed `contents`; the reply uses the form the request used. No per-element Python on the hot path.
+Compiled once per loaded version from its manifest, then shared by every request to it. Every
+judgement about a request's tensors is made in this module, so no request can be judged two ways:
+`decode` first tries `_recognize`, which accepts only well-formed requests (declared names and
+datatypes, one content form, sizes that add up, finite numbers, clean text) with a few attribute
+reads and one np.frombuffer per numeric input, and never refuses anything; whatever it does not
+recognize goes to `decode_tensors`, which holds every check and error message. The REST front
+builds the same neutral `WireTensor`s from JSON and calls `decode_tensors` directly.
+
+Datatypes: FP32 (NaN = missing; an infinity is refused) and BYTES (UTF-8 text, surrounding
+whitespace stripped; raw form: each element a 4-byte little-endian length, then its bytes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
 from .errors import InvalidRequestError, clip, clip_items
+from .manifest import DTYPES, Manifest, TensorSpec
 
-# Datatypes of the inference protocol that this server can carry, as little-endian numpy types.
-DTYPES: dict[str, np.dtype[np.generic]] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("u1"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
 # The InferTensorContents field that carries each datatype (protocol spec, "Tensor Data").
-CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
-# Fixed-width packed fields: their serialized body *is* the little-endian array, so it can be read
-# with np.frombuffer instead of converting element by element (field numbers from the .proto).
-_PACKED_FIXED = {"fp32_contents": 6, "fp64_contents": 7}
+CONTENTS_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents", "BYTES": "bytes_contents"}
+# A packed fp32_contents serializes as its tag, a varint length, then the little-endian array
+# itself: (field number 6 << 3) | 2, length-delimited (protobuf encoding; grpc_service.proto).
+_FP32_TAG = 6 << 3 | 2
+MAX_TEXT_BYTES = 1024  # longest text element; categories are words, not documents
+_PREFIX = 4  # bytes of a raw BYTES element's length prefix
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One model input or output as the protocol describes it; -1 marks the batch dimension."""
+class WireTensor(NamedTuple):
+    """An input as a front received it, before any check."""
 
     name: str
     datatype: str
-    shape: tuple[int, ...]
+    shape: Sequence[int]
+    raw: bytes | None  # raw_input_contents / binary data, if sent so
+    values: Mapping[str, Sequence[Any]]  # typed contents field name -> values, for each one set
 
-    def describe(self) -> str:
-        return f"{self.datatype} {list(self.shape)}"
 
-
-class DecodedRequest(NamedTuple):  # a tuple: built per request, cheaper than a dataclass
+class Decoded(NamedTuple):  # a tuple: built per request, cheaper than a dataclass
     inputs: dict[str, np.ndarray]  # name -> array of the declared shape and dtype
     outputs: tuple[TensorSpec, ...]  # the outputs to return, in reply order
     raw: bool  # the request used raw_input_contents, so the reply does too
     rows: int  # batch size
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    for _ in range(10):  # a varint is at most 10 bytes
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("malformed varint")
+def split_raw_text(data: bytes, count: int) -> list[bytes] | None:
+    """`count` length-prefixed elements filling `data` exactly, each at most MAX_TEXT_BYTES;
+    None if they do not."""
+    items, pos, end = [], 0, len(data)
+    for _ in range(count):
+        if pos + _PREFIX > end:
+            return None
+        length = int.from_bytes(data[pos : pos + _PREFIX], "little")
+        pos += _PREFIX
+        if length > MAX_TEXT_BYTES or pos + length > end:
+            return None
+        items.append(data[pos : pos + length])
+        pos += length
+    return items if pos == end else None
 
 
-def _contents_array(
-    contents: pb.InferTensorContents, field: str, dtype: np.dtype[np.generic]
-) -> np.ndarray:
-    if field not in _PACKED_FIXED:
-        return np.asarray(getattr(contents, field), dtype=dtype)
-    data = contents.SerializeToString()  # only `field` is set (checked), so: tag, length, body
-    if not data:
-        return np.empty(0, dtype=dtype)
-    length, start = _read_varint(data, 1)
-    return np.frombuffer(data, dtype=dtype, count=length // dtype.itemsize, offset=start)
+def text_array(items: Sequence[bytes], shape: tuple[int, ...]) -> np.ndarray | None:
+    """UTF-8 elements as an object array of stripped str; None if one is not UTF-8 or too long."""
+    try:
+        values = [item.decode("utf-8").strip() for item in items if len(item) <= MAX_TEXT_BYTES]
+    except UnicodeDecodeError:
+        return None
+    if len(values) != len(items):
+        return None
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array.reshape(shape)
 
 
-def _check_shape(spec: TensorSpec, shape: list[int], max_batch_size: int) -> None:
-    where = f"input '{spec.name}' shape"
-    if len(shape) != len(spec.shape):
-        raise InvalidRequestError(
-            f"{where}: got {clip_items(shape)} (rank {len(shape)}), "
-            f"expected rank {len(spec.shape)} {list(spec.shape)}"
+class _Input:
+    """What the fast path needs of one declared input, computed once."""
+
+    __slots__ = ("datatype", "name", "row_bytes", "text", "width")
+
+    def __init__(self, spec: TensorSpec) -> None:
+        self.name, self.datatype, self.width = spec.name, spec.datatype, spec.width
+        self.text = spec.datatype == "BYTES"
+        self.row_bytes = 4 * spec.width  # FP32
+
+    def from_raw(self, data: bytes, rows: int) -> np.ndarray | None:
+        if self.text:
+            items = split_raw_text(data, rows * self.width)
+            return None if items is None else text_array(items, (rows, self.width))
+        if len(data) != rows * self.row_bytes:
+            return None
+        array = np.ndarray((rows, self.width), "<f4", data)  # a view: no copy
+        return None if np.isinf(array).any() else array
+
+    def from_contents(self, contents: pb.InferTensorContents, rows: int) -> np.ndarray | None:
+        if self.text:
+            items = contents.bytes_contents
+            if len(items) != rows * self.width or len(contents.ListFields()) != 1:
+                return None
+            return text_array(list(items), (rows, self.width))
+        data = contents.SerializeToString()
+        body = rows * self.row_bytes
+        # exactly: tag, varint length, body (anything else set would add bytes)
+        if len(data) < 2 or data[0] != _FP32_TAG:
+            return None
+        length, start = 0, 1
+        for shift in range(0, 35, 7):  # the body's length: a varint of at most 5 bytes here
+            if start >= len(data):
+                return None
+            byte = data[start]
+            start += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+        if length != body or start + length != len(data):
+            return None
+        array = np.ndarray((rows, self.width), "<f4", data, start)
+        return None if np.isinf(array).any() else array
+
+
+class Codec:
+    """Decode and encode for one model version; safe to share (no per-request state)."""
+
+    def __init__(self, manifest: Manifest, max_batch_size: int, name: str, version: str) -> None:
+        self.inputs, self.outputs = manifest.inputs, manifest.outputs
+        self.max_batch_size = max_batch_size
+        self.model_name, self.model_version = name, version  # served under its folder names
+        self._plans = {spec.name: _Input(spec) for spec in self.inputs}
+        self._specs = {spec.name: spec for spec in self.inputs}
+        self._by_output = {spec.name: spec for spec in self.outputs}
+        self._selections: dict[tuple[str, ...], tuple[TensorSpec, ...]] = {}
+        self._fields = [
+            (s.name, DTYPES[s.datatype], CONTENTS_FIELD[s.datatype]) for s in self.outputs
+        ]
+        self._templates: dict[int, pb.ModelInferResponse] = {}  # rows -> reply without data
+
+    def max_request_bytes(self) -> int:
+        """The largest well-formed request's tensor data (either content form)."""
+        per_row = sum(
+            spec.width * (_PREFIX + MAX_TEXT_BYTES if spec.datatype == "BYTES" else 4)
+            for spec in self.inputs
         )
-    for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
-        if want >= 0 and got != want:
+        return self.max_batch_size * per_row
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, request: pb.ModelInferRequest) -> Decoded:
+        """The request's arrays, or InvalidRequestError naming the field and what was expected."""
+        decoded = self._recognize(request)
+        if decoded is None:
+            names = [wanted.name for wanted in request.outputs]
+            raw = len(request.raw_input_contents)
+            decoded = self.decode_tensors(wire_tensors(request), names, raw)
+        return decoded
+
+    def _recognize(self, request: pb.ModelInferRequest) -> Decoded | None:
+        tensors, raw, plans = request.inputs, request.raw_input_contents, self._plans
+        if len(tensors) != len(plans) or (raw and len(raw) != len(tensors)):
+            return None
+        arrays: dict[str, np.ndarray] = {}
+        rows = 0
+        for i, tensor in enumerate(tensors):
+            plan = plans.get(tensor.name)
+            shape = tensor.shape
+            if plan is None or tensor.datatype != plan.datatype or len(shape) != 2:
+                return None
+            if shape[1] != plan.width or not 0 < shape[0] <= self.max_batch_size:
+                return None
+            if rows and shape[0] != rows:
+                return None
+            rows = shape[0]
+            if raw:
+                array = None if tensor.HasField("contents") else plan.from_raw(raw[i], rows)
+            else:
+                array = plan.from_contents(tensor.contents, rows)
+            if array is None:
+                return None
+            arrays[plan.name] = array
+        outputs = self._selection(request.outputs) if request.outputs else self.outputs
+        if outputs is None or len(arrays) != len(plans):
+            return None
+        return Decoded(arrays, outputs, bool(raw), rows)
+
+    def _selection(self, wanted: Sequence[Any]) -> tuple[TensorSpec, ...] | None:
+        """The outputs asked for, if they name known outputs once each (cached per list)."""
+        key = tuple(output.name for output in wanted)
+        found = self._selections.get(key)
+        if found is None and len(set(key)) == len(key) and all(k in self._by_output for k in key):
+            found = tuple(self._by_output[k] for k in key)
+            found = self.outputs if found == self.outputs else found  # the common reply shape
+            if len(self._selections) < 64:  # orders of the outputs: few; bounded anyway
+                self._selections[key] = found
+        return found
+
+    def decode_tensors(
+        self, tensors: Sequence[WireTensor], outputs: Sequence[str], raw_entries: int = 0
+    ) -> Decoded:
+        """Every check, in order; the first that fails raises InvalidRequestError.
+        `raw_entries`: how many raw_input_contents the message carried (gRPC)."""
+        got = [tensor.name for tensor in tensors]
+        for i, name in enumerate(got):
+            if name not in self._specs or got.index(name) != i:
+                expected = ", ".join(f"'{spec.name}'" for spec in self.inputs)
+                raise InvalidRequestError(
+                    f"inputs[{i}].name: got '{clip(name)}', expected {expected} (once each)"
+                )
+        if len(got) != len(self.inputs):
+            missing = ", ".join(f"'{spec.name}'" for spec in self.inputs if spec.name not in got)
             raise InvalidRequestError(
-                f"{where}[{axis}]: got {got}, expected {want} (shape {list(spec.shape)})"
+                f"inputs: got {len(got)} tensors, expected {len(self.inputs)} (missing {missing})"
             )
+        raw = [tensor.raw is not None for tensor in tensors]
+        entries = raw_entries or sum(raw)
+        if entries and entries != len(tensors):
+            raise InvalidRequestError(
+                f"raw_input_contents: got {entries} entries, "
+                f"expected {len(tensors)} (one per input, in order)"
+            )
+        arrays = {t.name: self._decode_one(self._specs[t.name], t) for t in tensors}
+        rows = {array.shape[0] for array in arrays.values()}
+        if len(rows) != 1:
+            raise InvalidRequestError(
+                f"inputs shape[0]: got batch sizes {sorted(rows)}, expected one batch size"
+            )
+        return Decoded(arrays, self._requested(outputs), all(raw), rows.pop())
+
+    def _decode_one(self, spec: TensorSpec, tensor: WireTensor) -> np.ndarray:
+        name = spec.name
+        if tensor.datatype != spec.datatype:
+            raise InvalidRequestError(
+                f"input '{name}' datatype: got '{clip(tensor.datatype)}', "
+                f"expected '{spec.datatype}'"
+            )
+        shape = _check_shape(spec, list(tensor.shape), self.max_batch_size)
+        count = shape[0] * shape[1]
+        if tensor.raw is not None:
+            if tensor.values:
+                raise InvalidRequestError(
+                    f"input '{name}': got both contents.{next(iter(tensor.values))} and "
+                    "raw_input_contents, expected exactly one"
+                )
+            if spec.datatype == "BYTES":
+                return _text(name, _split_checked(name, tensor.raw, count), shape)
+            if len(tensor.raw) != count * 4:
+                raise InvalidRequestError(
+                    f"raw_input_contents for input '{name}': got {len(tensor.raw)} bytes, "
+                    f"expected {count * 4} (shape {list(shape)} x 4 bytes FP32)"
+                )
+            return _finite(name, np.frombuffer(tensor.raw, "<f4").reshape(shape))
+        field = CONTENTS_FIELD[spec.datatype]
+        other = next((f for f in tensor.values if f != field), None)
+        if other is not None:
+            raise InvalidRequestError(
+                f"input '{name}' contents: got {other}, expected {field} for {spec.datatype}"
+            )
+        values = tensor.values.get(field, ())
+        if len(values) != count:
+            raise InvalidRequestError(
+                f"input '{name}' contents.{field}: got {len(values)} elements, "
+                f"expected {count} (shape {list(shape)})"
+            )
+        if spec.datatype == "BYTES":
+            return _text(name, values, shape)
+        try:
+            array = np.asarray(values, dtype="<f4").reshape(shape)
+        except (TypeError, ValueError):  # a front's values that are not numbers (JSON)
+            raise InvalidRequestError(
+                f"input '{name}' contents.{field}: got a value that is not a number, expected "
+                f"{count} numbers (NaN = missing)"
+            ) from None
+        return _finite(name, array)
+
+    def _requested(self, names: Sequence[str]) -> tuple[TensorSpec, ...]:
+        seen: list[str] = []
+        for i, name in enumerate(names):
+            if name not in self._by_output:
+                expected = ", ".join(f"'{spec.name}'" for spec in self.outputs)
+                raise InvalidRequestError(
+                    f"outputs[{i}].name: got '{clip(name)}', expected one of {expected}"
+                )
+            if name in seen:
+                raise InvalidRequestError(
+                    f"outputs[{i}].name: got '{clip(name)}' twice, expected each at most once"
+                )
+            seen.append(name)
+        return tuple(self._by_output[name] for name in seen) if seen else self.outputs
+
+    # ------------------------------------------------------------------ encode
+
+    def encode(
+        self, request: pb.ModelInferRequest, results: Mapping[str, np.ndarray], decoded: Decoded
+    ) -> pb.ModelInferResponse:
+        """The reply to `request`: its id echoed, the requested outputs in the form it used."""
+        if decoded.outputs is self.outputs and request.model_name == self.model_name:
+            response = pb.ModelInferResponse()
+            response.CopyFrom(self._template(decoded.rows))  # names, shapes: built once per size
+            fields = self._fields
+        else:
+            response = pb.ModelInferResponse(
+                model_name=request.model_name, model_version=self.model_version
+            )
+            for spec in decoded.outputs:
+                response.outputs.add(
+                    name=spec.name, datatype=spec.datatype, shape=(decoded.rows, spec.width)
+                )
+            fields = [
+                (s.name, DTYPES[s.datatype], CONTENTS_FIELD[s.datatype]) for s in decoded.outputs
+            ]
+        if request.id:
+            response.id = request.id
+        if decoded.raw:
+            response.raw_output_contents.extend(
+                [_cast(results[name], dtype).tobytes() for name, dtype, _ in fields]
+            )
+        else:  # outputs are one value per row: small, so a list is cheap here
+            for tensor, (name, dtype, field) in zip(response.outputs, fields, strict=True):
+                getattr(tensor.contents, field).extend(_cast(results[name], dtype).ravel().tolist())
+        return response
+
+    def _template(self, rows: int) -> pb.ModelInferResponse:
+        template = self._templates.get(rows)
+        if template is None:
+            template = pb.ModelInferResponse(
+                model_name=self.model_name, model_version=self.model_version
+            )
+            for spec in self.outputs:
+                template.outputs.add(
+                    name=spec.name, datatype=spec.datatype, shape=(rows, spec.width)
+                )
+            if len(self._templates) < 256:  # the common batch sizes; bounded
+                self._templates[rows] = template
+        return template
+
+
+def wire_tensors(request: pb.ModelInferRequest) -> list[WireTensor]:
+    """The request's inputs as protobuf parsed them (unknown fields ignored, as protobuf does)."""
+    raw = request.raw_input_contents
+    return [
+        WireTensor(
+            tensor.name,
+            tensor.datatype,
+            list(tensor.shape),
+            raw[i] if i < len(raw) else None,
+            {field.name: values for field, values in tensor.contents.ListFields()},
+        )
+        for i, tensor in enumerate(request.inputs)
+    ]
+
+
+def _check_shape(spec: TensorSpec, shape: list[int], max_batch_size: int) -> tuple[int, int]:
+    where = f"input '{spec.name}' shape"
+    if len(shape) != 2:
+        raise InvalidRequestError(
+            f"{where}: got {clip_items(shape)} (rank {len(shape)}), expected rank 2 "
+            f"{list(spec.shape)}"
+        )
+    if shape[1] != spec.width:
+        raise InvalidRequestError(
+            f"{where}[1]: got {shape[1]}, expected {spec.width} (shape {list(spec.shape)})"
+        )
     if not 1 <= shape[0] <= max_batch_size:
         raise InvalidRequestError(
             f"{where}[0] (batch size): got {shape[0]}, expected 1..{max_batch_size}"
         )
+    return shape[0], shape[1]
 
 
-def _decode_tensor(
-    tensor: pb.ModelInferRequest.InferInputTensor,
-    raw: bytes | None,
-    spec: TensorSpec,
-    max_batch_size: int,
-) -> np.ndarray:
-    if tensor.datatype != spec.datatype:
-        raise InvalidRequestError(
-            f"input '{spec.name}' datatype: got '{clip(tensor.datatype)}', "
-            f"expected '{spec.datatype}'"
-        )
-    shape = list(tensor.shape)
-    _check_shape(spec, shape, max_batch_size)
-    dtype, count = DTYPES[spec.datatype], int(np.prod(shape))
-    set_fields = [f.name for f, _ in tensor.contents.ListFields()]
-    if raw is not None:
-        if set_fields:
+def _split_checked(name: str, data: bytes, count: int) -> list[bytes]:
+    items, pos = [], 0
+    for index in range(count):
+        if pos + _PREFIX > len(data):
             raise InvalidRequestError(
-                f"input '{spec.name}': got both contents.{set_fields[0]} and raw_input_contents, "
-                "expected exactly one"
+                f"raw_input_contents for input '{name}' element {index}: the 4-byte length "
+                f"prefix at byte {pos} is past the end ({len(data)} bytes), expected {count} "
+                "length-prefixed elements"
             )
-        if len(raw) != count * dtype.itemsize:
+        length = int.from_bytes(data[pos : pos + _PREFIX], "little")
+        pos += _PREFIX
+        if length > MAX_TEXT_BYTES:
             raise InvalidRequestError(
-                f"raw_input_contents for input '{spec.name}': got {len(raw)} bytes, expected "
-                f"{count * dtype.itemsize} (shape {shape} x {dtype.itemsize} bytes {spec.datatype})"
+                f"raw_input_contents for input '{name}' element {index}: got {length} bytes, "
+                f"expected at most {MAX_TEXT_BYTES}"
             )
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    field = CONTENTS_FIELD[spec.datatype]
-    if any(name != field for name in set_fields):
-        other = next(name for name in set_fields if name != field)
+        if pos + length > len(data):
+            raise InvalidRequestError(
+                f"raw_input_contents for input '{name}' element {index}: length {length} at "
+                f"byte {pos - _PREFIX} runs past the end ({len(data)} bytes)"
+            )
+        items.append(data[pos : pos + length])
+        pos += length
+    if pos != len(data):
         raise InvalidRequestError(
-            f"input '{spec.name}' contents: got {other}, expected {field} for {spec.datatype}"
+            f"raw_input_contents for input '{name}': got {len(data) - pos} bytes after the "
+            f"{count} elements, expected none"
         )
-    array = _contents_array(tensor.contents, field, dtype)
-    if array.size != count:
-        raise InvalidRequestError(
-            f"input '{spec.name}' contents.{field}: got {array.size} elements, "
-            f"expected {count} (shape {shape})"
-        )
-    return array.reshape(shape)
+    return items
 
 
-def _check_finite(spec: TensorSpec, array: np.ndarray) -> None:
+def _text(name: str, items: Sequence[Any], shape: tuple[int, int]) -> np.ndarray:
+    items = [item.encode("utf-8", "surrogatepass") if isinstance(item, str) else item
+             for item in items]  # fmt: skip  # JSON (REST) sends text as str
+    for index, item in enumerate(items):
+        row = index // shape[1]
+        if not isinstance(item, bytes):
+            raise InvalidRequestError(
+                f"input '{name}' row {row}: got {type(item).__name__}, expected UTF-8 bytes"
+            )
+        if len(item) > MAX_TEXT_BYTES:
+            raise InvalidRequestError(
+                f"input '{name}' row {row}: got {len(item)} bytes, expected at most "
+                f"{MAX_TEXT_BYTES}"
+            )
+        try:
+            item.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidRequestError(
+                f"input '{name}' row {row}: got bytes that are not UTF-8 ({err.reason} at byte "
+                f"{err.start}), expected UTF-8 text"
+            ) from None
+    array = text_array(list(items), shape)
+    assert array is not None  # every element was checked above
+    return array
+
+
+def _finite(name: str, array: np.ndarray) -> np.ndarray:
     """NaN means "missing" (the graph imputes it); an infinity means nothing, so it is refused."""
-    if array.dtype.kind != "f":
-        return
     infinite = np.isinf(array)
     if infinite.any():
-        index = tuple(int(i) for i in np.argwhere(infinite)[0])
+        row, column = (int(i) for i in np.argwhere(infinite)[0])
         raise InvalidRequestError(
-            f"input '{spec.name}' value at index {list(index)}: got {array[index]}, "
+            f"input '{name}' value at index [{row}, {column}]: got {array[row, column]}, "
             "expected a finite number or NaN (missing)"
         )
+    return array
 
 
-def _requested_outputs(
-    request: pb.ModelInferRequest, outputs: Sequence[TensorSpec]
-) -> tuple[TensorSpec, ...]:
-    by_name = {spec.name: spec for spec in outputs}
-    known = list(by_name)
-    if not request.outputs:
-        return tuple(outputs)
-    names: list[str] = []
-    for i, wanted in enumerate(request.outputs):
-        if wanted.name not in known:
-            expected = ", ".join(f"'{name}'" for name in known)
-            raise InvalidRequestError(
-                f"outputs[{i}].name: got '{clip(wanted.name)}', expected one of {expected}"
-            )
-        if wanted.name in names:
-            raise InvalidRequestError(
-                f"outputs[{i}].name: got '{clip(wanted.name)}' twice, expected each at most once"
-            )
-        names.append(wanted.name)
-    return tuple(by_name[name] for name in names)
-
-
-def decode_request(
-    request: pb.ModelInferRequest,
-    inputs: Sequence[TensorSpec],
-    outputs: Sequence[TensorSpec],
-    max_batch_size: int,
-) -> DecodedRequest:
-    """Check a ModelInferRequest against the model's tensors and return its arrays."""
-    by_name = {spec.name: spec for spec in inputs}
-    got = [tensor.name for tensor in request.inputs]
-    for i, name in enumerate(got):
-        if name not in by_name or got.index(name) != i:
-            expected = ", ".join(f"'{spec.name}'" for spec in inputs)
-            raise InvalidRequestError(
-                f"inputs[{i}].name: got '{clip(name)}', expected {expected} (once each)"
-            )
-    if len(got) != len(inputs):
-        missing = ", ".join(f"'{spec.name}'" for spec in inputs if spec.name not in got)
-        raise InvalidRequestError(
-            f"inputs: got {len(got)} tensors, expected {len(inputs)} (missing {missing})"
-        )
-    raw_contents = request.raw_input_contents
-    if raw_contents and len(raw_contents) != len(got):
-        raise InvalidRequestError(
-            f"raw_input_contents: got {len(raw_contents)} entries, "
-            f"expected {len(got)} (one per input, in order)"
-        )
-    arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        spec = by_name[tensor.name]
-        raw = raw_contents[i] if raw_contents else None
-        arrays[spec.name] = _decode_tensor(tensor, raw, spec, max_batch_size)
-        _check_finite(spec, arrays[spec.name])
-    rows = {array.shape[0] for array in arrays.values()}
-    if len(rows) != 1:
-        raise InvalidRequestError(
-            f"inputs shape[0]: got batch sizes {sorted(rows)}, expected one batch size"
-        )
-    return DecodedRequest(
-        arrays, _requested_outputs(request, outputs), bool(raw_contents), rows.pop()
-    )
-
-
-def encode_response(
-    request: pb.ModelInferRequest,
-    model_version: str,
-    results: Mapping[str, np.ndarray],
-    outputs: Sequence[TensorSpec],
-    raw: bool,
-) -> pb.ModelInferResponse:
-    """The reply to `request`: its id echoed, `results` in the order of `outputs`."""
-    response = pb.ModelInferResponse(
-        model_name=request.model_name, model_version=model_version, id=request.id
-    )
-    for spec in outputs:
-        array = np.ascontiguousarray(results[spec.name], dtype=DTYPES[spec.datatype])
-        tensor = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
-        if raw:
-            response.raw_output_contents.append(array.tobytes())
-        else:  # outputs are one value per row: small, so a list is cheap here
-            getattr(tensor.contents, CONTENTS_FIELD[spec.datatype]).extend(array.ravel().tolist())
-    return response
+def _cast(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """ONNX Runtime's outputs already have the declared dtype (the warm-up checks it)."""
+    return array if array.dtype == dtype else array.astype(dtype)
 
 
 __all__ = [
     "CONTENTS_FIELD",
     "DTYPES",
-    "DecodedRequest",
-    "TensorSpec",
-    "decode_request",
-    "encode_response",
+    "MAX_TEXT_BYTES",
+    "Codec",
+    "Decoded",
+    "WireTensor",
+    "split_raw_text",
+    "text_array",
+    "wire_tensors",
 ]

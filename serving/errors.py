@@ -1,4 +1,4 @@
-"""Serving errors, and the one table that turns them into gRPC status codes.
+"""Serving errors, in one tree, with the protocol-neutral status each stands for.
 
     ServingError                    message written for the client (names field, got, expected)
     ├── InvalidRequestError         the request breaks the wire contract   -> INVALID_ARGUMENT
@@ -6,34 +6,32 @@
     ├── ModelUnavailableError       known, but not ready (unloaded/failed) -> UNAVAILABLE
     ├── OverloadedError             too many requests in flight or queued  -> RESOURCE_EXHAUSTED
     ├── AuthenticationError         missing or wrong bearer token          -> UNAUTHENTICATED
+    ├── ControlDisabledError        repository control off in this mode    -> FAILED_PRECONDITION
     └── ModelLoadError              a version that cannot be served        -> FAILED_PRECONDITION
         ├── IntegrityError          files differ from manifest.json (sha256, size)
         ├── ContractError           manifest or graph break the model contract
         └── ProviderError           the requested execution provider was not obtained
 
-Anything else is a bug: INTERNAL with a fixed message, the traceback goes to the log. A handler
-cancelled by gRPC (the client's deadline passed, or it hung up) is DEADLINE_EXCEEDED or CANCELLED.
-The exceptions carry no gRPC codes; `STATUS` below is the only place codes are chosen. Text that a
+Anything else is a bug: INTERNAL with a fixed message, the traceback goes to the log. A call
+cancelled by its client or its deadline is CANCELLED or DEADLINE_EXCEEDED. The status names are
+the KServe v2 / Triton ones (the gRPC codes'); each front maps them to its protocol (gRPC codes in
+grpc_boundary.py, HTTP statuses in the REST front), so no exception here knows a protocol. Text a
 client sent is quoted through `clip`, so no message or log line carries it unbounded.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
-
-import grpc
-from google.protobuf.message import DecodeError
-
-log = logging.getLogger(__name__)
+from collections.abc import Sequence
+from typing import Any
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 CLIP_CHARS = 64  # longest client-sent string quoted in a message (model names are shorter)
 CLIP_ITEMS = 8  # most list items (shape dims) quoted
-LOG_MESSAGE_CHARS = 1000  # a log line's cap, whatever the message
+
+OK = "OK"
+INTERNAL = "INTERNAL"
+CANCELLED = "CANCELLED"
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 
 
 class ServingError(Exception):
@@ -60,6 +58,10 @@ class AuthenticationError(ServingError):
     pass
 
 
+class ControlDisabledError(ServingError):
+    pass
+
+
 class ModelLoadError(ServingError):
     pass
 
@@ -76,21 +78,38 @@ class ProviderError(ModelLoadError):
     pass
 
 
-# The one mapping from domain errors to gRPC status codes; the first matching class wins.
-STATUS: tuple[tuple[type[ServingError], grpc.StatusCode], ...] = (
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (ModelUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
+# The one mapping from domain errors to statuses; the first matching class wins.
+STATUS: tuple[tuple[type[ServingError], str], ...] = (
+    (InvalidRequestError, "INVALID_ARGUMENT"),
+    (ModelNotFoundError, "NOT_FOUND"),
+    (ModelUnavailableError, "UNAVAILABLE"),
+    (OverloadedError, "RESOURCE_EXHAUSTED"),
+    (AuthenticationError, "UNAUTHENTICATED"),
+    (ControlDisabledError, "FAILED_PRECONDITION"),
+    (ModelLoadError, "FAILED_PRECONDITION"),
 )
+STATUS_NAMES = (OK, CANCELLED, DEADLINE_EXCEEDED, INTERNAL, *dict.fromkeys(n for _, n in STATUS))
+
+
+def status_of(err: BaseException) -> str:
+    """The status name of a failure other than a cancellation (INTERNAL for anything unknown)."""
+    return next((name for cls, name in STATUS if isinstance(err, cls)), INTERNAL)
+
+
+def message_of(err: BaseException) -> str:
+    """What the client is told: a ServingError's own words, otherwise the fixed message."""
+    return str(err) if isinstance(err, ServingError) else INTERNAL_MESSAGE
 
 
 def clip(text: str, limit: int = CLIP_CHARS) -> str:
     """Client text made safe to quote: control characters escaped, at most `limit` characters."""
-    escaped = text if text.isprintable() else repr(text)[1:-1]
-    return escaped if len(escaped) <= limit else f"{escaped[:limit]}... ({len(text)} chars)"
+    head = text[: limit + 1]  # escaping first could cost time and memory in the whole text
+    escaped = head if head.isprintable() else repr(head)[1:-1]
+    return (
+        escaped
+        if len(text) <= limit and len(escaped) <= limit
+        else (f"{escaped[:limit]}... ({len(text)} chars)")
+    )
 
 
 def clip_items(items: Sequence[Any], limit: int = CLIP_ITEMS) -> str:
@@ -100,98 +119,17 @@ def clip_items(items: Sequence[Any], limit: int = CLIP_ITEMS) -> str:
     return f"[{', '.join(map(str, items[:limit]))}, ... ({len(items)} items)]"
 
 
-class Undecodable:
-    """Stands in for a request whose bytes do not parse (see `lenient`); refused at the boundary."""
-
-    def __init__(self, message_type: str, reason: str) -> None:
-        self.message_type, self.reason = message_type, reason
-
-    def check(self) -> None:
-        raise InvalidRequestError(
-            f"request: not a valid {self.message_type} message ({clip(self.reason, 200)})"
-        )
-
-
-def lenient(parse: Callable[[bytes], Any], message_type: str) -> Callable[[bytes], Any]:
-    """A request deserializer that returns `Undecodable` instead of raising, so a garbled message
-    gets INVALID_ARGUMENT and one log line, not gRPC's UNKNOWN and a traceback."""
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except DecodeError as err:
-            return Undecodable(message_type, str(err))
-
-    return deserialize
-
-
-def check_decoded(request: object) -> None:
-    """Raise InvalidRequestError if `request` is the stand-in for bytes that did not parse."""
-    if isinstance(request, Undecodable):
-        request.check()
-
-
-def code_for(err: BaseException) -> grpc.StatusCode:
-    """The status code of `err`, without logging (for counting)."""
-    if isinstance(err, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
-    return next((code for cls, code in STATUS if isinstance(err, cls)), grpc.StatusCode.INTERNAL)
-
-
-def cancelled_code(context: Any) -> grpc.StatusCode:
-    """Why gRPC cancelled a handler: its deadline passed, or the client went away."""
-    remaining = context.time_remaining()
-    expired = remaining is not None and remaining <= 0
-    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-
-
-def log_failure(rpc: str, code: grpc.StatusCode, message: str, peer: str = "") -> None:
-    """The one log line of a failed call: RPC, status, message (capped), and who called."""
-    text = message if len(message) <= LOG_MESSAGE_CHARS else message[:LOG_MESSAGE_CHARS] + "..."
-    extra = {"rpc": rpc, "code": code.name, "peer": peer}
-    log.info("%s failed: %s: %s", rpc, code.name, text, extra=extra)
-
-
-def status_for(err: Exception, rpc: str, peer: str = "") -> tuple[grpc.StatusCode, str]:
-    """Code and client-facing message for `err`, logged once here (the RPC boundary)."""
-    code = code_for(err)
-    if code != grpc.StatusCode.INTERNAL:
-        log_failure(rpc, code, str(err), peer)
-        return code, str(err)
-    log.error("%s failed unexpectedly", rpc, exc_info=err, extra={"rpc": rpc, "code": code.name})
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
-
-
-S = TypeVar("S")
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[S, Req, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Resp]]
-
-
-def rpc_boundary(method: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
-    """Decorator for unary servicer methods: an exception becomes `context.abort(code, message)`."""
-
-    @functools.wraps(method)
-    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
-        try:
-            check_decoded(request)
-            return await method(self, request, context)
-        except asyncio.CancelledError:  # gRPC has answered the client already; say so once
-            log_failure(method.__name__, cancelled_code(context), "cancelled", context.peer())
-            raise
-        except Exception as err:  # the boundary: every failure is mapped, none escapes raw
-            code, message = status_for(err, method.__name__, context.peer())
-        await context.abort(code, message)
-        raise AssertionError("unreachable: context.abort raises")
-
-    return wrapper
-
-
 __all__ = [
+    "CANCELLED",
+    "DEADLINE_EXCEEDED",
+    "INTERNAL",
     "INTERNAL_MESSAGE",
+    "OK",
     "STATUS",
+    "STATUS_NAMES",
     "AuthenticationError",
     "ContractError",
+    "ControlDisabledError",
     "IntegrityError",
     "InvalidRequestError",
     "ModelLoadError",
@@ -200,14 +138,8 @@ __all__ = [
     "OverloadedError",
     "ProviderError",
     "ServingError",
-    "Undecodable",
-    "cancelled_code",
-    "check_decoded",
     "clip",
     "clip_items",
-    "code_for",
-    "lenient",
-    "log_failure",
-    "rpc_boundary",
-    "status_for",
+    "message_of",
+    "status_of",
 ]

@@ -1,8 +1,9 @@
 """Per-version inference statistics, counted once and read by both ModelStatistics and Prometheus.
 
-Every inference call (a ModelInfer, or one ModelStreamInfer message) is tracked by
+Every inference call (a ModelInfer, one ModelStreamInfer message, a REST infer) is tracked by
 `Telemetry.track` and lands in its version's `VersionStats` (Triton's counters plus histograms), or,
-if it failed before a version was chosen (unknown model, overload), in a per-code count.
+if it failed before a version was chosen (unknown model, overload), in a per-status count. The
+timings come from the `Executed` record the scheduler returns; nothing below writes into this.
 `/metrics` is rendered from those same objects at scrape time, on its own HTTP port: the hot path
 pays for a few integer additions, not for a metrics library's locks.
 """
@@ -14,9 +15,8 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -27,13 +27,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .errors import cancelled_code, code_for
+from .errors import OK, status_of
+
+if TYPE_CHECKING:  # the scheduler's record of a run; metrics only read it
+    from .batcher import Executed
 
 # Seconds: a one-row call of the served MLP takes ~0.1-0.5 ms end to end, a 1024-row one a few ms.
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                      0.25, 0.5, 1.0, 2.5)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # rows; 1024 = default max batch
-OK = grpc.StatusCode.OK.name
 NS = 1_000_000_000  # per second
 
 
@@ -109,27 +111,28 @@ class VersionStats:
         codes = self.codes
         codes[code] = codes.get(code, 0) + 1
         self.latency.observe(elapsed)
-        if code != OK:
+        executed = call.executed
+        if code != OK or executed is None:
             self.fail.add(elapsed)
             return
         self.success.add(elapsed)
         self.last_success_ns = now_ns  # perf_counter time: `last_inference` converts
         self.inference_count += call.rows
-        queue = call.run_start - call.decoded
+        queue = executed.started_ns - call.decoded
         self.queue.add(queue)
         self.queue_time.observe(queue)
-        self.batch_size.observe(call.rows)
         compute_input = call.decoded - call.start
-        compute_infer = call.run_end - call.run_start
-        compute_output = now_ns - call.run_end
+        compute_infer = executed.ended_ns - executed.started_ns
+        compute_output = now_ns - executed.ended_ns
         self.compute_input.add(compute_input)
         self.compute_infer.add(compute_infer)
         self.compute_output.add(compute_output)
-        if call.batch_rows:  # this call's session.run counts once: Triton counts executions
+        if executed.lead:  # a merged run counts once, as Triton counts executions and batches
             self.execution_count += 1
-            batch = self.batches.get(call.batch_rows)
+            self.batch_size.observe(executed.batch_rows)
+            batch = self.batches.get(executed.batch_rows)
             if batch is None:
-                batch = self.batches[call.batch_rows] = BatchStats()
+                batch = self.batches[executed.batch_rows] = BatchStats()
             batch.compute_input.add(compute_input)
             batch.compute_infer.add(compute_infer)
             batch.compute_output.add(compute_output)
@@ -144,19 +147,18 @@ class VersionStats:
 
 
 class Call:
-    """One inference call: its version once resolved, and when each of Triton's phases ended.
+    """One inference call: its version once resolved, when it was decoded, and how it ran.
 
     A context manager: leaving it counts the call once in its version's stats (or, if it failed
-    before a version was chosen, by status code alone) and lets any exception through."""
+    before a version was chosen, by status alone) and lets any exception through."""
 
-    __slots__ = ("batch_rows", "context", "decoded", "rows", "run_end", "run_start", "start",
-                 "stats", "telemetry")  # fmt: skip
+    __slots__ = ("cancelled", "decoded", "executed", "rows", "start", "stats", "telemetry")
 
-    def __init__(self, telemetry: Telemetry, context: Any) -> None:
-        self.telemetry, self.context = telemetry, context
-        self.start = self.decoded = self.run_start = self.run_end = time.perf_counter_ns()
+    def __init__(self, telemetry: Telemetry, cancelled: Callable[[], str]) -> None:
+        self.telemetry, self.cancelled = telemetry, cancelled
+        self.start = self.decoded = time.perf_counter_ns()
         self.rows = 0  # rows of this request
-        self.batch_rows = 0  # rows of the session.run it led (0: it rode in another's batch)
+        self.executed: Executed | None = None
         self.stats: VersionStats | None = None
 
     def __enter__(self) -> Call:
@@ -166,9 +168,9 @@ class Call:
         if kind is None:
             code = OK
         elif isinstance(err, asyncio.CancelledError):
-            code = cancelled_code(self.context).name
-        elif isinstance(err, Exception):  # counted here, mapped and logged by the RPC boundary
-            code = code_for(err).name
+            code = self.cancelled()
+        elif isinstance(err, Exception):  # counted here, mapped and logged at the front
+            code = status_of(err)
         else:
             return
         if self.stats is not None:
@@ -191,9 +193,11 @@ class Telemetry(Collector):
         self.unresolved: dict[str, int] = {}  # code -> calls that failed before a version
         self.auth_failures = 0
 
-    def track(self, context: Any) -> Call:
-        """`with telemetry.track(context) as call:` counts the call once, whatever happens."""
-        return Call(self, context)
+    def track(self, cancelled: Callable[[], str]) -> Call:
+        """`with telemetry.track(cancelled) as call:` counts the call once, whatever happens;
+        `cancelled()` names why, should the call be cancelled (the front knows: its deadline, or
+        its client went away)."""
+        return Call(self, cancelled)
 
     def count(self, code: str) -> int:
         """Inference requests answered with `code` so far, across every version."""
@@ -219,7 +223,9 @@ class Telemetry(Collector):
             labels=labels,
         )
         batch = HistogramMetricFamily(
-            "stablemlp_inference_batch_size", "Rows per successful request", labels=labels
+            "stablemlp_inference_batch_size",
+            "Rows per session.run (merged batches counted once, as Triton's batch statistics)",
+            labels=labels,
         )
         ready = GaugeMetricFamily(
             "stablemlp_model_version_ready", "1 if the version serves, else 0", labels=labels

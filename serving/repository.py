@@ -1,11 +1,12 @@
 """The model repository: REPO/<model>/<version>/, which versions are loaded, and their readiness.
 
 This is the one source of truth for readiness: health, ModelReady, ServerReady, RepositoryIndex and
-/metrics all ask it. A (re)load builds each new version fully (hash, session, interface, warm-up)
-before one dict assignment swaps the model's versions, so a request sees the old versions or the new
-ones, never a mix. A version that fails is refused: its reason stays in RepositoryIndex and the
+/metrics all ask it. A (re)load builds each new version fully (hash, session, interface, warm-up,
+codec, scheduler) before one dict assignment swaps the model's versions, so a request sees the old
+versions or the new ones, never a mix; the schedulers of versions that went are closed then. A
+version that fails is refused, whatever its files hold: its reason stays in RepositoryIndex and the
 versions that were serving keep serving. `refresh` (the poller) reloads only models whose version
-folders changed since it last looked, and leaves models unloaded on request alone.
+folders changed since it last looked. Names from clients are checked before they touch the disk.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
+from .codec import Codec
 from .errors import (
     ModelLoadError,
     ModelNotFoundError,
@@ -22,13 +25,16 @@ from .errors import (
     ServingError,
     clip,
 )
+from .manifest import MODEL_NAME
 from .metrics import VersionStats
+from .policy import VersionPolicy
 from .runtime import ModelRuntime, RuntimeOptions
-from .settings import VersionPolicy
+from .scheduler import Scheduler
 from .versions import (
     READY,
     UNAVAILABLE,
     UNLOADED,
+    Live,
     Loaded,
     Signature,
     VersionEntry,
@@ -38,6 +44,7 @@ from .versions import (
 )
 
 log = logging.getLogger(__name__)
+SchedulerFactory = Callable[[ModelRuntime], Scheduler]
 
 
 class ModelRepository:
@@ -47,13 +54,13 @@ class ModelRepository:
         *,
         policy: VersionPolicy,
         options: RuntimeOptions,
-        warmup_batch_sizes: tuple[int, ...],
         warmup_runs: int,
+        scheduler: SchedulerFactory,
         only: tuple[str, ...] = (),
     ) -> None:
         self.root = root
         self._policy, self._options, self._only = policy, options, only
-        self._warmup = (warmup_batch_sizes, warmup_runs)
+        self._warmup_runs, self._scheduler = warmup_runs, scheduler
         self._models: dict[str, dict[int, VersionEntry]] = {}  # swapped per model, never mutated
         self._seen: dict[str, dict[int, Signature]] = {}  # the folders each load last saw
         self._unloaded: set[str] = set()  # unloaded on request: the poller leaves them alone
@@ -66,13 +73,21 @@ class ModelRepository:
         if not self.root.is_dir():
             raise ModelNotFoundError(f"model repository {self.root}: not a folder")
         return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(p.name)
         )
 
+    def check_name(self, name: str) -> str:
+        """A client's model name, refused before it reaches the file system unless it is one
+        this server may serve."""
+        if not MODEL_NAME.fullmatch(name) or (self._only and name not in self._only):
+            served = f" (this server serves {list(self._only)})" if self._only else ""
+            raise ModelNotFoundError(f"model '{clip(name)}': not found in the repository{served}")
+        return name
+
     def _version_dirs(self, name: str) -> dict[int, Path]:
-        folder = self.root / name
-        if not name or name.startswith(".") or "/" in name or not folder.is_dir():
-            raise ModelNotFoundError(f"model '{clip(name)}': not found in the repository")
+        folder = self.root / self.check_name(name)
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"model '{name}': not found in the repository")
         found = {version_number(p.name): p for p in folder.iterdir() if p.is_dir()}
         return {v: p for v, p in found.items() if v is not None}
 
@@ -99,20 +114,20 @@ class ModelRepository:
                 )
                 raise ModelLoadError(f"model '{name}': {self._problems[name]}")
             current = self._models.get(name, {})
-            ready = [e for e in current.values() if e.runtime is not None and e.state == READY]
+            ready = [e for e in current.values() if e.ready]
             serving = max(ready, key=lambda e: e.version) if ready else None
             results = {
                 v: self._open(name, v, folders[v], current.get(v), reuse, serving) for v in chosen
             }
             entries = {v: entry for v, (entry, _) in results.items()}
             errors = [err for _, err in results.values() if err is not None]
-            if any(e.state != READY for e in entries.values()):  # the old ones serve on
+            if any(not e.ready for e in entries.values()):  # the old ones serve on
                 entries.update({e.version: e for e in ready if e.version not in entries})
             self._swap(name, entries)
             self._problems.pop(name, None)
-        live = {v: e.runtime for v, e in entries.items() if e.runtime and e.state == READY}
+        live = {v: e.live for v, e in entries.items() if e.live and e.ready}
         if live:
-            providers = " | ".join(sorted({",".join(r.providers) for r in live.values()}))
+            providers = " | ".join(sorted({",".join(lv.runtime.providers) for lv in live.values()}))
             log.info(
                 "model %s: versions %s READY on %s", name, sorted(live, reverse=True), providers
             )
@@ -133,24 +148,34 @@ class ModelRepository:
             return old, None  # unchanged: still serving, or still refused for the same files
         stats = old.stats if old is not None else VersionStats()
         try:
-            runtime = ModelRuntime(folder, self._options)
-            if serving is not None and serving.runtime is not None and version >= serving.version:
-                check_interface(runtime.manifest, serving.runtime.manifest)  # the new default
-            runtime.warm_up(*self._warmup)
-        except ModelLoadError as err:
-            error = type(err)(f"model '{name}' version {version}: {err}")
-            if old is not None and old.runtime is not None and old.state == READY:
-                kept = f"serving the files loaded before; the new ones were refused: {err}"
+            live = self._build(name, version, folder, serving)
+        except Exception as err:  # whatever the files hold, the version is refused with a reason
+            if not isinstance(err, ModelLoadError):
+                log.exception(
+                    "model %s version %d: unexpected failure while loading", name, version
+                )
+            kind = type(err) if isinstance(err, ModelLoadError) else ModelLoadError
+            reason = clip(str(err) if isinstance(err, ServingError) else repr(err), 500)
+            error = kind(f"model '{name}' version {version}: {reason}")
+            if old is not None and old.ready:
+                kept = f"serving the files loaded before; the new ones were refused: {reason}"
                 return dataclasses.replace(old, reason=kept), error  # rewritten in place
-            refused = VersionEntry(version, UNAVAILABLE, str(err), None, stats, seen)
-            return refused, error
+            return VersionEntry(version, UNAVAILABLE, reason, None, stats, seen), error
+        return VersionEntry(version, READY, "", live, stats, seen), None
+
+    def _build(self, name: str, version: int, folder: Path, serving: VersionEntry | None) -> Live:
+        runtime = ModelRuntime(folder, self._options)
+        if serving is not None and serving.live is not None and version >= serving.version:
+            check_interface(runtime.manifest, serving.live.manifest)  # the new default
+        runtime.warm_up(self._warmup_runs)
         manifest = runtime.manifest
         if (manifest.model_name, manifest.version) != (name, version):
             log.warning(
                 "model %s version %d: manifest.json says %s version %d; serving it as its folder",
                 name, version, manifest.model_name, manifest.version,
             )  # fmt: skip
-        return VersionEntry(version, READY, "", runtime, stats, seen), None
+        codec = Codec(manifest, runtime.max_batch_size, name, str(version))
+        return Live(runtime, codec, self._scheduler(runtime))
 
     def refresh(self) -> list[str]:
         """Reload each model whose version folders changed since the last load; returns them."""
@@ -177,7 +202,7 @@ class ModelRepository:
             self._swap(name, {
                 v: VersionEntry(v, UNAVAILABLE, UNLOADED, None, e.stats, e.signature)
                 for v, e in entries.items()
-                if e.runtime is not None
+                if e.live is not None
             })  # fmt: skip
             self._unloaded.add(name)
         log.info("model %s: unloaded", name)
@@ -192,18 +217,24 @@ class ModelRepository:
         return entries
 
     def _swap(self, name: str, entries: dict[int, VersionEntry]) -> None:
-        """Publish a model's new versions; `get`'s table of ready versions follows at once."""
+        """Publish a model's new versions; `get`'s table follows at once; schedulers of versions
+        that went are closed (their requests in flight finish on them)."""
+        before = {id(e.live): e.live for e in self._models.get(name, {}).values() if e.live}
         self._models[name] = entries
         serving: dict[tuple[str, str], Loaded] = {}
         for model, versions in self._models.items():
-            ready = sorted(v for v, e in versions.items() if e.runtime and e.state == READY)
+            ready = sorted(v for v, e in versions.items() if e.ready)
             for v in ready:
-                runtime = versions[v].runtime
-                assert runtime is not None
-                serving[model, str(v)] = Loaded(model, v, runtime, versions[v].stats)
+                live = versions[v].live
+                assert live is not None
+                serving[model, str(v)] = Loaded(model, v, live, versions[v].stats)
             if ready:
                 serving[model, ""] = serving[model, str(ready[-1])]  # the newest
         self._serving = serving  # one assignment: a reader sees the old table or the new
+        kept = {id(e.live) for e in entries.values() if e.live}
+        for key, live in before.items():
+            if key not in kept:
+                live.scheduler.close()
 
     def get(self, name: str, version: str = "") -> Loaded:
         """The requested version, or the newest ready one when `version` is empty."""
@@ -224,11 +255,11 @@ class ModelRepository:
             entry = max(ready or entries.values(), key=lambda e: e.version, default=None)
         if entry is None:
             raise ModelUnavailableError(f"model '{name}': no version loaded")
-        if entry.runtime is None or entry.state != READY:
+        if entry.live is None or entry.state != READY:
             raise ModelUnavailableError(
                 f"model '{name}' version {entry.version}: {entry.state} ({entry.reason})"
             )
-        return Loaded(name, entry.version, entry.runtime, entry.stats)
+        return Loaded(name, entry.version, entry.live, entry.stats)
 
     def is_ready(self, name: str, version: str = "") -> bool:
         if self._draining:
@@ -239,11 +270,14 @@ class ModelRepository:
             return False
         return True
 
+    def served(self) -> list[str]:
+        """The models this server is meant to be serving: known ones not unloaded on request."""
+        return [name for name in self.names() if name not in self._unloaded]
+
     def server_ready(self) -> bool:
-        """Every model that was not unloaded on request has a ready version."""
-        return not self._draining and all(
-            self.is_ready(name) or name in self._unloaded for name in list(self._models)
-        )
+        """Some model is meant to be served, and every one that is has a ready version."""
+        served = self.served()
+        return not self._draining and bool(served) and all(self.is_ready(n) for n in served)
 
     def index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) for each known version, and models never loaded."""
@@ -252,9 +286,10 @@ class ModelRepository:
             for name, entries in sorted(self._models.items())
             for v, e in sorted(entries.items())
         ]
+        names = list(self._only) or self.on_disk()
         rows += [
             (name, "", UNAVAILABLE, self._problems.get(name, "not loaded"))
-            for name in self.on_disk()
+            for name in names
             if name not in self._models
         ]
         return sorted(rows)
@@ -262,18 +297,30 @@ class ModelRepository:
     def snapshot(self) -> list[tuple[str, str, bool, VersionStats]]:
         """(name, version, ready, stats) per known version; safe from another thread."""
         models = list(self._models.items())
-        return [(n, str(v), e.state == READY, e.stats) for n, es in models for v, e in es.items()]
+        return [(n, str(v), e.ready, e.stats) for n, es in models for v, e in es.items()]
 
     def providers(self) -> tuple[str, ...]:
         """Execution providers in use, in ONNX Runtime's priority order."""
         seen: dict[str, None] = {}
-        for entries in self._models.values():
+        for entries in list(self._models.values()):
             for entry in entries.values():
-                seen.update(dict.fromkeys(entry.runtime.providers if entry.runtime else ()))
+                seen.update(dict.fromkeys(entry.live.runtime.providers if entry.live else ()))
         return tuple(seen)
+
+    def largest_request_bytes(self) -> int:
+        """The largest well-formed request any loaded version takes (its tensor data)."""
+        return max(
+            (
+                e.live.codec.max_request_bytes()
+                for es in self._models.values()
+                for e in es.values()
+                if e.live
+            ),
+            default=0,
+        )
 
     def begin_shutdown(self) -> None:
         self._draining = True
 
 
-__all__ = ["ModelRepository"]
+__all__ = ["ModelRepository", "SchedulerFactory"]

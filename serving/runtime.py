@@ -3,9 +3,10 @@
 Everything about a version that can be checked before serving it is checked here, once, at load:
 the manifest (manifest.py) and model.onnx's sha256, the graph's tensors against the manifest, the
 execution provider actually obtained, and a warm-up that proves the outputs have the declared
-shapes and times the runs (where requests will run: see `calibrate`). The
-session is made from the very bytes that were hashed (no second read of the file, no external data
-files); nothing else of a version folder is read: model.pt and pickles are never loaded.
+shapes and times the runs (where requests will run: see `calibrate`). The session is made from the
+very bytes that were hashed (no second read of the file, no external data files); nothing else of
+a version folder is read: model.pt and pickles are never loaded. This module knows ONNX Runtime
+and numpy only: no wire protocol (the version's codec is codec.py's, built beside it).
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .codec import DTYPES
 from .errors import ContractError, ProviderError
-from .manifest import MANIFEST_FILE, MODEL_FILE, PLATFORM, Manifest, check_manifest, verify_file
-from .plan import WirePlan
+from .manifest import DTYPES, MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec, verify_file
 from .settings import Device, RunInline
 
 log = logging.getLogger(__name__)
@@ -32,9 +31,7 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # ONNX Runtime's type strings for the protocol datatypes we carry.
-ORT_TYPES = {"tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(int8)": "INT8",
-             "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
-             "tensor(float)": "FP32", "tensor(double)": "FP64"}  # fmt: skip
+ORT_TYPES = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(string)": "BYTES"}
 # Timed runs per batch size when deciding where runs happen; the fastest counts (the others
 # include the odd preemption on a busy machine).
 CALIBRATION_RUNS = 5
@@ -47,7 +44,7 @@ class RuntimeOptions:
     inter_op_threads: int
     cuda_device_id: int = 0
     cuda_memory_limit: int = 0  # bytes; 0 = ONNX Runtime's default (no limit)
-    max_batch_size: int = 1024  # most rows per request (and per merged batch)
+    max_batch_size: int = 1024  # most rows per request (capped by the manifest's own)
     run_inline: RunInline = "auto"  # session.run on the event loop: auto | always | never
     inline_threshold_us: float = 1000.0  # `auto`: inline while a run is predicted under this
 
@@ -141,24 +138,18 @@ class ModelRuntime:
     def __init__(self, version_dir: Path, options: RuntimeOptions) -> None:
         self.path = version_dir / MODEL_FILE
         self.manifest = Manifest.read(version_dir / MANIFEST_FILE)
-        check_manifest(self.manifest)
         if not self.path.is_file():
             raise ContractError(f"{version_dir.name}/{MODEL_FILE}: missing")
-        model = verify_file(self.path, self.manifest.sha256, self.manifest.size)
+        model = verify_file(self.path, self.manifest.files[MODEL_FILE])
         self._session = create_session(model, options)
         _check_graph(self._session, self.manifest)
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.options = options
-        self.plan = WirePlan(
-            self.manifest.inputs,
-            self.manifest.outputs,
-            options.max_batch_size,
-            model_name=version_dir.parent.name,  # served under its folder names
-            model_version=version_dir.name,
-        )
+        # Parity was proven up to the manifest's batch size: never more, and the settings may cap.
+        self.max_batch_size = min(self.manifest.max_batch_size, options.max_batch_size)
         self.output_names = [spec.name for spec in self.manifest.outputs]  # ORT takes a list
         # Requests of at most this many rows run on the event loop thread (see `calibrate`).
-        self.inline_rows = options.max_batch_size if options.run_inline == "always" else 0
+        self.inline_rows = self.max_batch_size if options.run_inline == "always" else 0
         self.run_ns: dict[int, int] = {}  # batch size -> fastest calibration run
 
     def run(
@@ -200,14 +191,13 @@ class ModelRuntime:
         control.started = True
         return time.perf_counter_ns(), self.run(inputs, outputs, control)
 
-    def warm_up(self, batch_sizes: Sequence[int], runs: int) -> None:
-        """Run all-missing rows (the imputation path) and check every output's dtype and shape."""
+    def warm_up(self, runs: int) -> None:
+        """Run all-missing rows (the imputation path) at 1 row and at the largest batch, and
+        check every output's dtype and shape."""
         names = [spec.name for spec in self.manifest.outputs]
+        batch_sizes = sorted({1, self.max_batch_size})
         for rows in batch_sizes if runs > 0 else ():
-            feeds = {
-                spec.name: np.full((rows, *spec.shape[1:]), np.nan, dtype=DTYPES[spec.datatype])
-                for spec in self.manifest.inputs
-            }
+            feeds = {spec.name: _missing(spec, rows) for spec in self.manifest.inputs}
             try:
                 results = [self.run(feeds, names) for _ in range(runs)][-1]
             except Exception as err:  # ONNX Runtime's own error types: the graph cannot run
@@ -232,10 +222,7 @@ class ModelRuntime:
         threshold are not timed."""
         threshold_ns = int(self.options.inline_threshold_us * 1000)
         for rows in sorted(batch_sizes):
-            feeds = {
-                spec.name: np.zeros((rows, *spec.shape[1:]), dtype=DTYPES[spec.datatype])
-                for spec in self.manifest.inputs
-            }
+            feeds = {spec.name: _missing(spec, rows) for spec in self.manifest.inputs}
             timings = []
             for _ in range(CALIBRATION_RUNS):
                 started = time.perf_counter_ns()
@@ -251,6 +238,13 @@ class ModelRuntime:
             ", ".join(f"{ns / 1000:.0f} us at {rows} rows" for rows, ns in self.run_ns.items()),
             self.inline_rows, self.options.inline_threshold_us,
         )  # fmt: skip
+
+
+def _missing(spec: TensorSpec, rows: int) -> np.ndarray:
+    """A batch of missing values: NaN numbers, empty text."""
+    if spec.datatype == "BYTES":
+        return np.full((rows, spec.width), "", dtype=object)
+    return np.full((rows, spec.width), np.nan, dtype=DTYPES[spec.datatype])
 
 
 def inline_rows(run_ns: Mapping[int, int], threshold_ns: int) -> int:
@@ -274,15 +268,9 @@ def inline_rows(run_ns: Mapping[int, int], threshold_ns: int) -> int:
 __all__ = [
     "CPU",
     "CUDA",
-    "MANIFEST_FILE",
-    "MODEL_FILE",
-    "PLATFORM",
-    "Manifest",
     "ModelRuntime",
     "RunControl",
     "RuntimeOptions",
-    "check_manifest",
     "create_session",
     "inline_rows",
-    "verify_file",
 ]

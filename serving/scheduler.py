@@ -1,55 +1,55 @@
 """Where each request's session.run happens: on the event loop, on a worker thread, or in a batch.
 
-A request that runs alone (batching off, or an isolated request: batcher.py) runs on the event
-loop when its rows are within the version's `inline_rows` (timed at load: a run that costs less
-than a thread hop, which blocks the loop no longer than `inline_threshold_us`), otherwise on the
-worker pool, where a deadline can stop it queued or mid-run. Inline runs cannot be interrupted,
-which is why only short ones are kept inline (`--run-inline always` lifts that guard).
+One scheduler per loaded version, made and closed by the repository. A request that runs alone
+(batching off, or an isolated request: batcher.py) runs on the event loop when its rows are within
+the version's `inline_rows` (timed at load: a run that costs less than a thread hop, which blocks
+the loop no longer than `inline_threshold_us`), otherwise on the worker pool, where a deadline can
+stop it queued or mid-run. Inline runs cannot be interrupted, which is why only short ones are kept
+inline (`--run-inline always` lifts that guard). Every run returns its timing (`Executed`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-import weakref
+from collections.abc import Mapping
 from concurrent.futures import Executor
 
-from .batcher import Batcher, BatchingOptions, Results
-from .codec import DecodedRequest
-from .metrics import Call
+import numpy as np
+
+from .batcher import Batcher, BatchingOptions, Executed
 from .runtime import ModelRuntime
 
 
 class Scheduler:
-    def __init__(self, executor: Executor, batching: BatchingOptions | None) -> None:
-        self.executor, self.batching = executor, batching
-        # One batcher per loaded version; it goes when the version is unloaded and unused.
-        self._batchers: weakref.WeakKeyDictionary[ModelRuntime, Batcher] = (
-            weakref.WeakKeyDictionary()
-        )
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        executor: Executor,
+        batching: BatchingOptions | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.runtime, self._executor, self._loop = runtime, executor, loop
+        self._batcher = Batcher(runtime, executor, batching, loop) if batching else None
 
-    async def run(self, runtime: ModelRuntime, decoded: DecodedRequest, call: Call) -> Results:
-        """Every output of `runtime` for the decoded rows; the run's timing lands in `call`."""
-        if self.batching is not None:
-            batcher = self._batcher(runtime)
-            if batcher.joins():
-                return await batcher.submit(runtime, decoded.inputs, decoded.rows, call)
-        call.batch_rows = decoded.rows
-        if decoded.rows <= runtime.inline_rows:
-            call.run_start = time.perf_counter_ns()
-            results = runtime.run(decoded.inputs, runtime.output_names)
+    async def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed:
+        """Every output of the version for these rows, and when and how it ran."""
+        batcher = self._batcher
+        if batcher is not None and batcher.joins():
+            return await batcher.submit(inputs, rows)
+        runtime = self.runtime
+        if rows <= runtime.inline_rows:
+            started = time.perf_counter_ns()
+            results = runtime.run(inputs, runtime.output_names)
         else:
-            call.run_start, results = await runtime.run_in(
-                self.executor, decoded.inputs, runtime.output_names
-            )
-        call.run_end = time.perf_counter_ns()
-        return results
+            started, results = await runtime.run_in(self._executor, inputs, runtime.output_names)
+        return Executed(results, started, time.perf_counter_ns(), rows, True)
 
-    def _batcher(self, runtime: ModelRuntime) -> Batcher:
-        batcher = self._batchers.get(runtime)
-        if batcher is None:
-            assert self.batching is not None
-            batcher = self._batchers[runtime] = Batcher(self.executor, self.batching)
-        return batcher
+    def close(self) -> None:
+        """The version is going: its pending batch runs now, later requests run alone. Safe from
+        any thread (the repository swaps versions on a worker thread)."""
+        if self._batcher is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._batcher.close)
 
 
 __all__ = ["Scheduler"]

@@ -1,9 +1,12 @@
 """`stablemlp serve`: load and warm the repository, then serve KServe v2 gRPC, health, reflection.
 
-Around the servicer: TLS or mTLS on the port, a token interceptor, an admission limit, /metrics on
-its own HTTP port, and a repository poller. Shutdown on SIGTERM/SIGINT: readiness and health go
-NOT_SERVING first (so load balancers stop sending), then the port stops taking calls (new ones get
-UNAVAILABLE) while those in flight get `grace_period_s` to finish; the process exits 0.
+Assembly only: the repository and its versions' schedulers, the dataplane, the gRPC front (servicer,
+health, reflection) with TLS or mTLS and a token interceptor, /metrics on its own HTTP port, and a
+repository poller in `poll` mode. Memory is bounded before admission: the message size is fitted
+to the models, and gRPC caps the calls handled at once and the streams per connection. Shutdown on
+SIGTERM, SIGINT or SIGHUP: readiness and health go NOT_SERVING first (so load balancers stop
+sending), then the port stops taking calls (new ones get UNAVAILABLE) while those in flight get
+`grace_period_s` to finish; the process exits 0.
 """
 
 from __future__ import annotations
@@ -25,30 +28,35 @@ from typing import Any, NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs lack aio
 from grpc_reflection.v1alpha import reflection
 
 from ..protos import grpc_service_pb2 as pb
 from .auth import TokenInterceptor, read_token, server_credentials
 from .batcher import BatchingOptions
-from .errors import ServingError, lenient
+from .dataplane import DataPlane
+from .errors import ServingError
+from .grpc_boundary import lenient
+from .health import INFERENCE_SERVICE, HealthServicer, publish_health
 from .limits import Admission
 from .metrics import Telemetry, serve_metrics
 from .repository import ModelRepository
-from .runtime import RuntimeOptions
+from .runtime import ModelRuntime, RuntimeOptions
 from .scheduler import Scheduler
 from .servicer import InferenceServicer
-from .settings import Settings, add_arguments, load_settings
+from .settings import Settings, add_arguments, env_name, load_settings
 from .watcher import watch_repository
 from .workers import WorkerRole, run_workers
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
-    pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    INFERENCE_SERVICE,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Room in a message beyond its tensor data: names, shapes, parameters, the outputs asked for.
+MESSAGE_HEADROOM_BYTES = 64 * 1024
 
 
 class Built(NamedTuple):
@@ -58,6 +66,7 @@ class Built(NamedTuple):
     stop: Callable[[float], Awaitable[int]]
     telemetry: Telemetry  # the inference counts, also behind ModelStatistics and /metrics
     metrics_port: int | None  # None: no /metrics endpoint
+    dataplane: DataPlane
 
 
 def server_version() -> str:
@@ -71,23 +80,16 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def _repository(settings: Settings) -> ModelRepository:
-    return ModelRepository(
-        settings.model_repository,
-        policy=settings.version_policy,
-        options=RuntimeOptions(
-            device=settings.device,
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
-            cuda_device_id=settings.cuda_device_id,
-            cuda_memory_limit=settings.cuda_memory_limit,
-            max_batch_size=settings.max_batch_size,
-            run_inline=settings.run_inline,
-            inline_threshold_us=settings.inline_threshold_us,
-        ),
-        warmup_batch_sizes=tuple(sorted({1, settings.max_batch_size})),
-        warmup_runs=settings.warmup_runs,
-        only=settings.models,
+def _runtime_options(settings: Settings) -> RuntimeOptions:
+    return RuntimeOptions(
+        device=settings.device,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        cuda_device_id=settings.cuda_device_id,
+        cuda_memory_limit=settings.cuda_memory_limit,
+        max_batch_size=settings.max_batch_size,
+        run_inline=settings.run_inline,
+        inline_threshold_us=settings.inline_threshold_us,
     )
 
 
@@ -126,20 +128,31 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
 
 
-def _grpc_server(settings: Settings, telemetry: Telemetry, reuse_port: bool) -> grpc.aio.Server:
-    interceptors: list[Any] = []
-    token = read_token(settings.auth_token, settings.auth_token_file)
-    if token is not None:
+def _interceptors(settings: Settings, telemetry: Telemetry) -> list[Any]:
+    token = read_token(settings.auth_token, settings.auth_token_file, env_name("auth_token"))
+    control = read_token(
+        settings.control_token, settings.control_token_file, env_name("control_token")
+    )
+    if token is None and control is None:
+        return []
 
-        def refused() -> None:
-            telemetry.auth_failures += 1
+    def refused() -> None:
+        telemetry.auth_failures += 1
 
-        interceptors.append(TokenInterceptor(token, settings.auth_exempt_health, refused))
+    return [TokenInterceptor(token, control, settings.auth_exempt_health, refused)]
+
+
+def _grpc_server(
+    settings: Settings, interceptors: list[Any], message_bytes: int, reuse_port: bool
+) -> grpc.aio.Server:
     return grpc.aio.server(
         interceptors=interceptors,
+        # Calls beyond this get RESOURCE_EXHAUSTED before their handler runs.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", message_bytes),
+            ("grpc.max_send_message_length", message_bytes),
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
             # A taken port must fail, not be silently shared; workers share theirs on purpose.
             ("grpc.so_reuseport", int(reuse_port)),
         ],
@@ -163,22 +176,37 @@ async def build_server(settings: Settings, *, reuse_port: bool = False) -> Built
     """Load, verify and warm every model, then assemble and bind (not start) the server.
 
     `reuse_port`: bind with SO_REUSEPORT, for worker processes sharing one port."""
-    repository = _repository(settings)
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="infer")
+    batching = _batching(settings)
+
+    def scheduler(runtime: ModelRuntime) -> Scheduler:
+        return Scheduler(runtime, executor, batching, loop)
+
+    repository = ModelRepository(
+        settings.model_repository,
+        policy=settings.version_policy,
+        options=_runtime_options(settings),
+        warmup_runs=settings.warmup_runs,
+        scheduler=scheduler,
+        only=settings.models,
+    )
     admission = Admission(settings.max_inflight)
     telemetry = Telemetry(repository.snapshot, lambda: admission.inflight, admission.limit)
-    server = _grpc_server(settings, telemetry, reuse_port)  # token, TLS first: fail before loading
+    interceptors = _interceptors(settings, telemetry)  # tokens, TLS first: fail before loading
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     await asyncio.to_thread(repository.load_all)
-    executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="infer")
-    health = health_aio.HealthServicer()
+    message_bytes = settings.max_message_bytes or (
+        repository.largest_request_bytes() + MESSAGE_HEADROOM_BYTES
+    )
+    server = _grpc_server(settings, interceptors, message_bytes, reuse_port)
+    dataplane = DataPlane(repository, admission, telemetry, settings.model_control_mode)
+    health = HealthServicer()
+    on_change = dataplane.on_change = functools.partial(publish_health, health, dataplane)
     servicer = InferenceServicer(
-        repository,
-        health,
-        Scheduler(executor, _batching(settings)),
-        admission=admission,
-        telemetry=telemetry,
-        max_batch_size=settings.max_batch_size,
+        dataplane,
         version_policy=settings.version_policy,
+        batching=batching,
         server_version=server_version(),
     )
     add_inference_service(servicer, server)
@@ -193,21 +221,26 @@ async def build_server(settings: Settings, *, reuse_port: bool = False) -> Built
     except RuntimeError as err:  # grpc reports a failed bind this way
         raise OSError(f"cannot listen on {address}: {err}") from None
     metrics_port, stop_metrics = _start_metrics(settings, telemetry)
-    await servicer.publish_health()
+    await publish_health(health, dataplane)
+    log.info(
+        "limits: messages up to %d bytes, %d calls at once (%d streams per connection), %d "
+        "inferences admitted", message_bytes, settings.max_concurrent_rpcs,
+        settings.max_streams_per_connection, settings.max_inflight,
+    )  # fmt: skip
     watcher = None
-    if settings.repository_poll_s > 0:
-        poll = watch_repository(repository, settings.repository_poll_s, servicer.publish_health)
+    if settings.model_control_mode == "poll" and settings.repository_poll_s > 0:
+        poll = watch_repository(repository, settings.repository_poll_s, on_change)
         watcher = asyncio.create_task(poll)
 
     async def stop(grace: float) -> int:
         deadline = time.monotonic() + grace
         repository.begin_shutdown()
-        await health.enter_graceful_shutdown()
+        health.enter_graceful_shutdown()
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        # Inference calls in flight finish; new ones get UNAVAILABLE from the servicer, so
+        # Inference calls in flight finish; new ones get UNAVAILABLE from the dataplane, so
         # clients see a status they may retry elsewhere, not a call cut at the transport.
         await admission.drain(max(0.0, deadline - time.monotonic()))
         await server.stop(max(0.0, deadline - time.monotonic()))
@@ -216,7 +249,7 @@ async def build_server(settings: Settings, *, reuse_port: bool = False) -> Built
         stop_metrics()
         return cut_off
 
-    return Built(server, port, stop, telemetry, metrics_port)
+    return Built(server, port, stop, telemetry, metrics_port, dataplane)
 
 
 def _scheme(settings: Settings) -> str:
@@ -224,27 +257,27 @@ def _scheme(settings: Settings) -> str:
 
 
 async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; `worker`: one of several processes on the port (workers.py)."""
-    server, port, stop, telemetry, _ = await build_server(settings, reuse_port=worker is not None)
-    await server.start()
+    """Serve until SIGTERM/SIGINT/SIGHUP; `worker`: one of several processes on the port."""
+    built = await build_server(settings, reuse_port=worker is not None)
+    await built.server.start()
     gc.freeze()  # what start-up made (modules, sessions) lives on: collections need not scan it
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stopping.set)
-    address = _address(settings.host, port)
+    address = _address(settings.host, built.port)
     if worker is None:
         log.info("ready: listening on %s (%s)", address, _scheme(settings))
         await stopping.wait()
     else:
         log.info("%s (pid %d): serving on %s", worker.name, os.getpid(), address)
-        worker.serving(port)
+        worker.serving(built.port)
         await worker.watch_supervisor(stopping)
     log.info(
         "shutting down: NOT_SERVING, %.1f s grace for in-flight calls", settings.grace_period_s
     )
-    cut_off = await stop(settings.grace_period_s)
-    answered = telemetry.count(grpc.StatusCode.OK.name)
+    cut_off = await built.stop(settings.grace_period_s)
+    answered = built.telemetry.count("OK")
     log.info(
         "stopped: %d inference calls answered OK in all, %d in-flight calls cut off by the grace "
         "period", answered, cut_off,
@@ -281,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
+    "MESSAGE_HEADROOM_BYTES",
     "SERVICE_NAMES",
+    "STOP_SIGNALS",
     "Built",
     "add_inference_service",
     "build_parser",

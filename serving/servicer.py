@@ -1,282 +1,163 @@
-"""inference.GRPCInferenceService: thin methods (resolve, decode, run, encode); errors.py maps.
+"""inference.GRPCInferenceService: the gRPC front. Each method turns its message into a dataplane
+call and the answer back into a message; `grpc_boundary.rpc` maps every failure.
 
-Each inference is admitted (limits.py), counted once (metrics.py: ModelStatistics and /metrics
-read the same counters) and keeps the one version it resolved until its reply is written.
-
-Where stock clients see the model's own facts, since Triton's ModelMetadataResponse has no free-form
-field: ModelConfig.parameters carries `providers`, `feature_names` (JSON list), `threshold`,
-`sha256`, `opset` and ONNX Runtime's thread counts, and instance_group says CPU or GPU;
-ServerMetadata.extensions lists the Triton extensions served plus one `providers=...` entry;
-ModelMetadata.platform stays Triton's exact "onnxruntime_onnx" because clients compare it.
+ModelMetadata.platform stays Triton's exact "onnxruntime_onnx" because clients compare it;
+ServerMetadata.extensions lists the Triton extensions served plus one `providers=...` entry.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
-
-from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs lack aio
 
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
-from ..protos import model_config_pb2 as mc
-from .batcher import BatchingOptions
-from .codec import TensorSpec
-from .errors import InvalidRequestError, check_decoded, clip, rpc_boundary, status_for
-from .limits import Admission
-from .manifest import PLATFORM
-from .metrics import Duration, Telemetry, VersionStats
-from .repository import ModelRepository
-from .runtime import CUDA
-from .scheduler import Scheduler
-from .settings import VersionPolicy
-from .versions import Loaded
+from .batcher import BatchingOptions, Results
+from .codec import Codec, Decoded
+from .dataplane import DataPlane
+from .errors import InvalidRequestError, clip
+from .grpc_boundary import cancelled_status, check_decoded, failure, rpc
+from .manifest import PLATFORM, TensorSpec
+from .policy import VersionPolicy
+from .replies import model_config, model_statistics
 
 Context = Any  # grpc.aio.ServicerContext; the generated stubs are untyped
 SERVER_NAME = "stablemlp"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
-CONFIG_TYPES = {"BOOL": mc.TYPE_BOOL, "UINT8": mc.TYPE_UINT8, "INT8": mc.TYPE_INT8,
-                "INT16": mc.TYPE_INT16, "INT32": mc.TYPE_INT32, "INT64": mc.TYPE_INT64,
-                "FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64}  # fmt: skip
 
 
-def _as_pb(d: Duration) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=d.count, ns=d.ns)
+class GrpcWire:
+    """ModelInferRequest in, ModelInferResponse out, through the version's codec."""
+
+    @staticmethod
+    def decode(codec: Codec, request: pb.ModelInferRequest) -> Decoded:
+        return codec.decode(request)
+
+    @staticmethod
+    def encode(
+        codec: Codec, request: pb.ModelInferRequest, decoded: Decoded, results: Results
+    ) -> pb.ModelInferResponse:
+        return codec.encode(request, results, decoded)
 
 
-def model_statistics(name: str, version: int, stats: VersionStats) -> pb.ModelStatistics:
-    """Triton's ModelStatistics from the counters /metrics also reads."""
-    return pb.ModelStatistics(
-        name=name, version=str(version), last_inference=stats.last_inference,
-        inference_count=stats.inference_count, execution_count=stats.execution_count,
-        inference_stats=pb.InferStatistics(
-            success=_as_pb(stats.success), fail=_as_pb(stats.fail), queue=_as_pb(stats.queue),
-            compute_input=_as_pb(stats.compute_input), compute_infer=_as_pb(stats.compute_infer),
-            compute_output=_as_pb(stats.compute_output),
-        ),
-        batch_stats=[
-            pb.InferBatchStatistics(
-                batch_size=rows, compute_input=_as_pb(b.compute_input),
-                compute_infer=_as_pb(b.compute_infer), compute_output=_as_pb(b.compute_output),
-            )
-            for rows, b in sorted(dict(stats.batches).items())
-        ],
-    )  # fmt: skip
+WIRE = GrpcWire()
 
 
-def model_config(
-    loaded: Loaded,
-    max_batch_size: int,
-    policy: VersionPolicy,
-    batching: BatchingOptions | None = None,
-) -> mc.ModelConfig:
-    """Triton's shape: batch dim implicit (max_batch_size > 0), so dims drop the leading -1."""
-    manifest, runtime = loaded.runtime.manifest, loaded.runtime
-    on_gpu = runtime.providers[0] == CUDA
-    config = mc.ModelConfig(
-        name=loaded.name, platform=PLATFORM, backend="onnxruntime",
-        max_batch_size=max_batch_size, default_model_filename=runtime.path.name,
-    )  # fmt: skip
-    if policy.kind == "latest":
-        config.version_policy.latest.num_versions = policy.count
-    elif policy.kind == "all":
-        config.version_policy.all.SetInParent()
-    else:
-        config.version_policy.specific.versions.extend(policy.versions)
-    for spec in manifest.inputs:
-        config.input.add(name=spec.name, data_type=CONFIG_TYPES[spec.datatype], dims=spec.shape[1:])
-    for spec in manifest.outputs:
-        config.output.add(
-            name=spec.name, data_type=CONFIG_TYPES[spec.datatype], dims=spec.shape[1:]
-        )
-    if batching is not None:
-        config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
-        config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
-    group = config.instance_group.add(name=loaded.name, count=1)
-    group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
-    if on_gpu:
-        group.gpus.append(runtime.options.cuda_device_id)
-    parameters = {
-        "providers": ",".join(runtime.providers),
-        "feature_names": json.dumps(list(manifest.feature_names)),
-        "threshold": repr(manifest.threshold),
-        "sha256": manifest.sha256,
-        "opset": str(manifest.opset),
-        "intra_op_thread_count": str(runtime.options.intra_op_threads),
-        "inter_op_thread_count": str(runtime.options.inter_op_threads),
-        "inline_max_rows": str(runtime.inline_rows),  # runs on the event loop up to this size
-    }
-    for key, value in parameters.items():
-        config.parameters[key].string_value = value
-    return config
+def _tensors(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+        for s in specs
+    ]
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
-        repository: ModelRepository,
-        health: health_aio.HealthServicer,
-        scheduler: Scheduler,
+        dataplane: DataPlane,
         *,
-        admission: Admission,
-        telemetry: Telemetry,
-        max_batch_size: int,
         version_policy: VersionPolicy,
+        batching: BatchingOptions | None,
         server_version: str,
     ) -> None:
-        self._repository, self._health, self._scheduler = repository, health, scheduler
-        self._admission, self._telemetry = admission, telemetry
-        self._max_batch_size, self._version_policy = max_batch_size, version_policy
+        self._dataplane, self._policy, self._batching = dataplane, version_policy, batching
         self._server_version = server_version
 
-    async def publish_health(self) -> None:
-        """Copy readiness from the repository (its one source) into grpc.health.v1 per model."""
-        status = health_pb2.HealthCheckResponse
-        for name in self._repository.names():
-            ready = self._repository.is_ready(name)
-            await self._health.set(name, status.SERVING if ready else status.NOT_SERVING)
-        server_ready = self._repository.server_ready()
-        await self._health.set(
-            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-            status.SERVING if server_ready else status.NOT_SERVING,
-        )
+    def _infer(self, request: pb.ModelInferRequest, context: Context) -> Any:
+        return self._dataplane.infer(
+            request.model_name, request.model_version, request, WIRE,
+            lambda: cancelled_status(context),
+        )  # fmt: skip
 
-    async def _infer(
+    @rpc
+    async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
-        """Admit, resolve one version (kept for the whole call), decode, run, encode; counted."""
-        with self._telemetry.track(context) as call, self._admission.admit():
-            loaded = self._repository.get(request.model_name, request.model_version)
-            call.stats, runtime = loaded.stats, loaded.runtime
-            decoded = runtime.plan.decode(request)
-            call.decoded, call.rows = time.perf_counter_ns(), decoded.rows
-            results = await self._scheduler.run(runtime, decoded, call)
-            return runtime.plan.encode(request, results, decoded)
+        response: pb.ModelInferResponse = await self._infer(request, context)
+        return response
 
-    @rpc_boundary
+    @rpc
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request gets one reply; a failed one an error_message, and the stream stays open."""
+        async for request in requests:
+            try:
+                check_decoded(request)
+                response = await self._infer(request, context)
+            except Exception as err:  # one message's failure, answered in-band
+                yield pb.ModelStreamInferResponse(
+                    error_message=failure(err, "ModelStreamInfer", context.peer())[1]
+                )
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=response)
+
+    @rpc
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    @rpc_boundary
+    @rpc
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._repository.server_ready())
+        return pb.ServerReadyResponse(ready=self._dataplane.server_ready())
 
-    @rpc_boundary
+    @rpc
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
     ) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._repository.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(
+            ready=self._dataplane.model_ready(request.name, request.version)
+        )
 
-    @rpc_boundary
+    @rpc
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
-        providers = "providers=" + ",".join(self._repository.providers())
+        providers = "providers=" + ",".join(self._dataplane.repository.providers())
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=self._server_version, extensions=[*EXTENSIONS, providers]
         )
 
-    @rpc_boundary
+    @rpc
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        loaded = self._repository.get(request.name, request.version)
-        entries = self._repository.entries(request.name)
-        manifest = loaded.runtime.manifest
-
-        def tensors(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
-            return [
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=s.name, datatype=s.datatype, shape=s.shape
-                )
-                for s in specs
-            ]
-
+        facts = self._dataplane.metadata(request.name, request.version)
         return pb.ModelMetadataResponse(
-            name=loaded.name,
-            versions=[str(v) for v in sorted(entries, reverse=True) if entries[v].runtime],
+            name=facts.name,
+            versions=facts.versions,
             platform=PLATFORM,
-            inputs=tensors(manifest.inputs),
-            outputs=tensors(manifest.outputs),
+            inputs=_tensors(facts.manifest.inputs),
+            outputs=_tensors(facts.manifest.outputs),
         )
 
-    @rpc_boundary
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Context
-    ) -> pb.ModelInferResponse:
-        return await self._infer(request, context)
-
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Each request gets one reply; a failed one an error_message, and the stream stays open."""
-        async for request in request_iterator:
-            try:
-                check_decoded(request)
-                response = await self._infer(request, context)
-            except Exception as err:  # the stream's boundary: same mapping, reported in-band
-                yield pb.ModelStreamInferResponse(
-                    error_message=status_for(err, "ModelStreamInfer", context.peer())[1]
-                )
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
-
-    @rpc_boundary
+    @rpc
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
-        loaded = self._repository.get(request.name, request.version)
-        config = model_config(
-            loaded, self._max_batch_size, self._version_policy, self._scheduler.batching
-        )
-        return pb.ModelConfigResponse(config=config)
+        loaded = self._dataplane.resolve(request.name, request.version)
+        return pb.ModelConfigResponse(config=model_config(loaded, self._policy, self._batching))
 
-    @rpc_boundary
+    @rpc
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        names = [request.name] if request.name else self._repository.names()
-        response = pb.ModelStatisticsResponse()
-        for name in names:
-            entries = self._repository.entries(name)
-            if request.version:
-                self._repository.get(name, request.version)  # NOT_FOUND/UNAVAILABLE as for infer
-            response.model_stats.extend(
-                model_statistics(name, version, entry.stats)
-                for version, entry in sorted(entries.items())
-                if not request.version or str(version) == request.version
-            )
-        return response
+        rows = self._dataplane.statistics(request.name, request.version)
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(*row) for row in rows])
 
-    @rpc_boundary
+    @rpc
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
-        rows = await asyncio.to_thread(self._repository.index)  # lists folders: off the loop
         Index = pb.RepositoryIndexResponse.ModelIndex
+        rows = await self._dataplane.index(request.ready)
         return pb.RepositoryIndexResponse(
-            models=[
-                Index(name=name, version=version, state=state, reason=reason)
-                for name, version, state, reason in rows
-                if not request.ready or state == "READY"
-            ]
+            models=[Index(name=n, version=v, state=s, reason=r) for n, v, s, r in rows]
         )
 
-    async def _change(self, change: Callable[[str], None], name: str) -> None:
-        try:
-            await asyncio.to_thread(change, name)
-        finally:
-            await self.publish_health()
-
-    @rpc_boundary
+    @rpc
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
@@ -286,15 +167,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"parameters: got {clip(str(keys[:4]))}, expected none (models load from the "
                 "repository folder only)"
             )
-        await self._change(self._repository.load, request.model_name)
+        await self._dataplane.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    @rpc_boundary
+    @rpc
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._change(self._repository.unload, request.model_name)
+        await self._dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
-__all__ = ["EXTENSIONS", "SERVER_NAME", "InferenceServicer", "model_config", "model_statistics"]
+__all__ = ["EXTENSIONS", "SERVER_NAME", "WIRE", "GrpcWire", "InferenceServicer"]

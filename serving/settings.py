@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 from .policy import VersionPolicy
 
+ControlMode = Literal["none", "poll", "explicit"]
+CONTROL_MODES = ("none", "poll", "explicit")
+
 ENV_PREFIX = "STABLEMLP_"
 DEVICES = ("cpu", "cuda", "auto")
 Device = Literal["cpu", "cuda", "auto"]
@@ -67,10 +70,23 @@ class Settings:
     models: tuple[str, ...] = field(
         default=(),
         metadata=_meta(
-            "serve only this model (repeat the flag; env: comma-separated)",
+            "serve only this model (repeat the flag; env: comma-separated); Triton's "
+            "--load-model is accepted too",
             _models,
             "NAME",
             "--model",
+        ),
+    )
+    # Triton's modes. `none` by default: a server exposed in a cluster must not let any caller
+    # unload its model; `poll` rescans the repository; `explicit` takes load/unload RPCs, each
+    # needing the control token.
+    model_control_mode: ControlMode = field(
+        default="none",
+        metadata=_meta(
+            "none (models fixed at start), poll (rescan the repository every "
+            "--repository-poll-s), explicit (load/unload over the API, with the control token)",
+            str,
+            "{none,poll,explicit}",
         ),
     )
     # Triton's default policy: only the newest version of each model.
@@ -110,22 +126,36 @@ class Settings:
     inference_workers: int = field(
         default_factory=available_cores, metadata=_meta("concurrent session.run calls", int, "N")
     )
-    # 1024 rows x 30 FP32 features = 120 KiB, well under gRPC's 4 MiB default message size.
-    max_batch_size: int = field(default=1024, metadata=_meta("most rows per request", int, "ROWS"))
-    # gRPC's own default: room for max_batch_size rows of ~1,000 FP32 features (1024 x 1000 x 4 B)
-    # in either content form; larger messages get RESOURCE_EXHAUSTED before any parsing.
+    # A cap on the manifest's own max_batch_size, up to which parity was proven (1024).
+    max_batch_size: int = field(
+        default=1024, metadata=_meta("most rows per request (at most the model's)", int, "ROWS")
+    )
+    # 0: sized to the largest request the loaded models take (1024 rows x 30 FP32 = 120 KiB for
+    # the built-in model) plus 64 KiB of headroom, not gRPC's 4 MiB: every message is read
+    # whole before admission, so this times the concurrency caps below bounds memory.
     max_message_bytes: int = field(
-        default=4 * 1024 * 1024, metadata=_meta("largest gRPC message accepted/sent", int, "BYTES")
+        default=0,
+        metadata=_meta(
+            "largest gRPC message accepted/sent (0 = sized to the models)", int, "BYTES"
+        ),
     )
     # 4x the largest concurrency benchmarked (32); request data held stays under
     # max_inflight x max_message_bytes. Beyond it: RESOURCE_EXHAUSTED at once, no queue growth.
     max_inflight: int = field(
         default=128, metadata=_meta("most inference requests queued or running", int, "N")
     )
+    # gRPC reads a call's message before any handler runs: these bound how many are read at once
+    # (beyond: RESOURCE_EXHAUSTED before the message is kept), whatever the client sends.
+    max_concurrent_rpcs: int = field(
+        default=256, metadata=_meta("most calls (any RPC) handled at once", int, "N")
+    )
+    max_streams_per_connection: int = field(
+        default=64, metadata=_meta("HTTP/2 streams (calls) one connection may open", int, "N")
+    )
     # New versions show up within seconds; a scan is a few stat() calls per version folder.
     repository_poll_s: float = field(
         default=5.0,
-        metadata=_meta("seconds between repository scans (0 = load on request only)", float, "S"),
+        metadata=_meta("seconds between repository scans (--model-control-mode poll)", float, "S"),
     )
     # Triton's metrics port, so existing scrape configs work.
     metrics_port: int = field(
@@ -152,6 +182,17 @@ class Settings:
         default="",
         repr=False,
         metadata=_meta("the bearer token itself (environment only)", str, "TOKEN", env_only=True),
+    )
+    # Load/unload over the API (explicit mode) takes its own token, so inference credentials
+    # cannot change what is served.
+    control_token_file: Path | None = field(
+        default=None,
+        metadata=_meta("file with the token RepositoryModelLoad/Unload need", Path, "FILE"),
+    )
+    control_token: str = field(
+        default="",
+        repr=False,
+        metadata=_meta("the control token itself (environment only)", str, "TOKEN", env_only=True),
     )
     # Orchestrators probe grpc.health.v1 without credentials (kubelet's gRPC probe sends none).
     auth_exempt_health: bool = field(
@@ -214,8 +255,16 @@ class Settings:
             raise ValueError(f"device: got {self.device!r}, expected one of {', '.join(DEVICES)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: got {self.port}, expected 0..65535")
-        for name in ("intra_op_threads", "inter_op_threads", "inference_workers", "max_batch_size",
-                     "max_inflight", "max_message_bytes"):  # fmt: skip
+        positive = (
+            "intra_op_threads",
+            "inter_op_threads",
+            "inference_workers",
+            "max_batch_size",
+            "max_inflight",
+            "max_concurrent_rpcs",
+            "max_streams_per_connection",
+        )
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected >= 1")
         if self.run_inline not in RUN_INLINE:
@@ -239,6 +288,31 @@ class Settings:
             raise ValueError("tls_client_ca: needs tls_cert and tls_key (mTLS is TLS first)")
         if self.auth_token and self.auth_token_file is not None:
             raise ValueError(f"set {env_name('auth_token')} or auth_token_file, not both")
+        if self.control_token and self.control_token_file is not None:
+            raise ValueError(f"set {env_name('control_token')} or control_token_file, not both")
+        if self.model_control_mode not in CONTROL_MODES:
+            raise ValueError(
+                f"model_control_mode: got {self.model_control_mode!r}, expected none, poll or "
+                "explicit"
+            )
+        has_control_token = bool(self.control_token) or self.control_token_file is not None
+        if self.model_control_mode == "explicit" and not has_control_token:
+            raise ValueError(
+                "model_control_mode explicit: needs a control token (--control-token-file or "
+                f"{env_name('control_token')}); load/unload then need 'authorization: Bearer "
+                "<control token>'"
+            )
+        if self.max_message_bytes < 0:
+            raise ValueError(f"max_message_bytes: got {self.max_message_bytes}, expected >= 0")
+
+
+# Triton's flag names, accepted beside ours so its users' scripts and habits carry over.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "models": ("--load-model",),
+    "port": ("--grpc-port",),
+    "grace_period_s": ("--exit-timeout-secs",),
+    "repository_poll_s": ("--repository-poll-secs",),
+}
 
 
 def env_name(name: str) -> str:
@@ -273,9 +347,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["help"] = kwargs["help"].replace("default ()", "default: every model")
         else:
             kwargs["type"] = f.metadata["parse"]
-        if f.name in ("device", "run_inline"):
-            kwargs["choices"] = DEVICES if f.name == "device" else RUN_INLINE
-        parser.add_argument(flag, **kwargs)
+        choices = {"device": DEVICES, "run_inline": RUN_INLINE, "model_control_mode": CONTROL_MODES}
+        if f.name in choices:
+            kwargs["choices"] = choices[f.name]
+        flags = [flag, *ALIASES.get(f.name, ())]
+        parser.add_argument(*flags, **kwargs)
 
 
 def load_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
@@ -297,9 +373,12 @@ def load_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None
 
 
 __all__ = [
+    "ALIASES",
+    "CONTROL_MODES",
     "DEVICES",
     "ENV_PREFIX",
     "RUN_INLINE",
+    "ControlMode",
     "Device",
     "RunInline",
     "Settings",

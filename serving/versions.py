@@ -1,15 +1,17 @@
 """A model's version folders: which names count as versions, when one changed, and what is kept
-for each (its state, runtime and counters) once the repository has looked at it."""
+for each (its state, its live parts and counters) once the repository has looked at it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from .codec import Codec
 from .errors import ContractError, clip
-from .manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+from .manifest import MANIFEST_FILE, MODEL_FILE, VERSION, Manifest
 from .metrics import VersionStats
 from .runtime import ModelRuntime
+from .scheduler import Scheduler
 
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
@@ -32,28 +34,45 @@ def signature(folder: Path) -> Signature:
 
 
 @dataclass(frozen=True)
+class Live:
+    """A loaded version's working parts: its session, its wire codec, where its runs happen."""
+
+    runtime: ModelRuntime
+    codec: Codec
+    scheduler: Scheduler
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.runtime.manifest
+
+
+@dataclass(frozen=True)
 class VersionEntry:
     version: int
     state: str  # READY | UNAVAILABLE
     reason: str  # why it is unavailable ("" when ready, or why newer files were refused)
-    runtime: ModelRuntime | None
+    live: Live | None
     stats: VersionStats
     signature: Signature = ()
+
+    @property
+    def ready(self) -> bool:
+        return self.live is not None and self.state == READY
 
 
 @dataclass(frozen=True)
 class Loaded:
-    """What one inference needs: a ready version of a model."""
+    """What one inference needs: a ready version of a model, kept for the whole call."""
 
     name: str
     version: int
-    runtime: ModelRuntime
+    live: Live
     stats: VersionStats
 
 
 def version_number(name: str) -> int | None:
-    """Version folders are positive integers written plainly; anything else is ignored."""
-    return int(name) if name.isdigit() and name == str(int(name)) and int(name) > 0 else None
+    """Version folders and requested versions are ASCII [1-9][0-9]*; anything else is none."""
+    return int(name) if VERSION.fullmatch(name) else None
 
 
 def check_interface(new: Manifest, serving: Manifest) -> None:
@@ -72,6 +91,7 @@ __all__ = [
     "READY",
     "UNAVAILABLE",
     "UNLOADED",
+    "Live",
     "Loaded",
     "Signature",
     "VersionEntry",

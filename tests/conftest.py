@@ -306,6 +306,7 @@ def publish_onnx(folder: Path, name: str, model: Any) -> Path:
     manifest = {
         "format": "stablemlp.manifest/1", "model_name": name, "version": 1,
         "created_utc": "2026-01-01T00:00:00Z", "platform": "onnxruntime_onnx", "opset": 18,
+        "max_batch_size": 1024,
         "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 30]}],
         "outputs": [{"name": "probability", "datatype": "FP32", "shape": [-1, 1]},
                     {"name": "label", "datatype": "INT64", "shape": [-1, 1]}],

@@ -21,15 +21,19 @@ from hypothesis import strategies as st
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
-from stablemlp.serving.codec import CONTENTS_FIELD, DTYPES, TensorSpec, decode_request
+from stablemlp.serving.codec import Codec
 from stablemlp.serving.errors import CLIP_CHARS, InvalidRequestError
+from stablemlp.serving.manifest import DTYPES, FileEntry, Manifest, TensorSpec
 
 TOKEN = "corpus-token-0123456789"
+CONTROL_TOKEN = "corpus-control-token-42"
 GOOD = (("authorization", f"Bearer {TOKEN}"),)
+CONTROL = (("authorization", f"Bearer {CONTROL_TOKEN}"),)
 MAX_BATCH = 64
 MAX_MESSAGE = 64 * 1024
 TIMEOUT = 10.0
 BAD, MISSING = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+REFUSED = grpc.StatusCode.FAILED_PRECONDITION
 DENIED, TOO_BIG = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED
 LONG = "x" * 50_000  # a client string far over any cap (and under the message limit)
 CLIPPED = f"... ({len(LONG)} chars)"
@@ -40,7 +44,9 @@ def server(
     model_repository: Path, start_server: Callable[..., Any], test_split: HeldOutSplit
 ) -> Iterator[ServerProcess]:
     args = ["--max-batch-size", str(MAX_BATCH), "--max-message-bytes", str(MAX_MESSAGE)]
-    with start_server(model_repository, *args, env={"STABLEMLP_AUTH_TOKEN": TOKEN}) as running:
+    args += ["--model-control-mode", "explicit"]  # so load/unload reach the name checks
+    env = {"STABLEMLP_AUTH_TOKEN": TOKEN, "STABLEMLP_CONTROL_TOKEN": CONTROL_TOKEN}
+    with start_server(model_repository, *args, env=env) as running:
         yield running
 
 
@@ -93,6 +99,19 @@ def _contents(values: list[float], field: str = "fp32_contents") -> Any:
 
 def _outputs(*names: str) -> Callable[[pb.ModelInferRequest], object]:
     return lambda request: [request.outputs.add(name=name) for name in names]
+
+
+def _unknown_contents_field(request: pb.ModelInferRequest) -> None:
+    """Issue 12.6: the tensor's bytes under an unknown field 9 of contents, fp32_contents empty."""
+    data = request.raw_input_contents[0]
+    del request.raw_input_contents[:]
+    length = bytes([len(data) & 0x7F | 0x80, len(data) >> 7])  # a 2-byte varint (128..16383)
+    request.inputs[0].contents.MergeFromString(b"\x4a" + length + data)
+
+
+def _unknown_varint_field(request: pb.ModelInferRequest) -> None:
+    del request.raw_input_contents[:]
+    request.inputs[0].contents.MergeFromString(b"\x48\x96\x01")  # field 9, a varint
 
 
 def corpus(rows: np.ndarray) -> list[Case]:
@@ -159,6 +178,16 @@ def corpus(rows: np.ndarray) -> list[Case]:
         ("version -1", _edited(rows, _set(model_version="-1")), MISSING, "got '-1'"),
         ("version 01", _edited(rows, _set(model_version="01")), MISSING, "got '01'"),
         ("version text", _edited(rows, _set(model_version="latest")), MISSING, "got 'latest'"),
+        ("version superscript", _edited(rows, _set(model_version="\u00b2")), MISSING,
+         "got '\u00b2'"),
+        ("version arabic digit", _edited(rows, _set(model_version="\u0661")), MISSING, "got"),
+        ("version fullwidth", _edited(rows, _set(model_version="\uff11")), MISSING, "got"),
+        ("version 1 superscript", _edited(rows, _set(model_version="1\u00b2")), MISSING, "got"),
+        ("version overflow", _edited(rows, _set(model_version="9" * 40)), MISSING, "got '999"),
+        ("version long", _edited(rows, _set(model_version=LONG)), MISSING, CLIPPED),
+        ("unknown contents field", _edited(rows, _unknown_contents_field), BAD,
+         "got 0 elements, expected 60"),
+        ("unknown varint field", _edited(rows, _unknown_varint_field), BAD, "got 0 elements"),
         ("over size limit", infer_request(np.zeros((600, 30), np.float32)), TOO_BIG,
          "larger than max"),
     ]  # fmt: skip
@@ -173,7 +202,11 @@ def corpus(rows: np.ndarray) -> list[Case]:
         Case("two tokens", "ModelInfer", valid, DENIED, "token", (*GOOD, *GOOD)),
         Case("metadata, no token", "ModelMetadata", pb.ModelMetadataRequest(name=model), DENIED,
              "token", ()),
-        Case("load, no token", "RepositoryModelLoad", _load(model), DENIED, "token", ()),
+        Case("load, no token", "RepositoryModelLoad", _load(model), DENIED, "control token", ()),
+        Case("load, inference token", "RepositoryModelLoad", _load(model), DENIED,
+             "control token", GOOD),
+        Case("unload, inference token", "RepositoryModelUnload",
+             pb.RepositoryModelUnloadRequest(model_name=model), DENIED, "control token", GOOD),
         Case("metadata of nope", "ModelMetadata", pb.ModelMetadataRequest(name="nope"), MISSING,
              "model 'nope'"),
         Case("metadata version", "ModelMetadata", pb.ModelMetadataRequest(name=model, version="7"),
@@ -185,13 +218,25 @@ def corpus(rows: np.ndarray) -> list[Case]:
         Case("statistics version", "ModelStatistics",
              pb.ModelStatisticsRequest(name=model, version="x"), MISSING, "got 'x'"),
         Case("load nope", "RepositoryModelLoad", _load("nope"), MISSING,
-             "'nope': not found in the repository"),
-        Case("load ../", "RepositoryModelLoad", _load("../x"), MISSING, "not found"),
-        Case("load hidden", "RepositoryModelLoad", _load(".."), MISSING, "not found"),
+             "'nope': not found in the repository", CONTROL),
+        Case("load ../", "RepositoryModelLoad", _load("../x"), MISSING, "not found", CONTROL),
+        Case("load hidden", "RepositoryModelLoad", _load(".."), MISSING, "not found", CONTROL),
+        Case("load long name", "RepositoryModelLoad", _load(LONG), MISSING, CLIPPED, CONTROL),
+        Case("load superscript", "RepositoryModelLoad", _load("\u00b2"), MISSING, "not found",
+             CONTROL),
+        Case("load NUL", "RepositoryModelLoad", _load("a\x00b"), MISSING, "a\\x00b", CONTROL),
         Case("load with files", "RepositoryModelLoad", _load(model, file=b"\x08\x07"), BAD,
-             "expected none (models load from the repository folder only)"),
+             "expected none (models load from the repository folder only)", CONTROL),
         Case("unload nope", "RepositoryModelUnload",
-             pb.RepositoryModelUnloadRequest(model_name="nope"), MISSING, "'nope'"),
+             pb.RepositoryModelUnloadRequest(model_name="nope"), MISSING, "'nope'", CONTROL),
+        Case("unload long name", "RepositoryModelUnload",
+             pb.RepositoryModelUnloadRequest(model_name=LONG), MISSING, CLIPPED, CONTROL),
+        Case("config version superscript", "ModelConfig",
+             pb.ModelConfigRequest(name=model, version="\u00b2"), MISSING, "got '\u00b2'"),
+        Case("statistics superscript", "ModelStatistics",
+             pb.ModelStatisticsRequest(name=model, version="\u00b2"), MISSING, "got"),
+        Case("metadata superscript", "ModelMetadata",
+             pb.ModelMetadataRequest(name=model, version="\u00b2"), MISSING, "got"),
         Case("garbage metadata", "ModelMetadata", b"\xff" * 9, BAD,
              "not a valid inference.ModelMetadataRequest"),
     ]  # fmt: skip
@@ -277,32 +322,37 @@ def test_health_needs_no_token_but_reflection_does(server: ServerProcess) -> Non
 
 # ---------------------------------------------------------------- properties of decoding
 
-DATATYPES = sorted(DTYPES)
-CONTENT_FIELDS = sorted(set(CONTENTS_FIELD.values()))
-names = st.sampled_from(["features", "x", "", "probability"]) | st.text(max_size=300)
-datatypes = st.sampled_from([*DATATYPES, "FP16", "BYTES", ""]) | st.text(max_size=300)
+names = st.sampled_from(["features", "color", "x", "", "probability"]) | st.text(max_size=300)
+datatypes = st.sampled_from(["FP32", "BYTES", "INT64", "FP16", ""]) | st.text(max_size=300)
 dims = st.integers(-3, 6) | st.sampled_from([2**31, 2**62, 2**63 - 1, -(2**63)])
+CONTENT_FIELDS = ["fp32_contents", "bytes_contents", "int64_contents", "int_contents"]
 
 
 @st.composite
 def specs(draw: st.DrawFn) -> tuple[TensorSpec, ...]:
-    datatype = draw(st.sampled_from(DATATYPES))
-    shape = (-1, *draw(st.lists(st.integers(1, 4), max_size=2)))
-    return (TensorSpec("features", datatype, shape),)
+    """What the manifest contract allows: an FP32 matrix, text columns, or both."""
+    numeric = (TensorSpec("features", "FP32", (-1, draw(st.integers(1, 4)))),)
+    text = tuple(TensorSpec(f"t{i}", "BYTES", (-1, 1)) for i in range(draw(st.integers(0, 2))))
+    return numeric + text if text and draw(st.booleans()) else text or numeric
 
 
 @st.composite
 def requests(draw: st.DrawFn) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="m")
-    for _ in range(draw(st.integers(0, 2))):
+    for _ in range(draw(st.integers(0, 3))):
         tensor = request.inputs.add(
-            name=draw(names), datatype=draw(datatypes), shape=draw(st.lists(dims, max_size=4))
+            name=draw(names | st.sampled_from(["t0", "t1"])),
+            datatype=draw(datatypes),
+            shape=draw(st.lists(dims, max_size=4)),
         )
         if draw(st.booleans()):
             request.raw_input_contents.append(draw(st.binary(max_size=200)))
         else:
             field = draw(st.sampled_from(CONTENT_FIELDS))
-            values = draw(st.lists(st.integers(0, 1), max_size=40))
+            if field == "bytes_contents":
+                values: list[Any] = draw(st.lists(st.binary(max_size=40), max_size=10))
+            else:
+                values = draw(st.lists(st.integers(0, 1), max_size=40))
             getattr(tensor.contents, field).extend(values)
     for name in draw(st.lists(names, max_size=3)):
         request.outputs.add(name=name)
@@ -312,9 +362,20 @@ def requests(draw: st.DrawFn) -> pb.ModelInferRequest:
 OUTPUTS = (TensorSpec("probability", "FP32", (-1, 1)), TensorSpec("label", "INT64", (-1, 1)))
 
 
+def codec_for(inputs: tuple[TensorSpec, ...]) -> Codec:
+    numeric = [spec for spec in inputs if spec.datatype == "FP32"]
+    manifest = Manifest(
+        model_name="m", version=1, created_utc="2026-01-01T00:00:00Z", opset=18,
+        max_batch_size=MAX_BATCH, inputs=inputs, outputs=OUTPUTS,
+        feature_names=tuple(f"f{i}" for i in range(numeric[0].width if numeric else 0)),
+        threshold=0.5, files={"model.onnx": FileEntry("0" * 64, 1)},
+    )  # fmt: skip
+    return Codec(manifest, MAX_BATCH, "m", "1")
+
+
 def _decode_or_refuse(request: pb.ModelInferRequest, inputs: tuple[TensorSpec, ...]) -> None:
     try:
-        decoded = decode_request(request, inputs, OUTPUTS, MAX_BATCH)
+        decoded = codec_for(inputs).decode(request)
     except InvalidRequestError as err:
         assert len(str(err)) < 4 * CLIP_CHARS + 400  # bounded, whatever the client sent
         assert "\n" not in str(err)
@@ -348,22 +409,21 @@ def test_decoding_random_bytes_only_ever_refuses(
 
 @settings(max_examples=100, deadline=None)
 @given(st.data())
-def test_well_formed_requests_of_any_spec_decode_exactly(data: st.DataObject) -> None:
-    (spec,) = data.draw(specs())
-    rows = data.draw(st.integers(1, 5))
-    dtype = DTYPES[spec.datatype]
-    size = dtype.itemsize * rows * int(np.prod(spec.shape[1:]))
-    array = np.frombuffer(data.draw(st.binary(min_size=size, max_size=size)), dtype)
-    array = array.reshape((rows, *spec.shape[1:]))
+def test_well_formed_numeric_requests_decode_exactly(data: st.DataObject) -> None:
+    width, rows = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5))
+    spec = TensorSpec("features", "FP32", (-1, width))
+    size = 4 * rows * width
+    array = np.frombuffer(data.draw(st.binary(min_size=size, max_size=size)), "<f4")
+    array = array.reshape((rows, width))
     request = pb.ModelInferRequest(model_name="m")
     request.inputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
     request.raw_input_contents.append(array.tobytes())
     try:
-        decoded = decode_request(request, (spec,), OUTPUTS, MAX_BATCH)
+        decoded = codec_for((spec,)).decode(request)
     except InvalidRequestError as err:
-        assert array.dtype.kind == "f" and np.isinf(array).any(), err  # the only refusal
+        assert np.isinf(array).any(), err  # the only refusal
         return
-    np.testing.assert_array_equal(decoded.inputs[spec.name], array)
+    assert decoded.inputs[spec.name].tobytes() == array.tobytes()
 
 
 def test_clipped_text_has_no_line_breaks() -> None:

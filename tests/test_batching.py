@@ -20,9 +20,9 @@ from conftest import MODEL_NAME, HeldOutSplit, ServerProcess, infer_request, out
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
-from stablemlp.serving.batcher import Batcher, BatchingOptions
-from stablemlp.serving.metrics import Call, Telemetry
+from stablemlp.serving.batcher import Batcher, BatchingOptions, Executed
 from stablemlp.serving.runtime import ModelRuntime, RuntimeOptions, inline_rows
+from stablemlp.serving.scheduler import Scheduler
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 TIMEOUT = 10.0
@@ -33,19 +33,13 @@ def _options(run_inline: str = "auto") -> RuntimeOptions:
     return RuntimeOptions("cpu", 1, 1, run_inline=run_inline)  # type: ignore[arg-type]
 
 
-def _call() -> Call:
-    return Telemetry(list, lambda: 0, 1).track(None)
+def _batcher(runtime: ModelRuntime, executor: ThreadPoolExecutor, rows: int) -> Batcher:
+    return Batcher(runtime, executor, BatchingOptions(rows, 50_000), asyncio.get_running_loop())
 
 
-async def _submit_all(
-    batcher: Batcher, runtime: ModelRuntime, parts: list[np.ndarray]
-) -> tuple[list[dict[str, np.ndarray] | BaseException], list[Call]]:
-    calls = [_call() for _ in parts]
-    jobs = [
-        batcher.submit(runtime, {"features": p}, len(p), c)
-        for p, c in zip(parts, calls, strict=True)
-    ]
-    return list(await asyncio.gather(*jobs, return_exceptions=True)), calls
+async def _submit_all(batcher: Batcher, parts: list[np.ndarray]) -> list[Executed | BaseException]:
+    jobs = [batcher.submit({"features": p}, len(p)) for p in parts]
+    return list(await asyncio.gather(*jobs, return_exceptions=True))
 
 
 @pytest.mark.parametrize(
@@ -57,21 +51,23 @@ def test_merged_runs_equal_lone_runs(
     runs: list[int],
 ) -> None:  # fmt: skip
     runtime = ModelRuntime(model_repository / MODEL_NAME / "1", _options(run_inline))
-    runtime.warm_up((1, 1024), runs=1)
+    runtime.warm_up(runs=1)
     parts = [test_split.features[i : i + n] for i, n in ((0, 1), (1, 3), (4, 8), (12, 2))]
 
-    async def merged() -> tuple[list[dict[str, np.ndarray] | BaseException], list[Call]]:
+    async def merged() -> list[Executed | BaseException]:
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(executor, BatchingOptions(max_rows, 50_000))
-            return await _submit_all(batcher, runtime, parts)
+            return await _submit_all(_batcher(runtime, executor, max_rows), parts)
 
-    results, calls = asyncio.run(merged())
+    results = asyncio.run(merged())
     for part, got in zip(parts, results, strict=True):
-        assert not isinstance(got, BaseException)
+        assert isinstance(got, Executed)
         alone = runtime.run({"features": part}, NAMES)
         for name in NAMES:
-            np.testing.assert_array_equal(got[name], alone[name])
-    assert [c.batch_rows for c in calls] == runs  # each run counted once, with its first request
+            np.testing.assert_array_equal(got.results[name], alone[name])
+    executed = [r for r in results if isinstance(r, Executed)]
+    # each run counted once, by its first request; every request knows its run's size
+    assert [r.batch_rows if r.lead else 0 for r in executed] == runs
+    assert all(r.started_ns <= r.ended_ns for r in executed)
 
 
 def test_requests_do_not_look_up_the_running_loop(
@@ -80,7 +76,7 @@ def test_requests_do_not_look_up_the_running_loop(
     """asyncio.get_running_loop() makes a getpid() system call on Python 3.11: the batcher looks
     it up once, when made, not per request (it did three times per request)."""
     runtime = ModelRuntime(model_repository / MODEL_NAME / "1", _options())
-    runtime.warm_up((1,), runs=1)
+    runtime.warm_up(runs=1)
     lookups = 0
     real = asyncio.get_running_loop
 
@@ -91,12 +87,12 @@ def test_requests_do_not_look_up_the_running_loop(
 
     async def requests() -> None:
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(executor, BatchingOptions(1024, 50_000))
+            batcher = _batcher(runtime, executor, 1024)
             monkeypatch.setattr(asyncio, "get_running_loop", counting)
             for i in range(4):
                 assert batcher.joins() == (i > 0)  # the first one arrives after a long gap
             parts = [test_split.features[i : i + 1] for i in range(4)]
-            results, _ = await _submit_all(batcher, runtime, parts)
+            results = await _submit_all(batcher, parts)
             assert not any(isinstance(r, BaseException) for r in results)
 
     asyncio.run(requests())
@@ -143,19 +139,18 @@ def _failing_model(folder: Path) -> Path:
 @pytest.mark.parametrize("run_inline", ["auto", "never"])
 def test_a_request_that_breaks_a_merged_run_fails_alone(tmp_path: Path, run_inline: str) -> None:
     runtime = ModelRuntime(_failing_model(tmp_path), _options(run_inline))
-    runtime.warm_up((1, 8), runs=0)  # all-NaN rows cast to garbage indices: no warm-up here
+    runtime.warm_up(runs=0)  # all-NaN rows cast to garbage indices: no warm-up here
     parts = [np.zeros((2, 30), np.float32) + v for v in (1.0, 7.0, 3.0)]  # 7: out of range
 
-    async def merged() -> list[dict[str, np.ndarray] | BaseException]:
+    async def merged() -> list[Executed | BaseException]:
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(executor, BatchingOptions(8, 50_000))
-            return (await _submit_all(batcher, runtime, parts))[0]
+            return await _submit_all(_batcher(runtime, executor, 8), parts)
 
     good, bad, other = asyncio.run(merged())
     assert isinstance(bad, Exception) and "GatherElements" in str(bad)
-    assert not isinstance(good, BaseException) and not isinstance(other, BaseException)
-    np.testing.assert_allclose(good["probability"], [[0.4], [0.4]])
-    np.testing.assert_array_equal(other["label"], [[1], [1]])
+    assert isinstance(good, Executed) and isinstance(other, Executed)
+    np.testing.assert_allclose(good.results["probability"], [[0.4], [0.4]])
+    np.testing.assert_array_equal(other.results["label"], [[1], [1]])
 
 
 # ---------------------------------------------------------------- real servers
@@ -236,30 +231,31 @@ def test_preferred_size_runs_without_waiting_and_deadlines_hold(
     assert srv.log().count("ModelInfer failed: DEADLINE_EXCEEDED") == 1
 
 
-def test_an_unloaded_version_is_freed_with_its_batcher(
+def test_closing_a_versions_scheduler_runs_what_waits_and_stops_merging(
     model_repository: Path, test_split: HeldOutSplit
 ) -> None:
-    """Reloads must not pile up sessions: the scheduler's batcher does not keep its version."""
-    import gc
-    import weakref
-
-    from stablemlp.serving.scheduler import Scheduler
-
+    """The repository closes a version's scheduler when the version goes (no lifetime by garbage
+    collection): a request waiting for company runs at once, later ones run alone."""
     runtime = ModelRuntime(model_repository / MODEL_NAME / "1", _options())
-    runtime.warm_up((1, 1024), runs=1)
-    request = infer_request(test_split.features[:2])
+    runtime.warm_up(runs=1)
+    rows = test_split.features[:2]
 
-    async def serve_twice(runtime: ModelRuntime, scheduler: Scheduler) -> list[int]:
-        calls = [_call(), _call()]
-        for call in calls:
-            results = await scheduler.run(runtime, runtime.plan.decode(request), call)
-            np.testing.assert_array_equal(results["label"], test_split.label[:2])
-        return [call.batch_rows for call in calls]
+    async def scenario() -> tuple[Executed, Executed, float]:
+        with ThreadPoolExecutor(1) as executor:
+            loop = asyncio.get_running_loop()
+            scheduler = Scheduler(runtime, executor, BatchingOptions(1024, 30_000_000), loop)
+            await scheduler.run({"features": rows}, 2)  # isolated: runs at once
+            started = time.monotonic()
+            waiting = asyncio.ensure_future(scheduler.run({"features": rows}, 2))  # waits 30 s
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            scheduler.close()  # as from the repository's thread: thread-safe
+            first = await asyncio.wait_for(waiting, 5)
+            after = await asyncio.wait_for(scheduler.run({"features": rows}, 2), 5)
+            return first, after, time.monotonic() - started
 
-    with ThreadPoolExecutor(1) as executor:
-        scheduler = Scheduler(executor, BatchingOptions(1024, 1_000_000))  # 1 s: the 2nd joins
-        assert asyncio.run(serve_twice(runtime, scheduler)) == [2, 2]  # alone, then in a batch
-        freed = weakref.ref(runtime)
-        del runtime
-        gc.collect()  # the scheduler lives on, as in a server whose version was unloaded
-        assert freed() is None
+    first, after, seconds = asyncio.run(scenario())
+    assert seconds < 5  # not the 30 s queue delay
+    for executed in (first, after):
+        np.testing.assert_array_equal(executed.results["label"], test_split.label[:2])
+        assert executed.lead and executed.batch_rows == 2

@@ -32,13 +32,14 @@ from stablemlp.export.parity import (
     torch_runner,
 )
 from stablemlp.export.publish import publish_version, sha256_hex, versions
-from stablemlp.export.verify import MANIFEST_KEYS
+from stablemlp.export.verify import DETAIL_KEYS
 from stablemlp.model.checkpoint import CHECKPOINT_NAME, Checkpoint, FeatureSchema, save_checkpoint
 from stablemlp.model.cli import TEST_SPLIT_NAME
 from stablemlp.model.cli import main as train_main
 from stablemlp.model.network import MLPConfig, StabilizedMLP
 from stablemlp.model.preprocess import build_classifier
 from stablemlp.protos import model_config_pb2
+from stablemlp.serving.manifest import Manifest
 
 N_FEATURES = 6
 MODEL = "tiny"
@@ -208,7 +209,9 @@ def test_manifest_parity_and_config(tiny_repository: Path) -> None:
     model_dir = tiny_repository / MODEL
     version_dir = model_dir / "1"
     manifest = json.loads((version_dir / "manifest.json").read_text())
-    assert set(MANIFEST_KEYS) <= set(manifest)
+    # serving reads what export writes, through the one manifest module
+    read = Manifest.read(version_dir / "manifest.json")
+    assert read.to_dict() == manifest and set(DETAIL_KEYS) <= set(read.details)
     assert manifest["version"] == 1 and manifest["opset"] == OPSET
     assert manifest["inputs"] == [
         {"name": "features", "datatype": "FP32", "shape": [-1, N_FEATURES]}

@@ -255,7 +255,9 @@ def test_versions_reload_under_load_with_no_failed_or_mixed_call(
 ) -> None:
     shifts = {1: 0.0, 2: 1.0, 8: -1.0}  # good versions: each moves the logit differently
     with (
-        start_server(repo_copy, "--repository-poll-s", "0.1") as srv,
+        start_server(
+            repo_copy, "--model-control-mode", "poll", "--repository-poll-s", "0.1"
+        ) as srv,
         grpc.insecure_channel(srv.address) as channel,
     ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -276,18 +278,17 @@ def test_versions_reload_under_load_with_no_failed_or_mixed_call(
             publish_version(repo_copy, 7, edit=_rename_features)  # loads, but not as a swap
             rows = _wait_for_index(stub, lambda rows: rows[-1][0] == "7")
             assert "feature_names differ from version 2, which is serving" in rows[-1][2]
-            publish_version(repo_copy, 8, shift=shifts[8])  # and one through the RPC
-            stub.RepositoryModelLoad(
-                pb.RepositoryModelLoadRequest(model_name=MODEL_NAME), timeout=60
-            )
-            assert _index(stub) == [("8", "READY", "")]
+            publish_version(repo_copy, 8, shift=shifts[8])
+            _wait_for_index(stub, lambda rows: rows == [("8", "READY", "")])
             break_version(repo_copy, 9, "flip")
-            with pytest.raises(grpc.RpcError) as raised:
+            rows = _wait_for_index(stub, lambda rows: rows[-1][0] == "9")
+            assert rows[0] == ("8", "READY", "") and "sha256" in rows[-1][2]
+            with pytest.raises(grpc.RpcError) as raised:  # poll mode: the poller alone loads
                 stub.RepositoryModelLoad(
                     pb.RepositoryModelLoadRequest(model_name=MODEL_NAME), timeout=60
                 )
             assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "version 9" in raised.value.details() and "sha256" in raised.value.details()
+            assert "model control mode 'poll'" in raised.value.details()
             count = len(load.replies)
             load.wait_for(count + 50)
         finally:

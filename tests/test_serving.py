@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -21,7 +23,6 @@ import pytest
 from conftest import (
     MODEL_NAME,
     HeldOutSplit,
-    Reference,
     ServerProcess,
     infer_request,
     outputs,
@@ -44,10 +45,11 @@ from stablemlp.serving.errors import (
     IntegrityError,
     ModelNotFoundError,
     ServingError,
-    status_for,
 )
+from stablemlp.serving.grpc_boundary import GRPC_CODES, failure
 from stablemlp.serving.repository import ModelRepository
 from stablemlp.serving.runtime import CUDA, ModelRuntime, RuntimeOptions
+from stablemlp.serving.scheduler import Scheduler
 from stablemlp.serving.settings import Settings, VersionPolicy, load_settings
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
@@ -131,11 +133,11 @@ def test_runtime_refuses_a_manifest_breaking_the_contract(repo_copy: Path) -> No
     manifest = json.loads(manifest_path.read_text())
     manifest["feature_names"] = manifest["feature_names"][:-1]
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ContractError, match=r"shape: got \[-1, 30\], expected \[-1, 29\]"):
+    with pytest.raises(ContractError, match=r"FP32 tensor has 30 columns, .* feature name \(29\)"):
         ModelRuntime(repo_copy / MODEL_NAME / "1", CPU_OPTIONS)
     del manifest["threshold"]
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ContractError, match=r"malformed .*threshold"):
+    with pytest.raises(ContractError, match=r"manifest.json: 'threshold': missing"):
         ModelRuntime(repo_copy / MODEL_NAME / "1", CPU_OPTIONS)
 
 
@@ -143,7 +145,7 @@ def test_runtime_matches_in_process_onnxruntime(
     model_repository: Path, test_split: HeldOutSplit
 ) -> None:
     runtime = ModelRuntime(model_repository / MODEL_NAME / "1", CPU_OPTIONS)
-    runtime.warm_up((1, 1024), runs=1)
+    runtime.warm_up(runs=1)
     results = runtime.run({"features": test_split.features}, ["probability", "label"])
     np.testing.assert_array_equal(results["probability"], test_split.probability)
     np.testing.assert_array_equal(results["label"], test_split.label)
@@ -187,12 +189,14 @@ def test_device_auto_falls_back_to_cpu_with_a_warning(
 
 
 def _repository(root: Path, policy: str = "latest:1") -> ModelRepository:
+    loop = asyncio.new_event_loop()  # never run: unbatched schedulers do not touch it
+    loop.close()
     return ModelRepository(
         root,
         policy=VersionPolicy.parse(policy),
         options=CPU_OPTIONS,
-        warmup_batch_sizes=(1,),
         warmup_runs=1,
+        scheduler=lambda runtime: Scheduler(runtime, ThreadPoolExecutor(1), None, loop),
     )
 
 
@@ -227,11 +231,12 @@ def test_every_domain_error_has_a_status_and_unknown_ones_are_internal(
 
     mapped = tuple(cls for cls, _ in STATUS)
     assert all(issubclass(cls, mapped) for cls in leaves(ServingError)[1:])
+    assert all(name in GRPC_CODES for _, name in STATUS)  # every status has its gRPC code
     try:
         raise KeyError("secret detail")
     except KeyError as err:
-        code, message = status_for(err, "ModelInfer")
-    assert (code, message) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        status, message = failure(err, "ModelInfer")
+    assert (GRPC_CODES[status], message) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
     assert "secret detail" not in message and "Traceback" in caplog.text
 
 
@@ -552,16 +557,20 @@ def test_load_unload_swap_and_graceful_shutdown(
     repo_copy: Path, start_server: StartServer, test_split: HeldOutSplit
 ) -> None:
     rows = test_split.features[:3]
+    control = (("authorization", "Bearer control-secret"),)
     with (
-        start_server(repo_copy, "--grace-period-s", "2") as srv,
+        start_server(
+            repo_copy, "--grace-period-s", "2", "--model-control-mode", "explicit",
+            env={"STABLEMLP_CONTROL_TOKEN": "control-secret"},
+        ) as srv,
         grpc.insecure_channel(srv.address) as channel,
-    ):
+    ):  # fmt: skip
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
         load = pb.RepositoryModelLoadRequest(model_name=MODEL_NAME)
 
         _add_version(repo_copy, 2)  # a new version appears; a load rescans and swaps to it
-        stub.RepositoryModelLoad(load, timeout=60)
+        stub.RepositoryModelLoad(load, timeout=60, metadata=control)
         assert stub.ModelInfer(infer_request(rows), timeout=TIMEOUT).model_version == "2"
         index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=TIMEOUT)
         assert [(m.name, m.version, m.state) for m in index.models] == [(MODEL_NAME, "2", "READY")]
@@ -570,15 +579,16 @@ def test_load_unload_swap_and_graceful_shutdown(
         with (repo_copy / MODEL_NAME / "3" / "model.onnx").open("ab") as stream:
             stream.write(b"\0")
         with pytest.raises(grpc.RpcError) as raised:
-            stub.RepositoryModelLoad(load, timeout=60)
+            stub.RepositoryModelLoad(load, timeout=60, metadata=control)
         assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "version 3" in raised.value.details() and "sha256" in raised.value.details()
         assert stub.ModelInfer(infer_request(rows), timeout=TIMEOUT).model_version == "2"
         shutil.rmtree(repo_copy / MODEL_NAME / "3")
 
         stub.RepositoryModelUnload(
-            pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME), timeout=TIMEOUT
-        )
+            pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME), timeout=TIMEOUT,
+            metadata=control,
+        )  # fmt: skip
         assert not stub.ModelReady(pb.ModelReadyRequest(name=MODEL_NAME), timeout=TIMEOUT).ready
         with pytest.raises(grpc.RpcError) as raised:
             stub.ModelInfer(infer_request(rows), timeout=TIMEOUT)
@@ -597,12 +607,13 @@ def test_load_unload_swap_and_graceful_shutdown(
             pb.RepositoryIndexRequest(ready=True), timeout=TIMEOUT
         ).models
 
-        stub.RepositoryModelLoad(load, timeout=60)
+        stub.RepositoryModelLoad(load, timeout=60, metadata=control)
         wait_until_serving(srv.address, deadline_s=TIMEOUT, service=MODEL_NAME)
         with pytest.raises(grpc.RpcError) as raised:
             stub.RepositoryModelLoad(
-                pb.RepositoryModelLoadRequest(model_name="nope"), timeout=TIMEOUT
-            )
+                pb.RepositoryModelLoadRequest(model_name="nope"), timeout=TIMEOUT,
+                metadata=control,
+            )  # fmt: skip
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
         # Shutdown: a health watcher sees NOT_SERVING before the server goes, then exit code 0.
@@ -634,7 +645,24 @@ def test_cuda_serving_matches_cpu(
     np.testing.assert_allclose(probability, test_split.probability[:, 0], atol=1e-5, rtol=0)
 
 
-def test_reference_fixture_is_onnxruntime(reference: Reference, test_split: HeldOutSplit) -> None:
-    probability, label = reference(test_split.features)
-    np.testing.assert_array_equal(label, test_split.label)
-    assert probability.shape == (len(test_split.features), 1)
+def test_served_outputs_match_the_torch_model_computed_independently(
+    server: ServerProcess, run_dir: Path, test_split: HeldOutSplit
+) -> None:
+    """Not ONNX against ONNX: the eval-mode torch classifier rebuilt from the checkpoint (BatchNorm
+    unfolded, preprocessing in torch) gives what the server answers, labels from the threshold."""
+    import torch
+
+    from stablemlp.model.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    with torch.no_grad():
+        expected, _ = checkpoint.build_classifier()(torch.from_numpy(test_split.features))
+    expected = expected.numpy()
+    results = client.predict(server.address, test_split.features, model=MODEL_NAME)
+    probability = np.array([[p] for p, _ in results], dtype=np.float32)
+    label = np.array([[lab] for _, lab in results])
+    np.testing.assert_allclose(probability, expected, atol=1e-5, rtol=0)
+    decided = np.abs(expected - checkpoint.threshold) > 1e-5  # rows not on the threshold itself
+    assert decided.all() or decided.mean() > 0.9
+    np.testing.assert_array_equal(label[decided], (expected >= checkpoint.threshold)[decided])
+    assert 0 < label.sum() < len(label)  # both classes occur: the comparison means something
