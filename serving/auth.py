@@ -51,6 +51,13 @@ def server_credentials(
     )
 
 
+def authorized(metadata: Any, token: bytes) -> bool:
+    """Exactly one `authorization` entry among `metadata`'s (key, value) pairs, and it is
+    `Bearer <token>`."""
+    values = [v for k, v in metadata or () if k == "authorization"]
+    return len(values) == 1 and bearer_matches(values[0], token)
+
+
 def bearer_matches(value: object, token: bytes) -> bool:
     """Whether an `authorization` value is `Bearer <token>` (constant-time comparison)."""
     if not isinstance(value, str):
@@ -129,6 +136,7 @@ __all__ = [
     "CONTROL_RPCS",
     "HEALTH_SERVICE",
     "TokenInterceptor",
+    "authorized",
     "bearer_matches",
     "read_token",
     "server_credentials",

@@ -293,6 +293,27 @@ def outputs(response: Any) -> dict[str, np.ndarray]:
     }
 
 
+def cpu_repository(root: Path, policy: str = "latest:1") -> Any:
+    """A ModelRepository on the CPU, unbatched, for tests that load versions in process."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stablemlp.serving.policy import VersionPolicy
+    from stablemlp.serving.repository import ModelRepository
+    from stablemlp.serving.runtime import RuntimeOptions
+    from stablemlp.serving.scheduler import Scheduler
+
+    loop = asyncio.new_event_loop()  # never run: unbatched schedulers do not touch it
+    loop.close()
+    return ModelRepository(
+        root,
+        policy=VersionPolicy.parse(policy),
+        options=RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1),
+        warmup_runs=1,
+        scheduler=lambda runtime: Scheduler(runtime, ThreadPoolExecutor(1), None, loop),
+    )
+
+
 def publish_onnx(folder: Path, name: str, model: Any) -> Path:
     """Write a hand-built ONNX `model` as version 1 of `name` under repository `folder`, with a
     manifest honouring the serving contract (features FP32 [-1,30] -> probability, label)."""

@@ -84,7 +84,9 @@ def test_metrics_and_model_statistics_count_the_same_calls(
     assert metrics[(batch[0] + "_count", batch[1])] == stats.execution_count
     assert metrics[("stablemlp_inference_batch_size_bucket", _labels(**v1, le="1.0"))] >= 2
     queue = ("stablemlp_inference_queue_duration_seconds_count", _labels(**v1))
-    assert metrics[queue] == stats.inference_stats.queue.count == stats.execution_count
+    assert (
+        metrics[queue] == stats.inference_stats.queue.count == stats.inference_stats.success.count
+    )
     latency = ("stablemlp_inference_request_duration_seconds_count", _labels(**v1))
     assert metrics[latency] == stats.inference_stats.success.count + failed
     assert metrics[("stablemlp_model_version_ready", _labels(**v1))] == 1
@@ -93,6 +95,45 @@ def test_metrics_and_model_statistics_count_the_same_calls(
     assert metrics[("stablemlp_inflight_limit", ())] == 128
     by_size = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
     assert by_size[8] >= 3 and by_size[1] >= 2 and sum(by_size.values()) == stats.execution_count
+
+
+def test_the_counts_agree_under_concurrent_calls_too(
+    server: ServerProcess, stub: pb_grpc.GRPCInferenceServiceStub, test_split: HeldOutSplit
+) -> None:
+    """Concurrent calls merge into shared runs: executions and batch sizes count runs (as
+    Triton's), requests and rows count calls, and /metrics and ModelStatistics still agree."""
+    before = _statistics(stub)
+    sizes = [1, 2, 3, 5, 8] * 8
+    futures = [
+        stub.ModelInfer.future(infer_request(test_split.features[:n]), timeout=TIMEOUT)
+        for n in sizes
+    ]
+    bad = [
+        stub.ModelInfer.future(infer_request(test_split.features[:1, :3]), timeout=TIMEOUT)
+        for _ in range(4)
+    ]
+    for future in futures:
+        future.result()
+    assert all(f.exception() is not None for f in bad)
+    stats, metrics = _statistics(stub), scrape(server)
+    v1 = {"model": MODEL_NAME, "version": "1"}
+    success = stats.inference_stats.success.count
+    assert success - before.inference_stats.success.count == len(sizes)
+    assert stats.inference_count - before.inference_count == sum(sizes)
+    assert stats.inference_stats.fail.count - before.inference_stats.fail.count == len(bad)
+    assert metrics[("stablemlp_inference_requests_total", _labels(**v1, code="OK"))] == success
+    executions = stats.execution_count
+    assert executions - before.execution_count <= len(sizes)
+    batch = "stablemlp_inference_batch_size"
+    assert metrics[(batch + "_count", _labels(**v1))] == executions
+    assert metrics[(batch + "_sum", _labels(**v1))] == stats.inference_count  # every row ran once
+    assert sum(b.compute_infer.count for b in stats.batch_stats) == executions
+    assert sum(b.batch_size * b.compute_infer.count for b in stats.batch_stats) == (
+        stats.inference_count
+    )
+    queue = ("stablemlp_inference_queue_duration_seconds_count", _labels(**v1))
+    assert metrics[queue] == stats.inference_stats.queue.count == success  # per request
+    assert metrics[("stablemlp_inflight_requests", ())] == 0
 
 
 def test_logs_are_json_lines_with_one_line_per_failed_call(
@@ -111,7 +152,7 @@ def test_logs_are_json_lines_with_one_line_per_failed_call(
     assert len(lines) == before + 3  # every line parsed as JSON above; one per failed call
     assert {k: lines[-1][k] for k in ("level", "logger", "rpc", "code")} == {
         "level": "INFO",
-        "logger": "stablemlp.serving.errors",
+        "logger": "stablemlp.serving.grpc_boundary",
         "rpc": "ModelInfer",
         "code": "INVALID_ARGUMENT",
     }

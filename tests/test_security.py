@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving import client
-from stablemlp.serving.auth import TokenInterceptor
+from stablemlp.serving.auth import TokenInterceptor, authorized
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 TIMEOUT = 10.0
@@ -168,10 +168,10 @@ def test_mutual_tls_and_a_token_file_with_closed_health(
 
 
 def test_token_check_accepts_only_the_exact_bearer_token() -> None:
-    interceptor = TokenInterceptor(TOKEN.encode(), exempt_health=True)
+    token = TOKEN.encode()
     ok = [("authorization", f"Bearer {TOKEN}")]
-    assert interceptor.authorized(ok)
-    assert interceptor.authorized([("authorization", f"bearer {TOKEN}")])  # scheme: any case
+    assert authorized(ok, token)
+    assert authorized([("authorization", f"bearer {TOKEN}")], token)  # scheme: any case
     for wrong in (
         [],
         [("authorization", TOKEN)],
@@ -184,7 +184,18 @@ def test_token_check_accepts_only_the_exact_bearer_token() -> None:
         [*ok, *ok],  # two tokens: ambiguous
         [("x-authorization", f"Bearer {TOKEN}")],
     ):
-        assert not interceptor.authorized(wrong), wrong
+        assert not authorized(wrong, token), wrong
+
+
+def test_control_rpcs_need_the_control_token_and_others_the_inference_token() -> None:
+    interceptor = TokenInterceptor(b"infer", b"control", exempt_health=True)
+    service = "/inference.GRPCInferenceService/"
+    assert interceptor.required(service + "RepositoryModelLoad") == (b"control", "control token")
+    assert interceptor.required(service + "RepositoryModelUnload")[0] == b"control"
+    assert interceptor.required(service + "ModelInfer") == (b"infer", "token")
+    assert interceptor.required("/grpc.health.v1.Health/Check") == (None, "")
+    only_control = TokenInterceptor(None, b"control", exempt_health=True)
+    assert only_control.required(service + "ModelInfer") == (None, "token")
 
 
 class _Tripwire:
@@ -206,11 +217,10 @@ def test_model_files_are_hashed_and_nothing_in_them_is_executed(
     import shutil
 
     import onnx
+    from conftest import cpu_repository
 
     from stablemlp.serving.errors import ContractError
-    from stablemlp.serving.repository import ModelRepository
     from stablemlp.serving.runtime import ModelRuntime, RuntimeOptions
-    from stablemlp.serving.settings import VersionPolicy
 
     repository = Path(shutil.copytree(model_repository, tmp_path / "repo"))
     tripwire = tmp_path / "executed"
@@ -218,10 +228,7 @@ def test_model_files_are_hashed_and_nothing_in_them_is_executed(
     for name in ("model.pt", "extra.pkl"):  # a hostile TorchScript file and a stray pickle
         (version / name).write_bytes(pickle.dumps(_Tripwire(tripwire)))
     options = RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1)
-    served = ModelRepository(
-        repository, policy=VersionPolicy(), options=options, warmup_batch_sizes=(1,),
-        warmup_runs=1,
-    )  # fmt: skip
+    served = cpu_repository(repository)
     served.load_all()
     assert served.get(MODEL_NAME).version == 1 and not tripwire.exists()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -24,6 +22,7 @@ from conftest import (
     MODEL_NAME,
     HeldOutSplit,
     ServerProcess,
+    cpu_repository,
     infer_request,
     outputs,
     wait_until_serving,
@@ -49,7 +48,6 @@ from stablemlp.serving.errors import (
 from stablemlp.serving.grpc_boundary import GRPC_CODES, failure
 from stablemlp.serving.repository import ModelRepository
 from stablemlp.serving.runtime import CUDA, ModelRuntime, RuntimeOptions
-from stablemlp.serving.scheduler import Scheduler
 from stablemlp.serving.settings import Settings, VersionPolicy, load_settings
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
@@ -189,15 +187,8 @@ def test_device_auto_falls_back_to_cpu_with_a_warning(
 
 
 def _repository(root: Path, policy: str = "latest:1") -> ModelRepository:
-    loop = asyncio.new_event_loop()  # never run: unbatched schedulers do not touch it
-    loop.close()
-    return ModelRepository(
-        root,
-        policy=VersionPolicy.parse(policy),
-        options=CPU_OPTIONS,
-        warmup_runs=1,
-        scheduler=lambda runtime: Scheduler(runtime, ThreadPoolExecutor(1), None, loop),
-    )
+    repository: ModelRepository = cpu_repository(root, policy)
+    return repository
 
 
 def _add_version(root: Path, version: int) -> None:
