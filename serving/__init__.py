@@ -24,9 +24,10 @@ from .errors import (
     ProviderError,
     ServingError,
 )
+from .flags import load_settings
 from .manifest import Manifest, TensorSpec
 from .policy import VersionPolicy
-from .settings import Settings, load_settings
+from .settings import Settings
 
 _LAZY = {"build_server": "server", "main": "server", "serve": "server", "predict": "client",
          "Security": "client"}  # fmt: skip

@@ -132,6 +132,18 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return refused
 
 
+def token_interceptors(
+    token: bytes | None,
+    control_token: bytes | None,
+    exempt_health: bool,
+    on_refused: Callable[[], None],
+) -> list[TokenInterceptor]:
+    """The interceptors a server with these tokens needs: none when it has no token at all."""
+    if token is None and control_token is None:
+        return []
+    return [TokenInterceptor(token, control_token, exempt_health, on_refused)]
+
+
 __all__ = [
     "CONTROL_RPCS",
     "HEALTH_SERVICE",
@@ -140,4 +152,5 @@ __all__ = [
     "bearer_matches",
     "read_token",
     "server_credentials",
+    "token_interceptors",
 ]

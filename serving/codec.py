@@ -20,11 +20,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
+from .encoder import CONTENTS_FIELD, ReplyEncoder
 from .errors import InvalidRequestError, clip, clip_items
-from .manifest import DTYPES, Manifest, TensorSpec
+from .manifest import Manifest, TensorSpec
 
-# The InferTensorContents field that carries each datatype (protocol spec, "Tensor Data").
-CONTENTS_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents", "BYTES": "bytes_contents"}
 # A packed fp32_contents serializes as its tag, a varint length, then the little-endian array
 # itself: (field number 6 << 3) | 2, length-delimited (protobuf encoding; grpc_service.proto).
 _FP32_TAG = 6 << 3 | 2
@@ -49,30 +48,66 @@ class Decoded(NamedTuple):  # a tuple: built per request, cheaper than a datacla
     rows: int  # batch size
 
 
-def split_raw_text(data: bytes, count: int) -> list[bytes] | None:
-    """`count` length-prefixed elements filling `data` exactly, each at most MAX_TEXT_BYTES;
-    None if they do not."""
+def split_raw_text(data: bytes, count: int, name: str = "") -> list[bytes] | None:
+    """`count` length-prefixed elements filling `data` exactly, each at most MAX_TEXT_BYTES.
+    Without `name` (the fast path) None if they do not; with it, InvalidRequestError saying why."""
     items, pos, end = [], 0, len(data)
-    for _ in range(count):
+    for index in range(count):
         if pos + _PREFIX > end:
+            _refuse(
+                name, f"element {index}: the 4-byte length prefix at byte {pos} is past the end "
+                f"({end} bytes), expected {count} length-prefixed elements",
+            )  # fmt: skip
             return None
         length = int.from_bytes(data[pos : pos + _PREFIX], "little")
         pos += _PREFIX
-        if length > MAX_TEXT_BYTES or pos + length > end:
+        if length > MAX_TEXT_BYTES:
+            _refuse(name, f"element {index}: got {length} bytes, expected at most {MAX_TEXT_BYTES}")
+            return None
+        if pos + length > end:
+            _refuse(
+                name, f"element {index}: length {length} at byte {pos - _PREFIX} runs past the "
+                f"end ({end} bytes)",
+            )  # fmt: skip
             return None
         items.append(data[pos : pos + length])
         pos += length
-    return items if pos == end else None
+    if pos != end:
+        _refuse(name, f"got {end - pos} bytes after the {count} elements, expected none")
+        return None
+    return items
 
 
-def text_array(items: Sequence[bytes], shape: tuple[int, ...]) -> np.ndarray | None:
-    """UTF-8 elements as an object array of stripped str; None if one is not UTF-8 or too long."""
-    try:
-        values = [item.decode("utf-8").strip() for item in items if len(item) <= MAX_TEXT_BYTES]
-    except UnicodeDecodeError:
-        return None
-    if len(values) != len(items):
-        return None
+def _refuse(name: str, problem: str) -> None:
+    """Raise, when judging (a name given); the fast path only learns it must not decide."""
+    if name:
+        raise InvalidRequestError(f"raw_input_contents for input '{name}' {problem}")
+
+
+def text_array(items: Sequence[Any], shape: tuple[int, int], name: str = "") -> np.ndarray | None:
+    """UTF-8 elements as an object array of stripped str. Without `name` (the fast path) None
+    if one is not UTF-8 of at most MAX_TEXT_BYTES; with it, InvalidRequestError naming the row."""
+    values = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):  # JSON (REST) sends text as str
+            item = item.encode("utf-8", "surrogatepass")
+        problem = ""
+        if not isinstance(item, bytes):
+            problem = f"got {type(item).__name__}, expected UTF-8 bytes"
+        elif len(item) > MAX_TEXT_BYTES:
+            problem = f"got {len(item)} bytes, expected at most {MAX_TEXT_BYTES}"
+        else:
+            try:
+                values.append(item.decode("utf-8").strip())
+            except UnicodeDecodeError as err:
+                problem = (
+                    f"got bytes that are not UTF-8 ({err.reason} at byte {err.start}), "
+                    "expected UTF-8 text"
+                )
+        if problem:
+            if not name:
+                return None
+            raise InvalidRequestError(f"input '{name}' row {index // shape[1]}: {problem}")
     array = np.empty(len(values), dtype=object)
     array[:] = values
     return array.reshape(shape)
@@ -134,10 +169,7 @@ class Codec:
         self._specs = {spec.name: spec for spec in self.inputs}
         self._by_output = {spec.name: spec for spec in self.outputs}
         self._selections: dict[tuple[str, ...], tuple[TensorSpec, ...]] = {}
-        self._fields = [
-            (s.name, DTYPES[s.datatype], CONTENTS_FIELD[s.datatype]) for s in self.outputs
-        ]
-        self._templates: dict[int, pb.ModelInferResponse] = {}  # rows -> reply without data
+        self.replies = ReplyEncoder(self.outputs, name, version)  # the gRPC replies
 
     def max_request_bytes(self) -> int:
         """The largest well-formed request's tensor data (either content form)."""
@@ -181,21 +213,10 @@ class Codec:
             if array is None:
                 return None
             arrays[plan.name] = array
-        outputs = self._selection(request.outputs) if request.outputs else self.outputs
+        outputs = self._requested([o.name for o in request.outputs], strict=False)
         if outputs is None or len(arrays) != len(plans):
             return None
         return Decoded(arrays, outputs, bool(raw), rows)
-
-    def _selection(self, wanted: Sequence[Any]) -> tuple[TensorSpec, ...] | None:
-        """The outputs asked for, if they name known outputs once each (cached per list)."""
-        key = tuple(output.name for output in wanted)
-        found = self._selections.get(key)
-        if found is None and len(set(key)) == len(key) and all(k in self._by_output for k in key):
-            found = tuple(self._by_output[k] for k in key)
-            found = self.outputs if found == self.outputs else found  # the common reply shape
-            if len(self._selections) < 64:  # orders of the outputs: few; bounded anyway
-                self._selections[key] = found
-        return found
 
     def decode_tensors(
         self, tensors: Sequence[WireTensor], outputs: Sequence[str], raw_entries: int = 0
@@ -227,7 +248,9 @@ class Codec:
             raise InvalidRequestError(
                 f"inputs shape[0]: got batch sizes {sorted(rows)}, expected one batch size"
             )
-        return Decoded(arrays, self._requested(outputs), all(raw), rows.pop())
+        selected = self._requested(outputs)
+        assert selected is not None  # strict: refused above otherwise
+        return Decoded(arrays, selected, all(raw), rows.pop())
 
     def _decode_one(self, spec: TensorSpec, tensor: WireTensor) -> np.ndarray:
         name = spec.name
@@ -245,7 +268,8 @@ class Codec:
                     "raw_input_contents, expected exactly one"
                 )
             if spec.datatype == "BYTES":
-                return _text(name, _split_checked(name, tensor.raw, count), shape)
+                items = split_raw_text(tensor.raw, count, name)
+                return _checked(text_array(items or [], shape, name))
             if len(tensor.raw) != count * 4:
                 raise InvalidRequestError(
                     f"raw_input_contents for input '{name}': got {len(tensor.raw)} bytes, "
@@ -265,7 +289,7 @@ class Codec:
                 f"expected {count} (shape {list(shape)})"
             )
         if spec.datatype == "BYTES":
-            return _text(name, values, shape)
+            return _checked(text_array(values, shape, name))
         try:
             array = np.asarray(values, dtype="<f4").reshape(shape)
         except (TypeError, ValueError):  # a front's values that are not numbers (JSON)
@@ -275,66 +299,31 @@ class Codec:
             ) from None
         return _finite(name, array)
 
-    def _requested(self, names: Sequence[str]) -> tuple[TensorSpec, ...]:
-        seen: list[str] = []
-        for i, name in enumerate(names):
+    def _requested(
+        self, names: Sequence[str], strict: bool = True
+    ) -> tuple[TensorSpec, ...] | None:
+        """The outputs asked for (all when none are named), if each is known and named once;
+        otherwise InvalidRequestError, or None when not `strict` (the fast path)."""
+        key = tuple(names)
+        found = self._selections.get(key)
+        if found is not None:
+            return found
+        for i, name in enumerate(key):
+            problem = ""
             if name not in self._by_output:
                 expected = ", ".join(f"'{spec.name}'" for spec in self.outputs)
-                raise InvalidRequestError(
-                    f"outputs[{i}].name: got '{clip(name)}', expected one of {expected}"
-                )
-            if name in seen:
-                raise InvalidRequestError(
-                    f"outputs[{i}].name: got '{clip(name)}' twice, expected each at most once"
-                )
-            seen.append(name)
-        return tuple(self._by_output[name] for name in seen) if seen else self.outputs
-
-    # ------------------------------------------------------------------ encode
-
-    def encode(
-        self, request: pb.ModelInferRequest, results: Mapping[str, np.ndarray], decoded: Decoded
-    ) -> pb.ModelInferResponse:
-        """The reply to `request`: its id echoed, the requested outputs in the form it used."""
-        if decoded.outputs is self.outputs and request.model_name == self.model_name:
-            response = pb.ModelInferResponse()
-            response.CopyFrom(self._template(decoded.rows))  # names, shapes: built once per size
-            fields = self._fields
-        else:
-            response = pb.ModelInferResponse(
-                model_name=request.model_name, model_version=self.model_version
-            )
-            for spec in decoded.outputs:
-                response.outputs.add(
-                    name=spec.name, datatype=spec.datatype, shape=(decoded.rows, spec.width)
-                )
-            fields = [
-                (s.name, DTYPES[s.datatype], CONTENTS_FIELD[s.datatype]) for s in decoded.outputs
-            ]
-        if request.id:
-            response.id = request.id
-        if decoded.raw:
-            response.raw_output_contents.extend(
-                [_cast(results[name], dtype).tobytes() for name, dtype, _ in fields]
-            )
-        else:  # outputs are one value per row: small, so a list is cheap here
-            for tensor, (name, dtype, field) in zip(response.outputs, fields, strict=True):
-                getattr(tensor.contents, field).extend(_cast(results[name], dtype).ravel().tolist())
-        return response
-
-    def _template(self, rows: int) -> pb.ModelInferResponse:
-        template = self._templates.get(rows)
-        if template is None:
-            template = pb.ModelInferResponse(
-                model_name=self.model_name, model_version=self.model_version
-            )
-            for spec in self.outputs:
-                template.outputs.add(
-                    name=spec.name, datatype=spec.datatype, shape=(rows, spec.width)
-                )
-            if len(self._templates) < 256:  # the common batch sizes; bounded
-                self._templates[rows] = template
-        return template
+                problem = f"got '{clip(name)}', expected one of {expected}"
+            elif name in key[:i]:
+                problem = f"got '{clip(name)}' twice, expected each at most once"
+            if problem and strict:
+                raise InvalidRequestError(f"outputs[{i}].name: {problem}")
+            if problem:
+                return None
+        found = tuple(self._by_output[name] for name in key) or self.outputs
+        found = self.outputs if found == self.outputs else found  # the common reply shape
+        if len(self._selections) < 64:  # orders of the outputs: few; bounded anyway
+            self._selections[key] = found
+        return found
 
 
 def wire_tensors(request: pb.ModelInferRequest) -> list[WireTensor]:
@@ -370,60 +359,8 @@ def _check_shape(spec: TensorSpec, shape: list[int], max_batch_size: int) -> tup
     return shape[0], shape[1]
 
 
-def _split_checked(name: str, data: bytes, count: int) -> list[bytes]:
-    items, pos = [], 0
-    for index in range(count):
-        if pos + _PREFIX > len(data):
-            raise InvalidRequestError(
-                f"raw_input_contents for input '{name}' element {index}: the 4-byte length "
-                f"prefix at byte {pos} is past the end ({len(data)} bytes), expected {count} "
-                "length-prefixed elements"
-            )
-        length = int.from_bytes(data[pos : pos + _PREFIX], "little")
-        pos += _PREFIX
-        if length > MAX_TEXT_BYTES:
-            raise InvalidRequestError(
-                f"raw_input_contents for input '{name}' element {index}: got {length} bytes, "
-                f"expected at most {MAX_TEXT_BYTES}"
-            )
-        if pos + length > len(data):
-            raise InvalidRequestError(
-                f"raw_input_contents for input '{name}' element {index}: length {length} at "
-                f"byte {pos - _PREFIX} runs past the end ({len(data)} bytes)"
-            )
-        items.append(data[pos : pos + length])
-        pos += length
-    if pos != len(data):
-        raise InvalidRequestError(
-            f"raw_input_contents for input '{name}': got {len(data) - pos} bytes after the "
-            f"{count} elements, expected none"
-        )
-    return items
-
-
-def _text(name: str, items: Sequence[Any], shape: tuple[int, int]) -> np.ndarray:
-    items = [item.encode("utf-8", "surrogatepass") if isinstance(item, str) else item
-             for item in items]  # fmt: skip  # JSON (REST) sends text as str
-    for index, item in enumerate(items):
-        row = index // shape[1]
-        if not isinstance(item, bytes):
-            raise InvalidRequestError(
-                f"input '{name}' row {row}: got {type(item).__name__}, expected UTF-8 bytes"
-            )
-        if len(item) > MAX_TEXT_BYTES:
-            raise InvalidRequestError(
-                f"input '{name}' row {row}: got {len(item)} bytes, expected at most "
-                f"{MAX_TEXT_BYTES}"
-            )
-        try:
-            item.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InvalidRequestError(
-                f"input '{name}' row {row}: got bytes that are not UTF-8 ({err.reason} at byte "
-                f"{err.start}), expected UTF-8 text"
-            ) from None
-    array = text_array(list(items), shape)
-    assert array is not None  # every element was checked above
+def _checked(array: np.ndarray | None) -> np.ndarray:
+    assert array is not None  # with a name, a failure raised instead
     return array
 
 
@@ -439,14 +376,7 @@ def _finite(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _cast(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
-    """ONNX Runtime's outputs already have the declared dtype (the warm-up checks it)."""
-    return array if array.dtype == dtype else array.astype(dtype)
-
-
 __all__ = [
-    "CONTENTS_FIELD",
-    "DTYPES",
     "MAX_TEXT_BYTES",
     "Codec",
     "Decoded",

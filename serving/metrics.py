@@ -199,6 +199,9 @@ class Telemetry(Collector):
         its client went away)."""
         return Call(self, cancelled)
 
+    def count_auth_failure(self) -> None:
+        self.auth_failures += 1
+
     def count(self, code: str) -> int:
         """Inference requests answered with `code` so far, across every version."""
         versions = sum(stats.codes.get(code, 0) for *_, stats in self._snapshot())

@@ -14,10 +14,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
-from .codec import Codec
 from .errors import (
     ModelLoadError,
     ModelNotFoundError,
@@ -28,23 +26,21 @@ from .errors import (
 from .manifest import MODEL_NAME
 from .metrics import VersionStats
 from .policy import VersionPolicy
-from .runtime import ModelRuntime, RuntimeOptions
-from .scheduler import Scheduler
+from .runtime import RuntimeOptions
 from .versions import (
     READY,
     UNAVAILABLE,
     UNLOADED,
-    Live,
     Loaded,
+    SchedulerFactory,
     Signature,
     VersionEntry,
-    check_interface,
+    open_live,
     signature,
     version_number,
 )
 
 log = logging.getLogger(__name__)
-SchedulerFactory = Callable[[ModelRuntime], Scheduler]
 
 
 class ModelRepository:
@@ -148,7 +144,14 @@ class ModelRepository:
             return old, None  # unchanged: still serving, or still refused for the same files
         stats = old.stats if old is not None else VersionStats()
         try:
-            live = self._build(name, version, folder, serving)
+            interface = (
+                serving.live.manifest
+                if serving and serving.live and version >= serving.version
+                else None
+            )
+            live = open_live(
+                folder, name, version, self._options, self._warmup_runs, self._scheduler, interface
+            )
         except Exception as err:  # whatever the files hold, the version is refused with a reason
             if not isinstance(err, ModelLoadError):
                 log.exception(
@@ -162,20 +165,6 @@ class ModelRepository:
                 return dataclasses.replace(old, reason=kept), error  # rewritten in place
             return VersionEntry(version, UNAVAILABLE, reason, None, stats, seen), error
         return VersionEntry(version, READY, "", live, stats, seen), None
-
-    def _build(self, name: str, version: int, folder: Path, serving: VersionEntry | None) -> Live:
-        runtime = ModelRuntime(folder, self._options)
-        if serving is not None and serving.live is not None and version >= serving.version:
-            check_interface(runtime.manifest, serving.live.manifest)  # the new default
-        runtime.warm_up(self._warmup_runs)
-        manifest = runtime.manifest
-        if (manifest.model_name, manifest.version) != (name, version):
-            log.warning(
-                "model %s version %d: manifest.json says %s version %d; serving it as its folder",
-                name, version, manifest.model_name, manifest.version,
-            )  # fmt: skip
-        codec = Codec(manifest, runtime.max_batch_size, name, str(version))
-        return Live(runtime, codec, self._scheduler(runtime))
 
     def refresh(self) -> list[str]:
         """Reload each model whose version folders changed since the last load; returns them."""
@@ -323,4 +312,4 @@ class ModelRepository:
         self._draining = True
 
 
-__all__ = ["ModelRepository", "SchedulerFactory"]
+__all__ = ["ModelRepository"]

@@ -30,20 +30,19 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ..protos import grpc_service_pb2 as pb
-from .auth import TokenInterceptor, read_token, server_credentials
+from .auth import read_token, server_credentials, token_interceptors
 from .batcher import BatchingOptions
 from .dataplane import DataPlane
 from .errors import ServingError
-from .grpc_boundary import lenient
+from .flags import add_arguments, load_settings
 from .health import INFERENCE_SERVICE, HealthServicer, publish_health
 from .limits import Admission
 from .metrics import Telemetry, serve_metrics
 from .repository import ModelRepository
 from .runtime import ModelRuntime, RuntimeOptions
 from .scheduler import Scheduler
-from .servicer import InferenceServicer
-from .settings import Settings, add_arguments, env_name, load_settings
+from .servicer import InferenceServicer, add_inference_service
+from .settings import Settings, env_name
 from .watcher import watch_repository
 from .workers import WorkerRole, run_workers
 
@@ -101,47 +100,6 @@ def _batching(settings: Settings) -> BatchingOptions | None:
     )
 
 
-_HANDLER_KINDS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """The generated add_GRPCInferenceServiceServicer_to_server, but with `lenient` request
-    deserializers, so a garbled request reaches the servicer's boundary (INVALID_ARGUMENT)."""
-    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    handlers = {}
-    for method in service.methods:
-        request_type = getattr(pb, method.input_type.name)
-        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = kind(
-            getattr(servicer, method.name),
-            request_deserializer=lenient(request_type.FromString, method.input_type.full_name),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
-        )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
-    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
-
-
-def _interceptors(settings: Settings, telemetry: Telemetry) -> list[Any]:
-    token = read_token(settings.auth_token, settings.auth_token_file, env_name("auth_token"))
-    control = read_token(
-        settings.control_token, settings.control_token_file, env_name("control_token")
-    )
-    if token is None and control is None:
-        return []
-
-    def refused() -> None:
-        telemetry.auth_failures += 1
-
-    return [TokenInterceptor(token, control, settings.auth_exempt_health, refused)]
-
-
 def _grpc_server(
     settings: Settings, interceptors: list[Any], message_bytes: int, reuse_port: bool
 ) -> grpc.aio.Server:
@@ -193,7 +151,12 @@ async def build_server(settings: Settings, *, reuse_port: bool = False) -> Built
     )
     admission = Admission(settings.max_inflight)
     telemetry = Telemetry(repository.snapshot, lambda: admission.inflight, admission.limit)
-    interceptors = _interceptors(settings, telemetry)  # tokens, TLS first: fail before loading
+    interceptors = token_interceptors(  # tokens, TLS first: fail before loading
+        read_token(settings.auth_token, settings.auth_token_file, env_name("auth_token")),
+        read_token(settings.control_token, settings.control_token_file, env_name("control_token")),
+        settings.auth_exempt_health,
+        telemetry.count_auth_failure,
+    )
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     await asyncio.to_thread(repository.load_all)
     message_bytes = settings.max_message_bytes or (
@@ -318,7 +281,6 @@ __all__ = [
     "SERVICE_NAMES",
     "STOP_SIGNALS",
     "Built",
-    "add_inference_service",
     "build_parser",
     "build_server",
     "main",

@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import grpc
+
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
 from .batcher import BatchingOptions, Results
 from .codec import Codec, Decoded
 from .dataplane import DataPlane
 from .errors import InvalidRequestError, clip
-from .grpc_boundary import cancelled_status, check_decoded, failure, rpc
+from .grpc_boundary import cancelled_status, check_decoded, failure, lenient, rpc
 from .manifest import PLATFORM, TensorSpec
 from .policy import VersionPolicy
 from .replies import model_config, model_statistics
@@ -37,7 +39,7 @@ class GrpcWire:
     def encode(
         codec: Codec, request: pb.ModelInferRequest, decoded: Decoded, results: Results
     ) -> pb.ModelInferResponse:
-        return codec.encode(request, results, decoded)
+        return codec.replies.encode(request, results, decoded.outputs, decoded.rows, decoded.raw)
 
 
 WIRE = GrpcWire()
@@ -178,4 +180,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-__all__ = ["EXTENSIONS", "SERVER_NAME", "WIRE", "GrpcWire", "InferenceServicer"]
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated add_GRPCInferenceServiceServicer_to_server, but with `lenient` request
+    deserializers, so a garbled request reaches the servicer's boundary (INVALID_ARGUMENT)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=lenient(request_type.FromString, method.input_type.full_name),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+
+
+__all__ = [
+    "EXTENSIONS",
+    "SERVER_NAME",
+    "WIRE",
+    "GrpcWire",
+    "InferenceServicer",
+    "add_inference_service",
+]

@@ -1,4 +1,5 @@
-"""Serving settings: one frozen dataclass, filled from defaults, then STABLEMLP_* env, then flags.
+"""Serving settings: one frozen dataclass, filled from defaults, then STABLEMLP_* env, then flags
+(flags.py does the filling).
 
 Each field's `help` metadata is its user-facing documentation (`stablemlp serve --help` prints it
 with the environment variable); the `#` comment above the field says why its default is what it is.
@@ -6,10 +7,8 @@ with the environment variable); the `#` comment above the field says why its def
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -306,74 +305,11 @@ class Settings:
             raise ValueError(f"max_message_bytes: got {self.max_message_bytes}, expected >= 0")
 
 
-# Triton's flag names, accepted beside ours so its users' scripts and habits carry over.
-ALIASES: dict[str, tuple[str, ...]] = {
-    "models": ("--load-model",),
-    "port": ("--grpc-port",),
-    "grace_period_s": ("--exit-timeout-secs",),
-    "repository_poll_s": ("--repository-poll-secs",),
-}
-
-
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field; unset flags stay absent so env and defaults show through."""
-    secrets = [f for f in dataclasses.fields(Settings) if f.metadata["env"]]
-    parser.add_argument_group(
-        "environment only",
-        "; ".join(f"{env_name(f.name)}: {f.metadata['help']}" for f in secrets),
-    )
-    for f in dataclasses.fields(Settings):
-        if f.metadata["env"]:
-            continue
-        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        if f.default is not dataclasses.MISSING:
-            default = f"default {f.default}"
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f"default {f.default_factory()}"
-        else:
-            default = "required"
-        kwargs: dict[str, Any] = {
-            "dest": f.name,
-            "default": argparse.SUPPRESS,  # defaults live in Settings, not in argparse
-            "help": f"{f.metadata['help']} [env {env_name(f.name)}; {default}]",
-        }
-        kwargs["metavar"] = f.metadata["metavar"]
-        if f.name == "models":
-            kwargs["action"] = "append"
-            kwargs["help"] = kwargs["help"].replace("default ()", "default: every model")
-        else:
-            kwargs["type"] = f.metadata["parse"]
-        choices = {"device": DEVICES, "run_inline": RUN_INLINE, "model_control_mode": CONTROL_MODES}
-        if f.name in choices:
-            kwargs["choices"] = choices[f.name]
-        flags = [flag, *ALIASES.get(f.name, ())]
-        parser.add_argument(*flags, **kwargs)
-
-
-def load_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
-    """Defaults, overridden by STABLEMLP_<FIELD> variables, overridden by flags."""
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Settings):
-        raw = env.get(env_name(f.name))
-        if raw is not None and raw != "":
-            try:
-                values[f.name] = f.metadata["parse"](raw)
-            except ValueError as err:
-                raise ValueError(f"{env_name(f.name)}={raw!r}: {err}") from None
-    for name, value in flags.items():
-        values[name] = tuple(value) if name == "models" else value
-    if "model_repository" not in values:
-        raise ValueError(f"set --model-repository or {env_name('model_repository')}")
-    return Settings(**values)
-
-
 __all__ = [
-    "ALIASES",
     "CONTROL_MODES",
     "DEVICES",
     "ENV_PREFIX",
@@ -383,8 +319,6 @@ __all__ = [
     "RunInline",
     "Settings",
     "VersionPolicy",
-    "add_arguments",
     "available_cores",
     "env_name",
-    "load_settings",
 ]

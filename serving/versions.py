@@ -3,6 +3,8 @@ for each (its state, its live parts and counters) once the repository has looked
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +12,11 @@ from .codec import Codec
 from .errors import ContractError, clip
 from .manifest import MANIFEST_FILE, MODEL_FILE, VERSION, Manifest
 from .metrics import VersionStats
-from .runtime import ModelRuntime
+from .runtime import ModelRuntime, RuntimeOptions
 from .scheduler import Scheduler
 
+log = logging.getLogger(__name__)
+SchedulerFactory = Callable[[ModelRuntime], Scheduler]
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 UNLOADED = "unloaded"  # the reason given for a version unloaded on request
@@ -75,6 +79,31 @@ def version_number(name: str) -> int | None:
     return int(name) if VERSION.fullmatch(name) else None
 
 
+def open_live(
+    folder: Path,
+    name: str,
+    version: int,
+    options: RuntimeOptions,
+    warmup_runs: int,
+    scheduler: SchedulerFactory,
+    serving: Manifest | None,
+) -> Live:
+    """Load, check and warm one version folder and give it its codec and scheduler. `serving`:
+    the interface a hot swap must keep (of the newest version serving, if this one replaces it)."""
+    runtime = ModelRuntime(folder, options)
+    if serving is not None:
+        check_interface(runtime.manifest, serving)
+    runtime.warm_up(warmup_runs)
+    manifest = runtime.manifest
+    if (manifest.model_name, manifest.version) != (name, version):
+        log.warning(
+            "model %s version %d: manifest.json says %s version %d; serving it as its folder",
+            name, version, manifest.model_name, manifest.version,
+        )  # fmt: skip
+    codec = Codec(manifest, runtime.max_batch_size, name, str(version))
+    return Live(runtime, codec, scheduler(runtime))
+
+
 def check_interface(new: Manifest, serving: Manifest) -> None:
     """A hot swap must not change what clients send or get under their feet."""
     for what in ("inputs", "outputs", "feature_names"):
@@ -93,9 +122,11 @@ __all__ = [
     "UNLOADED",
     "Live",
     "Loaded",
+    "SchedulerFactory",
     "Signature",
     "VersionEntry",
     "check_interface",
+    "open_live",
     "signature",
     "version_number",
 ]

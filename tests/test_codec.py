@@ -246,6 +246,11 @@ def test_requested_outputs_keep_the_request_order() -> None:
     assert _codec().decode(_outputs("label")).outputs == (OUTPUTS[1],)
 
 
+def _encode(codec: Codec, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    decoded = codec.decode(request)
+    return codec.replies.encode(request, RESULTS, decoded.outputs, decoded.rows, decoded.raw)
+
+
 RESULTS = {
     "probability": np.array([[0.25], [0.75]], dtype=np.float32),
     "label": np.array([[0], [1]], dtype=np.int64),
@@ -255,7 +260,7 @@ RESULTS = {
 def test_encode_raw_echoes_id_and_writes_little_endian() -> None:
     request = _request(ROWS[:2])
     codec = _codec()
-    response = codec.encode(request, RESULTS, codec.decode(request))
+    response = _encode(codec, request)
     assert (response.model_name, response.model_version, response.id) == ("m", "3", "req-1")
     assert [(t.name, t.datatype, list(t.shape)) for t in response.outputs] == [
         ("probability", "FP32", [2, 1]),
@@ -270,12 +275,12 @@ def test_encode_contents_form_fills_typed_fields_of_the_outputs_asked_for() -> N
     codec = _codec()
     request = _request(ROWS[:2], raw=False)
     request.outputs.add(name="label")
-    response = codec.encode(request, RESULTS, codec.decode(request))
+    response = _encode(codec, request)
     assert len(response.raw_output_contents) == 0
     assert [t.name for t in response.outputs] == ["label"]
     assert list(response.outputs[0].contents.int64_contents) == [0, 1]
     request.outputs[0].name = "probability"
-    response = codec.encode(request, RESULTS, codec.decode(request))
+    response = _encode(codec, request)
     assert list(response.outputs[0].contents.fp32_contents) == [0.25, 0.75]
 
 
@@ -285,14 +290,15 @@ def test_the_reply_template_gives_what_the_general_path_gives(raw: bool) -> None
     renamed = _request(ROWS[:2], raw)
     renamed.model_name = "other"  # a name the codec was not made for: the general path
     for request in (_request(ROWS[:2], raw), renamed):
+        request.id = "abc" if raw else ""
         decoded = codec.decode(request)
-        first, again = (
-            codec.encode(request, RESULTS, decoded),
-            codec.encode(request, RESULTS, decoded),
-        )
+        first, again = _encode(codec, request), _encode(codec, request)
         assert first == again  # templates are not consumed
         assert first.model_name == request.model_name and first.model_version == "3"
         assert [list(t.shape) for t in first.outputs] == [[2, 1], [2, 1]]
+        # the same outputs in a tuple of its own take the general path: the same reply
+        general = codec.replies.encode(request, RESULTS, (*decoded.outputs,), 2, decoded.raw)
+        assert general == first
 
 
 # ---------------------------------------------------------------- fast path and reference

@@ -45,10 +45,11 @@ from stablemlp.serving.errors import (
     ModelNotFoundError,
     ServingError,
 )
+from stablemlp.serving.flags import load_settings
 from stablemlp.serving.grpc_boundary import GRPC_CODES, failure
 from stablemlp.serving.repository import ModelRepository
 from stablemlp.serving.runtime import CUDA, ModelRuntime, RuntimeOptions
-from stablemlp.serving.settings import Settings, VersionPolicy, load_settings
+from stablemlp.serving.settings import Settings, VersionPolicy
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 CPU_OPTIONS = RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1)
