@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if settings.workers > 1:
             return run_workers(
-                settings, functools.partial(_address, settings.host), _scheme(settings)
+                settings, serve, functools.partial(_address, settings.host), _scheme(settings)
             )
         return asyncio.run(serve(settings))
     except (ServingError, OSError, ValueError) as err:  # models, ports, TLS and token files

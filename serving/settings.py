@@ -242,6 +242,12 @@ class Settings:
             "server processes on one port; each takes --inference-workers / N threads", int, "N"
         ),
     )
+    # A worker that dies is restarted after a back-off; past this many deaths a minute the
+    # supervisor gives up and exits 1, leaving it to the orchestrator (a crash loop is not
+    # healed by retrying here).
+    worker_restarts: int = field(
+        default=5, metadata=_meta("worker restarts allowed per minute (--workers)", int, "N")
+    )
     # Two passes: the first allocates ONNX Runtime's buffers, the second proves they are reused.
     warmup_runs: int = field(default=2, metadata=_meta("warm-up runs per batch size", int, "N"))
     # Kubernetes sends SIGKILL 30 s after SIGTERM by default; finish in-flight calls well before.
@@ -270,6 +276,8 @@ class Settings:
             raise ValueError(f"run_inline: got {self.run_inline!r}, expected auto, always or never")
         if self.workers < 1 or self.max_queue_delay_us < 0 or self.inline_threshold_us < 0:
             raise ValueError("workers must be >= 1; max_queue_delay_us, inline_threshold_us >= 0")
+        if self.worker_restarts < 0:
+            raise ValueError(f"worker_restarts: got {self.worker_restarts}, expected >= 0")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
             raise ValueError(
                 f"preferred_batch_sizes: got {list(self.preferred_batch_sizes)}, "

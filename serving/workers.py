@@ -4,9 +4,13 @@ Each worker is a whole server (event loop, models, /metrics) in a process of its
 same port with SO_REUSEPORT (Linux), so the kernel spreads incoming connections over them; a
 connection, and every call on it, stays with one worker. The supervisor never loads a model: it
 reserves the port (so port 0 gives every worker the same free port, and a port in use fails before
-anything starts), starts the workers, logs `ready` once all of them serve, forwards SIGTERM and
-SIGINT, and exits 0 when every worker exited 0. A worker that dies takes the others down (exit 1):
-restarting is left to the orchestrator, as for a single process.
+anything starts), starts the workers, logs `ready` once all of them serve, forwards SIGTERM, SIGINT
+and SIGHUP, and exits 0 when every worker exited 0. A worker that dies once serving is noticed at
+once (the supervisor waits on every worker's sentinel, never on one worker), logged, and restarted
+after a back-off (0.5 s, doubling to 8 s); more than --worker-restarts deaths within
+RESTART_WINDOW_S take the whole server down (exit 1) for the orchestrator to restart. A worker
+that cannot start at all stops the others at once (exit 1): a bad model or port does not heal by
+retrying.
 
 Per worker: --inference-workers / N threads (at least one), so the processes' session.run threads
 together fit the cores they were sized for; /metrics on metrics_port + index (0: any free port
@@ -25,7 +29,9 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
@@ -37,9 +43,13 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 ORPHAN_CHECK_S = 1.0  # how often a worker checks that its supervisor still runs
-JOIN_S = 10.0  # for a worker that reported failure to finish exiting
+JOIN_S = 10.0  # for a worker told to stop (or that reported failure) to finish exiting
+START_S = 120.0  # for a restarted worker to load its models and serve
+RESTART_WINDOW_S = 60.0  # deaths in it beyond settings.worker_restarts take the server down
+BACKOFF_S = (0.5, 8.0)  # first wait before a restart, and the most it doubles to
+Serve = Callable[[Settings, "WorkerRole"], Coroutine[Any, Any, int]]
 
 
 @dataclass(frozen=True)
@@ -101,15 +111,15 @@ def _log_setup() -> tuple[int, logging.Formatter | None]:
     return root.level, root.handlers[0].formatter if root.handlers else None
 
 
-def _worker(settings: Settings, name: str, ready: Connection, log_setup: tuple[int, Any]) -> None:
+def _worker(
+    serve: Serve, settings: Settings, name: str, ready: Connection, log_setup: tuple[int, Any]
+) -> None:
     """A worker process's entry point (multiprocessing, spawn): configure logging, serve."""
     level, formatter = log_setup
     handler = logging.StreamHandler()
     if formatter is not None:
         handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=[handler])
-    from .server import serve  # here, not at the top: the supervisor never imports the runtime
-
     try:
         code = asyncio.run(serve(settings, WorkerRole(name, ready, os.getppid())))
     except (ServingError, OSError, ValueError) as err:  # as `stablemlp serve` reports them
@@ -118,67 +128,124 @@ def _worker(settings: Settings, name: str, ready: Connection, log_setup: tuple[i
     sys.exit(code)
 
 
-def run_workers(settings: Settings, address: Callable[[int], str], scheme: str) -> int:
-    """Start settings.workers servers on one port; returns the exit code for `stablemlp serve`."""
-    count = settings.workers
-    hold, port = reserve_port(settings.host, settings.port)
-    context = get_context("spawn")  # a fresh interpreter: no gRPC or ONNX Runtime state forked
-    workers: list[SpawnProcess] = []
-    pipes: list[Connection] = []
-    stopping = False
+class _Pool:
+    """The worker processes, each started in its slot; the supervisor's bookkeeping."""
 
-    def stop_all(signum: int = signal.SIGTERM, _: object = None) -> None:
-        nonlocal stopping
-        stopping = True
-        for worker in workers:
-            if worker.exitcode is None and worker.pid is not None:
-                os.kill(worker.pid, signal.SIGTERM)
+    def __init__(self, settings: Settings, serve: Serve, port: int) -> None:
+        self._settings, self._serve, self._port = settings, serve, port
+        self._context = get_context("spawn")  # a fresh interpreter: no gRPC or ORT state forked
+        self.count, self.restarts = settings.workers, settings.worker_restarts
+        self.workers: list[SpawnProcess | None] = [None] * self.count
+        self.stopping = False
 
-    previous = {signum: signal.signal(signum, stop_all) for signum in STOP_SIGNALS}
-    try:
-        for index in range(count):
-            name = f"worker {index + 1}/{count}"
-            receive, send = context.Pipe(duplex=False)
-            args = (worker_settings(settings, index, port), name, send, _log_setup())
-            worker = context.Process(target=_worker, args=args, name=name, daemon=False)
-            worker.start()
-            send.close()  # the worker holds the other end: EOF here if it dies
-            workers.append(worker)
-            pipes.append(receive)
-        waiting = dict(zip(pipes, workers, strict=True))
-        while waiting and not stopping:  # each worker reports once, or exits
-            for ready in wait(list(waiting)):
+    def name(self, index: int) -> str:
+        return f"worker {index + 1}/{self.count}"
+
+    def start(self, index: int) -> Connection:
+        """Start slot `index`; its pipe reports the port once serving, or EOF if it dies."""
+        receive, send = self._context.Pipe(duplex=False)
+        args = (self._serve, worker_settings(self._settings, index, self._port), self.name(index),
+                send, _log_setup())  # fmt: skip
+        worker = self._context.Process(target=_worker, args=args, name=self.name(index))
+        worker.start()
+        send.close()  # the worker holds the other end
+        self.workers[index] = worker
+        return receive
+
+    def stop_all(self, signum: int = signal.SIGTERM, _: object = None) -> None:
+        self.stopping = True
+        for worker in self.workers:
+            if worker is not None and worker.exitcode is None and worker.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
+
+    def wait_serving(self, pipes: dict[Connection, int], deadline: float) -> bool:
+        """Wait until every slot in `pipes` serves; False (all stopped) if one dies first."""
+        while pipes and not self.stopping:
+            left = deadline - time.monotonic()
+            for ready in wait(list(pipes), timeout=max(0.0, left)):
                 assert isinstance(ready, Connection)
+                index = pipes.pop(ready)
                 try:
                     ready.recv()
                 except EOFError:  # it is exiting before it served: stop the others
-                    waiting[ready].join(JOIN_S)  # its own exit code, not our SIGTERM's
-                    log.error("%s exited before it served; stopping", waiting[ready].name)
-                    stop_all()
-                waiting.pop(ready)
-        hold.close()  # every worker has bound the port (or we are stopping)
-        if not stopping:
-            log.info("ready: listening on %s (%s, %d workers)", address(port), scheme, count)
-        for _ in range(count):  # bounded: one worker ends per round
-            alive = [worker.sentinel for worker in workers if worker.exitcode is None]
-            if not alive:
+                    worker = self.workers[index]
+                    assert worker is not None
+                    worker.join(JOIN_S)  # its own exit code, not our SIGTERM's
+                    log.error("%s exited before it served; stopping", self.name(index))
+                    self.stop_all()
+                    return False
+            if left <= 0 and pipes:
+                log.error("%s did not serve within %.0f s; stopping",
+                          self.name(next(iter(pipes.values()))), START_S)  # fmt: skip
+                self.stop_all()
+                return False
+        return not self.stopping
+
+    def join_all(self) -> list[int | None]:
+        for worker in self.workers:
+            if worker is not None:
+                worker.join(JOIN_S)
+                if worker.exitcode is None:  # deaf to SIGTERM past the grace: no orphans
+                    worker.kill()
+                    worker.join(JOIN_S)
+        return [w.exitcode if w is not None else None for w in self.workers]
+
+
+def _supervise(pool: _Pool) -> bool:
+    """Watch every worker at once until stopped; restart the ones that die. False if it gave up."""
+    deaths: deque[float] = deque()
+    while not pool.stopping:
+        wait([w.sentinel for w in pool.workers if w is not None])  # any one of them
+        for index, worker in enumerate(pool.workers):
+            if pool.stopping or worker is None or worker.exitcode is None:
+                continue
+            log.error("%s (pid %s) exited with %s", pool.name(index), worker.pid, worker.exitcode)
+            now = time.monotonic()
+            deaths.append(now)
+            while deaths and now - deaths[0] > RESTART_WINDOW_S:
+                deaths.popleft()
+            if len(deaths) > pool.restarts:
+                log.error("%d worker deaths within %.0f s: stopping the server", len(deaths),
+                          RESTART_WINDOW_S)  # fmt: skip
+                pool.stop_all()
+                return False
+            backoff = min(BACKOFF_S[0] * 2 ** (len(deaths) - 1), BACKOFF_S[1])
+            log.warning("%s: restarting in %.1f s", pool.name(index), backoff)
+            time.sleep(backoff)  # a signal meanwhile sets `stopping`: checked right after
+            if pool.stopping:
                 break
-            wait(alive)
-            for worker in workers:
-                if worker.exitcode not in (None, 0) and not stopping:
-                    log.error(
-                        "%s exited with %s; stopping the others", worker.name, worker.exitcode
-                    )
-                    stop_all()
-        for worker in workers:
-            worker.join()
+            pipe = pool.start(index)
+            if not pool.wait_serving({pipe: index}, time.monotonic() + START_S):
+                return False
+            log.info("%s: restarted", pool.name(index))
+    return True
+
+
+def run_workers(
+    settings: Settings, serve: Serve, address: Callable[[int], str], scheme: str
+) -> int:
+    """Start settings.workers servers on one port, each running `serve` (server.serve, passed in
+    so this module never imports the server); returns the exit code for `stablemlp serve`."""
+    hold, port = reserve_port(settings.host, settings.port)
+    pool = _Pool(settings, serve, port)
+    previous = {signum: signal.signal(signum, pool.stop_all) for signum in STOP_SIGNALS}
+    healthy = False
+    try:
+        pipes = {pool.start(index): index for index in range(pool.count)}
+        started = pool.wait_serving(pipes, time.monotonic() + START_S)
+        hold.close()  # every worker has bound the port (or we are stopping)
+        if started:
+            log.info("ready: listening on %s (%s, %d workers)", address(port), scheme, pool.count)
+            healthy = _supervise(pool)
     finally:
         hold.close()
+        pool.stop_all()
+        codes = pool.join_all()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    codes = [worker.exitcode for worker in workers]
     log.info("stopped: workers exited with %s", codes)
-    return 0 if all(code == 0 for code in codes) and len(codes) == count else 1
+    return 0 if healthy and all(code == 0 for code in codes) else 1
 
 
-__all__ = ["WorkerRole", "reserve_port", "run_workers", "worker_settings"]
+__all__ = ["RESTART_WINDOW_S", "WorkerRole", "reserve_port", "run_workers", "worker_settings"]

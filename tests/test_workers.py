@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +54,34 @@ def test_two_workers_share_a_port_answer_and_stop_cleanly(
         assert srv.stop() == 0
         assert all(_gone(pid) for pid, _ in workers.values())
         assert "stopped: workers exited with [0, 0]" in srv.log()
+
+
+def test_a_killed_worker_is_noticed_every_time_and_restarted_then_the_server_gives_up(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit
+) -> None:
+    """Issue 12.7: SIGKILL a worker, three times in a row (no join() on a healthy one may hide
+    it); each death is logged and repaired while the other worker serves on. Past
+    --worker-restarts deaths a minute the supervisor stops the server with exit code 1."""
+    rows = test_split.features[:3]
+    with start_server(model_repository, "--workers", "2", "--worker-restarts", "3") as srv:
+        for trial in range(1, 4):
+            log = srv.wait_for_log("serving on", count=1 + trial)
+            pids = [int(pid) for _, pid, _ in _WORKER.findall(log)]
+            victim = pids[-1] if trial > 1 else pids[0]  # the newest one after the first
+            os.kill(victim, signal.SIGKILL)
+            srv.wait_for_log(f"exited with -{int(signal.SIGKILL)}", count=trial, deadline_s=15)
+            srv.wait_for_log("restarted", count=trial, deadline_s=60)
+            with grpc.insecure_channel(srv.address) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                got = outputs(stub.ModelInfer(infer_request(rows), timeout=TIMEOUT))
+            np.testing.assert_array_equal(got["label"], test_split.label[:3])
+            assert _gone(victim)
+        pids = [int(pid) for _, pid, _ in _WORKER.findall(srv.log())]
+        os.kill(pids[-1], signal.SIGKILL)  # the fourth death in a minute: beyond the limit
+        assert srv.process.wait(timeout=30) == 1
+    log = srv.log()
+    assert "4 worker deaths within 60 s: stopping the server" in log
+    assert all(_gone(pid) for pid in pids)
 
 
 def test_a_port_in_use_fails_before_any_worker_starts(model_repository: Path) -> None:
