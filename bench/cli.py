@@ -21,12 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cells import NARROW_SHAPES, build_grid
 from .floors import read_manifests
 from .grid import (
-    NARROW_SHAPES,
     Target,
     Timing,
-    build_grid,
     build_requests,
     check_targets,
     compute_floors,

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
+from .cells import Cell
 from .floors import measure_compute
 from .loadgen import LoadGenerator, LoadSpec
 from .servers import cpu_seconds, memory_mb
@@ -25,22 +26,7 @@ from .stats import PHASES, latency_summary_us, measurement, median_figures, phas
 
 log = logging.getLogger(__name__)
 
-FORMS = ("fp32_contents", "raw_input_contents")
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
-NARROW_SHAPES = ((1, 1), (1, 8), (1, 32), (64, 8))  # (batch, concurrency), issue 5
-WIDE_SHAPES = ((1, 1), (1, 8))
-
-
-@dataclass(frozen=True)
-class Cell:
-    model: str
-    form: str  # one of FORMS
-    batch: int
-    concurrency: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.model}/{self.form}/b{self.batch}/c{self.concurrency}"
 
 
 @dataclass(frozen=True)
@@ -58,13 +44,6 @@ class Target:
     name: str  # "ours" or "transport_floor"
     address: str
     pid: int | None  # None: a server we did not start, so no CPU/RSS figures
-
-
-def build_grid(model: str, wide_model: str | None) -> list[Cell]:
-    cells = [Cell(model, form, b, c) for form in FORMS for b, c in NARROW_SHAPES]
-    if wide_model:
-        cells += [Cell(wide_model, form, b, c) for form in FORMS for b, c in WIDE_SHAPES]
-    return cells
 
 
 def make_rows(batch: int, width: int, seed: int = 0) -> np.ndarray:
@@ -278,11 +257,8 @@ def run_grid(
 
 
 __all__ = [
-    "FORMS",
-    "Cell",
     "Target",
     "Timing",
-    "build_grid",
     "build_request",
     "build_requests",
     "check_reply",

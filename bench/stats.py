@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .grid import Cell  # grid imports this module
+from .cells import Cell
 
 PERCENTILES = (50, 90, 99)
 # Triton's ModelStatistics phases, as our server's statistics report them

@@ -11,7 +11,6 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,9 +18,9 @@ from torch import nn
 
 from .data import DataError, feature_stats, load_dataset, split_dataset
 from .diagnose_report import table, write_report
-from .gradients import gradient_norms, verdict
+from .gradients import gradient_norms
 from .preprocess import Standardize
-from .variants import RELU, VARIANTS, Variant, build_variant
+from .variants import RELU, VARIANTS, Probe, Variant, VariantResult, build_variant
 
 log = logging.getLogger(__name__)
 
@@ -35,47 +34,6 @@ BATCH_SIZE = 64
 # shows up as a layer that does not learn. Adam rescales every step and would hide part of that.
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
-
-
-@dataclass
-class Probe:
-    """One full-batch forward/backward: gradient norm per Linear, statistics per hidden layer."""
-
-    grad_norms: list[float]  # every Linear, forward order, head last
-    act_mean: list[float]  # mean of each hidden layer's activation output
-    act_std: list[float]
-    dead_units: list[int]  # units whose output is exactly 0 on every row
-    units: list[int]  # width of each hidden layer
-
-    @property
-    def dead_fraction(self) -> float:
-        return sum(self.dead_units) / max(sum(self.units), 1)
-
-
-@dataclass
-class VariantResult:
-    """Everything measured for one variant; `verdict` and `ratio` judge the gradients at init."""
-
-    name: str
-    layers: list[str]
-    init: Probe
-    final: Probe
-    losses: list[float]  # mini-batch loss per step
-    step_norms: list[list[float]]  # [step][layer], the same layer order as `layers`
-    val_loss: float  # validation loss after training, eval mode
-    diverged_at: int | None  # step whose loss or gradient became NaN/Inf, if any
-
-    @property
-    def verdict(self) -> tuple[str, float]:
-        return verdict(dict(zip(self.layers, self.init.grad_norms, strict=True)))
-
-    @property
-    def training_verdict(self) -> tuple[str, float]:
-        """The verdict on each layer's median gradient norm over the training steps."""
-        if not self.step_norms:
-            return self.verdict
-        medians = torch.tensor(self.step_norms).median(dim=0).values.tolist()
-        return verdict(dict(zip(self.layers, medians, strict=True)))
 
 
 def dead_units(output: torch.Tensor) -> int:

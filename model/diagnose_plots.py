@@ -5,12 +5,10 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .checkpoint import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from .diagnose import VariantResult
+from .variants import VariantResult
 
 COLORS = ("tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple")
 SMOOTHING = 10  # curves over steps: moving average over this many steps (mini-batches are noisy)

@@ -6,14 +6,12 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .checkpoint import atomic_write_bytes
 from .diagnose_plots import plot_diagnosis
 from .gradients import EXPLODING_NORM, EXPLODING_RATIO, VANISHING_RATIO
-
-if TYPE_CHECKING:
-    from .diagnose import VariantResult
+from .variants import VariantResult
 
 FORMAT = "stablemlp.diagnose/1"
 REPORT_POINTS = 60  # per-step gradient norms kept in report.json (every k-th step); plots use all

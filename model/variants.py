@@ -1,4 +1,5 @@
-"""The same-depth networks `stablemlp diagnose` compares: plain sigmoid, ReLU + Kaiming, stabilized.
+"""The same-depth networks `stablemlp diagnose` compares (plain sigmoid, ReLU + Kaiming,
+stabilized) and what is measured of each (`Probe`, `VariantResult`).
 
 Every variant exposes its Linears (forward order) and its hidden activation modules, so the
 diagnosis measures all of them the same way.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .gradients import verdict
 from .network import MLPConfig, StabilizedMLP
 
 # Variant names, in the order the report lists them.
@@ -83,4 +85,55 @@ def build_variant(
     return Variant(name, net, linears, acts)
 
 
-__all__ = ["PLAIN", "RELU", "STABILIZED", "VARIANTS", "DeepMLP", "Variant", "build_variant"]
+@dataclass
+class Probe:
+    """One full-batch forward/backward: gradient norm per Linear, statistics per hidden layer."""
+
+    grad_norms: list[float]  # every Linear, forward order, head last
+    act_mean: list[float]  # mean of each hidden layer's activation output
+    act_std: list[float]
+    dead_units: list[int]  # units whose output is exactly 0 on every row
+    units: list[int]  # width of each hidden layer
+
+    @property
+    def dead_fraction(self) -> float:
+        return sum(self.dead_units) / max(sum(self.units), 1)
+
+
+@dataclass
+class VariantResult:
+    """Everything measured for one variant; `verdict` and `ratio` judge the gradients at init."""
+
+    name: str
+    layers: list[str]
+    init: Probe
+    final: Probe
+    losses: list[float]  # mini-batch loss per step
+    step_norms: list[list[float]]  # [step][layer], the same layer order as `layers`
+    val_loss: float  # validation loss after training, eval mode
+    diverged_at: int | None  # step whose loss or gradient became NaN/Inf, if any
+
+    @property
+    def verdict(self) -> tuple[str, float]:
+        return verdict(dict(zip(self.layers, self.init.grad_norms, strict=True)))
+
+    @property
+    def training_verdict(self) -> tuple[str, float]:
+        """The verdict on each layer's median gradient norm over the training steps."""
+        if not self.step_norms:
+            return self.verdict
+        medians = torch.tensor(self.step_norms).median(dim=0).values.tolist()
+        return verdict(dict(zip(self.layers, medians, strict=True)))
+
+
+__all__ = [
+    "PLAIN",
+    "RELU",
+    "STABILIZED",
+    "VARIANTS",
+    "DeepMLP",
+    "Probe",
+    "Variant",
+    "VariantResult",
+    "build_variant",
+]
