@@ -3,11 +3,12 @@
     python -m stablemlp.bench.soak [--model-repository REPO] [--seconds 60] [--concurrency 64]
 
 Copies the repository (the original is never touched), serves the copy with `stablemlp serve`
-(repository polling every second), and keeps `concurrency` ModelInfer calls outstanding. Every
-`--reload-every` seconds the next version is published the way export does it (a folder renamed
-into place: version 1's files, manifest renumbered), found in turn by the poller or loaded through
-RepositoryModelLoad; every third publication is a damaged copy, which must be refused while the
-previous version serves on. Each reply is checked against in-process ONNX Runtime.
+(started as the benchmark starts it, in poll mode: the repository rescanned every second), and
+keeps `concurrency` ModelInfer calls outstanding. Every `--reload-every` seconds the next version
+is published with export's own publisher (staged, then renamed into place: version 1's files,
+manifest renumbered) and found by the poller; every third publication is a damaged copy, which
+must be refused while the previous version serves on. Each reply is checked against in-process
+ONNX Runtime.
 
 Reports calls, errors by status code, versions served, and the server's resident memory after the
 warm-up and at the end; exits 1 if any call failed or memory grew by 10% or more. Without
@@ -19,15 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
-import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,60 +31,39 @@ from typing import Any
 import grpc
 import numpy as np
 
+from ..export.publish import publish_version
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
+from ..serving.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+from .servers import ServerProcess, memory_mb, our_server_command, start_server
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_GROWTH = 0.10  # issue 6: RSS at the end under 1.1 x RSS after the warm-up
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return memory_mb(pid)["rss_mb"]
 
 
-def start_server(repository: Path) -> tuple[subprocess.Popen[str], str, list[str]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "STABLEMLP_LOG_LEVEL": "INFO"}
-    command = [sys.executable, "-m", "stablemlp", "serve", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-               "--repository-poll-s", "1"]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    found: list[str] = []
-    ready = threading.Event()
-
-    def drain() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            match = re.search(r"ready: listening on (\S+)", line)
-            if match:
-                found.append(match.group(1))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    if not ready.wait(120) or not found:
-        process.kill()
-        raise RuntimeError("server did not start:\n" + "".join(lines[-20:]))
-    return process, found[0], lines
+def start_soak_server(repository: Path) -> ServerProcess:
+    extra = ["--metrics-port", "-1", "--model-control-mode", "poll", "--repository-poll-s", "1"]
+    return start_server("ours", our_server_command(repository, extra), timeout_s=120)
 
 
-def publish(repository: Path, model: str, version: int, damaged: bool) -> None:
-    """Version 1 copied to `version` through a hidden folder and a rename, as export publishes."""
-    staging = repository / model / f".tmp-soak-{version}"
-    shutil.copytree(repository / model / "1", staging)
-    manifest = json.loads((staging / "manifest.json").read_text())
-    manifest["version"] = version
-    (staging / "manifest.json").write_text(json.dumps(manifest))
+def publish(repository: Path, model: str, damaged: bool) -> int:
+    """Version 1's files as the next version, through export's publisher; returns the version."""
+    source = repository / model / "1"
+    files = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
     if damaged:  # one flipped byte: the sha256 no longer matches
-        data = bytearray((staging / "model.onnx").read_bytes())
+        data = bytearray(files[MODEL_FILE])
         data[len(data) // 2] ^= 0xFF
-        (staging / "model.onnx").write_bytes(bytes(data))
-    staging.rename(repository / model / str(version))
+        files[MODEL_FILE] = bytes(data)
+    manifest = Manifest.read(source / MANIFEST_FILE)
+
+    def build(version: int) -> dict[str, bytes]:
+        renumbered = dataclasses.replace(manifest, version=version).to_json()
+        return {**files, MANIFEST_FILE: renumbered}
+
+    return int(publish_version(repository / model, build).name)
 
 
 class Soak:
@@ -124,28 +99,18 @@ class Soak:
 
 
 async def reload_loop(soak: Soak, stub: Any, repository: Path, every: float) -> dict[str, int]:
-    counts = {"published": 0, "damaged": 0, "rpc_loads": 0, "refused_as_expected": 0}
-    version = 1
+    counts = {"published": 0, "damaged": 0, "refused_as_expected": 0}
     while True:
         try:
             await asyncio.wait_for(soak.stop.wait(), every)
             return counts
         except asyncio.TimeoutError:
             pass
-        version += 1
-        damaged = version % 3 == 0  # by RPC (odd versions) or by the poller (even ones)
-        publish(repository, soak.model, version, damaged)
+        damaged = counts["published"] % 3 == 1  # every third publication
+        version = publish(repository, soak.model, damaged)
         counts["published"] += 1
         counts["damaged"] += damaged
-        if version % 2:  # odd: ask for it; even: the poller finds it within a second
-            counts["rpc_loads"] += 1
-            try:
-                request = pb.RepositoryModelLoadRequest(model_name=soak.model)
-                await stub.RepositoryModelLoad(request, timeout=60)
-            except grpc.aio.AioRpcError as err:
-                if not damaged or err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
-        if damaged:
+        if damaged:  # the poller finds it within a second and must refuse it
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
@@ -231,15 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         for extra in sorted((repository / args.model).iterdir()):  # serve version 1 only
             if extra.name != "1" and extra.is_dir():
                 shutil.rmtree(extra)
-        process, address, lines = start_server(repository)
+        server = start_soak_server(repository)
         try:
-            report = asyncio.run(run(args, repository, process.pid, address))
+            report = asyncio.run(run(args, repository, server.pid, server.address))
         finally:
-            process.send_signal(signal.SIGTERM)
-            report_code = process.wait(timeout=60)
+            report_code = server.stop()
     report["server_exit_code"] = report_code
-    refusals = ("failed: FAILED_PRECONDITION", ": refused: ")
-    report["refusals_logged"] = sum(any(r in line for r in refusals) for line in lines)
+    report["refusals_logged"] = sum(": refused: " in line for line in server.lines)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
