@@ -8,16 +8,17 @@ report says so and the other two files are still written.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import logging
 import math
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_bytes
 from .markdown import markdown
 
 log = logging.getLogger(__name__)
@@ -54,21 +55,6 @@ def machine_facts() -> dict[str, Any]:
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
         **versions,
     }
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _target(name: str, measured: float | None, limit: float, at_least: bool) -> dict[str, Any]:
@@ -155,22 +141,21 @@ def plot(doc: Mapping[str, Any], path: Path) -> bool:
         ax.legend(fontsize=8)
     fig.suptitle(f"{main}: ours vs the model and transport floors (medians)")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    atomic_write_bytes(path, image.getvalue())
     plt.close(fig)
     return True
 
 
 def write_report(doc: dict[str, Any], out_dir: Path) -> None:
     doc["plot"] = "bench.png" if plot(doc, out_dir / "bench.png") else None
-    atomic_write(
-        out_dir / "bench.json", lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    )
-    atomic_write(out_dir / "bench.md", lambda tmp: tmp.write_text(markdown(doc)))
+    atomic_write_bytes(out_dir / "bench.json", (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / "bench.md", markdown(doc).encode())
 
 
 __all__ = [
     "FORMAT",
-    "atomic_write",
     "clean_json",
     "machine_facts",
     "plot",

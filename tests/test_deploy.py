@@ -321,7 +321,7 @@ def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    needed = ["pyproject.toml", "README.md", "__init__.py", "__main__.py", "cli.py"]
+    needed = ["pyproject.toml", "README.md", "__init__.py", "__main__.py", "cli.py", "files.py"]
     needed += ["model", "export", "serving", "protos", "bench"]
     needed.append("model_repository")
     for path in needed:
