@@ -199,6 +199,7 @@ async def build_server(settings: Settings, *, reuse_port: bool = False) -> Built
         deadline = time.monotonic() + grace
         repository.begin_shutdown()
         health.enter_graceful_shutdown()
+        servicer.end_streams()
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

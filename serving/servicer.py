@@ -7,6 +7,7 @@ ServerMetadata.extensions lists the Triton extensions served plus one `providers
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from .batcher import BatchingOptions, Results
 from .codec import Codec, Decoded
 from .dataplane import DataPlane
 from .errors import InvalidRequestError, clip
-from .grpc_boundary import cancelled_status, check_decoded, failure, lenient, rpc
+from .grpc_boundary import Undecodable, cancelled_status, check_decoded, failure, lenient, rpc
 from .manifest import PLATFORM, TensorSpec
 from .policy import VersionPolicy
 from .replies import model_config, model_statistics
@@ -26,6 +27,9 @@ from .replies import model_config, model_statistics
 Context = Any  # grpc.aio.ServicerContext; the generated stubs are untyped
 SERVER_NAME = "stablemlp"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+# Requests of one stream running at once; beyond, the stream is not read (HTTP/2 flow control
+# then holds the client back): bounded memory per stream, and room for them to batch.
+STREAM_WINDOW = 64
 
 
 class GrpcWire:
@@ -63,6 +67,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self._dataplane, self._policy, self._batching = dataplane, version_policy, batching
         self._server_version = server_version
+        self._streams: set[asyncio.Future[None]] = set()  # each open stream's reader
 
     def _infer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         return self._dataplane.infer(
@@ -81,17 +86,64 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Each request gets one reply; a failed one an error_message, and the stream stays open."""
-        async for request in requests:
-            try:
-                check_decoded(request)
-                response = await self._infer(request, context)
-            except Exception as err:  # one message's failure, answered in-band
-                yield pb.ModelStreamInferResponse(
-                    error_message=failure(err, "ModelStreamInfer", context.peer())[1]
-                )
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+        """Each request gets one reply, in request order; up to STREAM_WINDOW of one stream's
+        requests run at once, so they batch with each other and with other calls. A failed one
+        gets an error_message (and its id); the stream stays open."""
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        answers: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+        reader = asyncio.ensure_future(self._read_stream(requests, context, window, answers))
+        self._streams.add(reader)
+        try:
+            while (answer := await answers.get()) is not None:
+                reply = await answer
+                window.release()
+                yield reply
+        finally:
+            reader.cancel()
+            self._streams.discard(reader)
+            while not answers.empty():  # the client went away: drop what it will not read
+                left = answers.get_nowait()
+                if left is not None:
+                    left.cancel()
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[pb.ModelInferRequest],
+        context: Context,
+        window: asyncio.Semaphore,
+        answers: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None],
+    ) -> None:
+        """Start each request as it arrives (at most STREAM_WINDOW unanswered); at the end of the
+        stream, or when cancelled (the server is stopping), take no more."""
+        try:
+            async for request in requests:
+                await window.acquire()
+                answers.put_nowait(asyncio.ensure_future(self._stream_answer(request, context)))
+        except asyncio.CancelledError:
+            pass  # stopping, or the call ended: no new requests; those started are answered
+        finally:
+            answers.put_nowait(None)
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelStreamInferResponse:
+        try:
+            check_decoded(request)
+            response = await self._infer(request, context)
+        except Exception as err:  # one message's failure, answered in-band
+            reply = pb.ModelStreamInferResponse(
+                error_message=failure(err, "ModelStreamInfer", context.peer())[1]
+            )
+            if not isinstance(request, Undecodable):
+                reply.infer_response.id = request.id  # which request failed
+            return reply
+        return pb.ModelStreamInferResponse(infer_response=response)
+
+    def end_streams(self) -> None:
+        """Shutdown: every open stream takes no new request; each ends once its own are answered
+        (an idle stream at once), so an open stream never holds the server up."""
+        for reader in list(self._streams):
+            reader.cancel()
 
     @rpc
     async def ServerLive(
