@@ -77,7 +77,8 @@ def log_failure(rpc: str, status: str, message: str, peer: str = "") -> None:
     more = (
         f" (and {suppressed} more like it in the last {BURST_WINDOW_S:.0f} s)" if suppressed else ""
     )
-    log.info("%s failed: %s: %s%s", rpc, status, text, more, extra=extra)
+    origin = f" (from {clip(peer)})" if peer else ""
+    log.info("%s failed: %s: %s%s%s", rpc, status, text, origin, more, extra=extra)
 
 
 def failure(err: BaseException, rpc: str, peer: str = "") -> tuple[str, str]:

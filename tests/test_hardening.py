@@ -1,0 +1,217 @@
+"""Hardening (issue 12) against real servers: model control off by default, readiness that follows
+the models, health watchers that all hear a shutdown, names and manifests that cannot hurt, a log
+that a client cannot flood."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import (
+    MODEL_NAME,
+    HeldOutSplit,
+    ServerProcess,
+    cpu_repository,
+    infer_request,
+    publish_version,
+    wait_until_serving,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stablemlp.protos import grpc_service_pb2 as pb
+from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
+from stablemlp.serving.grpc_boundary import BURST_LINES
+
+StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
+TIMEOUT = 10.0
+SERVING, NOT_SERVING = (health_pb2.HealthCheckResponse.SERVING,
+                        health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+CONTROL_TOKEN = "control-0123"
+CONTROL = (("authorization", f"Bearer {CONTROL_TOKEN}"),)
+
+
+@pytest.fixture
+def repo_copy(model_repository: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model_repository, tmp_path / "repo"))
+
+
+def _explicit(start_server: StartServer, repository: Path, *args: str) -> Any:
+    return start_server(
+        repository, "--model-control-mode", "explicit", *args,
+        env={"STABLEMLP_CONTROL_TOKEN": CONTROL_TOKEN},
+    )  # fmt: skip
+
+
+def _status(channel: grpc.Channel, service: str) -> int:
+    request = health_pb2.HealthCheckRequest(service=service)
+    return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=TIMEOUT).status)
+
+
+def test_by_default_nobody_can_load_or_unload(
+    server: ServerProcess, test_split: HeldOutSplit
+) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for call, request in (
+            (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME)),
+            (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="other")),
+        ):
+            with pytest.raises(grpc.RpcError) as raised:
+                call(request, timeout=TIMEOUT)
+            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "model control mode 'none'" in raised.value.details()
+            assert "--model-control-mode explicit" in raised.value.details()
+        assert stub.ModelInfer(infer_request(test_split.features[:1]), timeout=TIMEOUT).outputs
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=TIMEOUT).ready
+
+
+def test_explicit_control_needs_its_token_and_readiness_follows_the_models(
+    repo_copy: Path, start_server: StartServer, test_split: HeldOutSplit
+) -> None:
+    (repo_copy / "other").mkdir()  # a second model folder: excluded by --model below
+    shutil.copytree(repo_copy / MODEL_NAME / "1", repo_copy / "other" / "1")
+    with (
+        _explicit(start_server, repo_copy, "--model", MODEL_NAME) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        unload = pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.RepositoryModelUnload(unload, timeout=TIMEOUT)  # no control token
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as raised:  # --model excluded it: not this server's
+            stub.RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name="other"), timeout=TIMEOUT, metadata=CONTROL
+            )
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "serves ['breast_cancer']" in raised.value.details()
+
+        stub.RepositoryModelUnload(unload, timeout=TIMEOUT, metadata=CONTROL)
+        assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=TIMEOUT).ready
+        for service in ("", "inference.GRPCInferenceService", MODEL_NAME):
+            assert _status(channel, service) == NOT_SERVING, service
+        stub.RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(model_name=MODEL_NAME), timeout=60, metadata=CONTROL
+        )
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=TIMEOUT).ready
+        for service in ("", "inference.GRPCInferenceService", MODEL_NAME):
+            assert _status(channel, service) == SERVING, service
+
+
+def test_health_follows_a_load_whose_call_was_cancelled_by_its_deadline(
+    repo_copy: Path, start_server: StartServer
+) -> None:
+    with (
+        _explicit(start_server, repo_copy, "--warmup-runs", "300") as srv,  # a slow load
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.RepositoryModelUnload(
+            pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME), timeout=TIMEOUT,
+            metadata=CONTROL,
+        )  # fmt: skip
+        assert _status(channel, MODEL_NAME) == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as raised:  # loading (hash, warm-up) takes longer
+            stub.RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name=MODEL_NAME), timeout=0.05,
+                metadata=CONTROL,
+            )  # fmt: skip
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # the load goes on to the end, and health says so afterwards
+        wait_until_serving(srv.address, deadline_s=30, service=MODEL_NAME)
+        wait_until_serving(srv.address, deadline_s=30, service="inference.GRPCInferenceService")
+
+
+def test_every_health_watcher_hears_the_shutdown_after_one_leaves(
+    model_repository: Path, start_server: StartServer
+) -> None:
+    """grpcio-health-checking's aio servicer forgot every watcher of a service once one left."""
+    with start_server(model_repository, "--grace-period-s", "2") as srv:
+        channel = grpc.insecure_channel(srv.address)
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+        leaving = health.Watch(request, timeout=30)
+        staying = health.Watch(request, timeout=30)
+        assert next(leaving).status == SERVING and next(staying).status == SERVING
+        leaving.cancel()
+        seen: list[int] = []
+
+        def watch() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                seen.extend(reply.status for reply in staying)
+
+        thread = threading.Thread(target=watch)
+        thread.start()
+        srv.process.send_signal(signal.SIGHUP)  # handled as SIGTERM: drain, then exit 0
+        assert srv.process.wait(timeout=20) == 0
+        thread.join(timeout=10)
+        channel.close()
+    assert seen[:1] == [NOT_SERVING]
+    assert "shutting down: NOT_SERVING" in srv.log()
+
+
+def _manifest_edit(text: str) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        manifest = (folder / "manifest.json").read_text()
+        (folder / "manifest.json").write_text(manifest.replace('"threshold": 0.5', text, 1))
+
+    return edit
+
+
+HOSTILE_MANIFESTS = {
+    "infinity": ('"threshold": Infinity', "Infinity is not a number JSON allows"),
+    "huge number": ('"threshold": 1e15', "'threshold': got 1000000000000000.0, expected 0..1"),
+    "huge version": ('"threshold": 0.5, "version": 1000000000000000000000', "'version'"),
+    "deep nesting": ('"threshold": 0.5, "x": ' + "[" * 100_000 + "]" * 100_000, "nested"),
+    "not an object": ('"threshold": 0.5, "inputs": 7', "'inputs': got int, expected list"),
+}
+
+
+def test_hostile_manifests_are_refused_with_their_reason_and_stray_folders_ignored(
+    repo_copy: Path,
+) -> None:
+    model = repo_copy / MODEL_NAME
+    for name in ("\u00b2", "\uff12", "007", "-3"):  # not ASCII [1-9][0-9]*: not versions
+        shutil.copytree(model / "1", model / name)
+    for version, (text, _) in enumerate(HOSTILE_MANIFESTS.values(), start=2):
+        publish_version(repo_copy, version, edit=_manifest_edit(text))
+    repository = cpu_repository(repo_copy, "all")
+    with pytest.raises(Exception, match="model 'breast_cancer' version"):
+        repository.load_all()  # the first refusal is raised; every version was looked at
+    rows = {version: (state, reason) for _, version, state, reason in repository.index()}
+    assert rows["1"] == ("READY", "")
+    for version, (_, reason) in enumerate(HOSTILE_MANIFESTS.values(), start=2):
+        state, why = rows[str(version)]
+        assert state == "UNAVAILABLE" and reason in why and len(why) <= 600, (version, why)
+    assert set(rows) == {str(v) for v in range(1, len(HOSTILE_MANIFESTS) + 2)}
+
+
+def test_identical_failures_are_logged_a_few_times_then_counted(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit
+) -> None:
+    with (
+        start_server(model_repository, env={"STABLEMLP_AUTH_TOKEN": "s3cret"}) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        good = (("authorization", "Bearer s3cret"),)
+        for _ in range(40):
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(
+                    infer_request(test_split.features[:1, :3]), timeout=TIMEOUT, metadata=good
+                )
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ModelInfer(infer_request(test_split.features[:1]), timeout=TIMEOUT)  # no token
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        log = srv.wait_for_log("ModelInfer failed: UNAUTHENTICATED")
+    assert log.count("shape[1]: got 3, expected 30") == BURST_LINES
+    assert "(and 35 more like it" in log or log.count("shape[1]: got 3") == BURST_LINES
+    refused = next(line for line in log.splitlines() if "UNAUTHENTICATED" in line)
+    assert "s3cret" not in log and "from ipv4:127.0.0.1:" in refused  # who was refused
