@@ -143,11 +143,19 @@ class Settings:
     max_inflight: int = field(
         default=128, metadata=_meta("most inference requests queued or running", int, "N")
     )
-    # gRPC reads a call's message before any handler runs: these bound how many are read at once
-    # (beyond: RESOURCE_EXHAUSTED before the message is kept), whatever the client sends.
+    # gRPC reads a call's message before any handler runs: these bound how much it holds at
+    # once, whatever clients send (server.py). Excess calls get RESOURCE_EXHAUSTED, excess
+    # connections UNAVAILABLE, both at once. Measured with bench/flood.py: peak RSS ~260 MB
+    # under 2,000 maximum-size calls from 200 connections (README); a long-lived stream (health
+    # Watch, ModelStreamInfer) holds one call for its life.
     max_concurrent_rpcs: int = field(
-        default=256, metadata=_meta("most calls (any RPC) handled at once", int, "N")
+        default=128, metadata=_meta("most calls (any RPC, streams too) handled at once", int, "N")
     )
+    max_connections: int = field(
+        default=128, metadata=_meta("most client connections open at once", int, "N")
+    )
+    # Twice the benchmark's highest concurrency (32) on one connection: a client may open streams
+    # before it has heard this limit, and those beyond it are refused (RST_STREAM).
     max_streams_per_connection: int = field(
         default=64, metadata=_meta("HTTP/2 streams (calls) one connection may open", int, "N")
     )
@@ -267,6 +275,7 @@ class Settings:
             "max_batch_size",
             "max_inflight",
             "max_concurrent_rpcs",
+            "max_connections",
             "max_streams_per_connection",
         )
         for name in positive:

@@ -137,6 +137,7 @@ class _Pool:
         self.count, self.restarts = settings.workers, settings.worker_restarts
         self.workers: list[SpawnProcess | None] = [None] * self.count
         self.stopping = False
+        self._signalled: set[int] = set()  # pids already told to stop
 
     def name(self, index: int) -> str:
         return f"worker {index + 1}/{self.count}"
@@ -153,9 +154,14 @@ class _Pool:
         return receive
 
     def stop_all(self, signum: int = signal.SIGTERM, _: object = None) -> None:
+        """SIGTERM each live worker, once: a second one could reach a worker that is already past
+        its own graceful stop and kill it (exit -15)."""
         self.stopping = True
         for worker in self.workers:
-            if worker is not None and worker.exitcode is None and worker.pid is not None:
+            if worker is None or worker.pid is None or worker.pid in self._signalled:
+                continue
+            if worker.exitcode is None:
+                self._signalled.add(worker.pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGTERM)
 
