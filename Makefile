@@ -10,7 +10,7 @@ MODEL ?= breast_cancer
 HOST ?= 127.0.0.1
 PORT ?= 8001
 
-.PHONY: install install-cuda run train export verify serve smoke lint typecheck protos protos-check triton-venv test container-check clean
+.PHONY: install install-cuda run train export verify serve smoke lint typecheck protos protos-check triton-venv test container-check gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,11 @@ test: install lint typecheck protos-check triton-venv
 # Build the CPU image with podman from a debootstrap base, run it, check it, remove it.
 container-check: install
 	bash scripts/container_check.sh
+
+# The CUDA provider proven on an NVIDIA GPU: its own venv (.venv-gpu, onnxruntime-gpu with pip's
+# CUDA/cuDNN wheels), train, export, serve, compare and measure; bench/results/gpu/gpu_check.*.
+gpu-check:
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .smoke runs $(REPOSITORY) .pytest_cache .mypy_cache .ruff_cache
