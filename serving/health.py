@@ -71,14 +71,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # u
 
 
 async def publish_health(health: HealthServicer, dataplane: DataPlane) -> None:
-    """Copy readiness from the repository (its one source) into health: per model, the server
-    ("") and the inference service (what Kubernetes' readiness probe asks)."""
+    """Copy readiness from the repository (its one source) into health: per model, and the
+    inference service (what Kubernetes' readiness probe asks). The empty name stays SERVING until
+    shutdown: it is the liveness probe's, and a model not ready is no reason to restart the pod."""
     repository = dataplane.repository
     for name in repository.names():
         health.set(name, Status.SERVING if repository.is_ready(name) else Status.NOT_SERVING)
-    ready = Status.SERVING if repository.server_ready() else Status.NOT_SERVING
-    health.set(INFERENCE_SERVICE, ready)
-    health.set("", ready)
+    ready = repository.server_ready()
+    health.set(INFERENCE_SERVICE, Status.SERVING if ready else Status.NOT_SERVING)
 
 
 __all__ = ["INFERENCE_SERVICE", "HealthServicer", "publish_health"]

@@ -95,8 +95,9 @@ def test_explicit_control_needs_its_token_and_readiness_follows_the_models(
 
         stub.RepositoryModelUnload(unload, timeout=TIMEOUT, metadata=CONTROL)
         assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=TIMEOUT).ready
-        for service in ("", "inference.GRPCInferenceService", MODEL_NAME):
+        for service in ("inference.GRPCInferenceService", MODEL_NAME):  # readiness
             assert _status(channel, service) == NOT_SERVING, service
+        assert _status(channel, "") == SERVING  # liveness: no reason to restart the process
         stub.RepositoryModelLoad(
             pb.RepositoryModelLoadRequest(model_name=MODEL_NAME), timeout=60, metadata=CONTROL
         )
