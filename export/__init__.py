@@ -8,8 +8,10 @@ from .documents import MAX_BATCH_SIZE, Release
 from .errors import ContractError, ExportError, FoldError, PublishError, VerifyError
 from .fold import batchnorm_layers, fold_batchnorm
 from .formats import OPSET, check_onnx, load_torchscript, to_onnx, to_torchscript
+from .front import attach_text_front
 from .parity import TOLERANCE, ParityError, ParityReport, ParityRow, check_parity, compare
 from .publish import next_version, publish, publish_version, versions
+from .rows import parity_feeds
 from .verify import Verified, verify_version
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "Release",
     "Verified",
     "VerifyError",
+    "attach_text_front",
     "batchnorm_layers",
     "check_onnx",
     "check_parity",
@@ -35,6 +38,7 @@ __all__ = [
     "fold_batchnorm",
     "load_torchscript",
     "next_version",
+    "parity_feeds",
     "publish",
     "publish_version",
     "to_onnx",

@@ -17,21 +17,16 @@ import torch
 
 from ..model.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
 from ..model.cli import TEST_SPLIT_NAME
+from ..model.lookup import with_lookup
 from ..model.preprocess import build_classifier
 from .documents import Release
 from .errors import ExportError
 from .fold import fold_batchnorm
 from .formats import load_torchscript, to_onnx, to_torchscript
-from .parity import (
-    Batch,
-    ParityError,
-    ParityReport,
-    check_parity,
-    onnxruntime_runner,
-    random_batches,
-    torch_runner,
-)
+from .front import attach_text_front
+from .parity import ParityError, ParityReport, check_parity, onnxruntime_runner, torch_runner
 from .publish import check_model_name, publish
+from .rows import Feeds, parity_feeds, random_batches, split_feeds
 from .verify import select, verify_version
 
 log = logging.getLogger(__name__)
@@ -40,38 +35,47 @@ log = logging.getLogger(__name__)
 FALLBACK_ROWS = 256
 
 
-def parity_batches(run_dir: Path, checkpoint: Checkpoint) -> dict[str, Batch]:
-    """The saved test split (raw, NaNs kept) plus random batches of 1, 7 and 1024 rows."""
+def parity_batches(run_dir: Path, checkpoint: Checkpoint) -> dict[str, Feeds]:
+    """The saved test split (raw: NaNs, text as read) plus random batches of 1, 7 and 1024 rows
+    (text with unseen values and missing markers) and a batch of extreme finite values."""
     schema = checkpoint.schema
-    batches = random_batches(schema.means, schema.stds, seed=checkpoint.seed)
+    batches = parity_feeds(schema.means, schema.stds, schema.categorical, seed=checkpoint.seed)
     path = run_dir / TEST_SPLIT_NAME
     if path.is_file():
         with np.load(path, allow_pickle=False) as saved:
             test = np.asarray(saved["features"], dtype=np.float32)
-        if test.ndim != 2 or test.shape[1] != len(schema.names):
-            raise ExportError(f"{path}: features {test.shape} do not match the checkpoint")
-        return {"test": test, **batches}
+            text = saved["text"] if "text" in saved else np.empty((len(test), 0), dtype=str)
+            names = [str(n) for n in saved["text_names"]] if "text_names" in saved else []
+        if test.ndim != 2 or test.shape[1] != len(schema.names) or names != [*schema.text_names]:
+            raise ExportError(f"{path}: columns {test.shape}, {names} do not match the checkpoint")
+        return {"test": split_feeds(test, text, names), **batches}
     log.warning("%s not found: parity uses %d random rows instead", path, FALLBACK_ROWS)
-    fallback = random_batches(schema.means, schema.stds, checkpoint.seed + 1, (FALLBACK_ROWS,))
-    return {**fallback, **batches}
+    fallback = parity_feeds(
+        schema.means, schema.stds, schema.categorical, checkpoint.seed + 1, (FALLBACK_ROWS,)
+    )
+    return {f"random_{FALLBACK_ROWS}": fallback[f"random_{FALLBACK_ROWS}"], **batches}
 
 
-def build_release(checkpoint: Checkpoint, name: str, batches: dict[str, Batch]) -> Release:
+def build_release(checkpoint: Checkpoint, name: str, batches: dict[str, Feeds]) -> Release:
     """Fold, export both formats, and prove parity; raises ParityError with the numbers."""
     schema = checkpoint.schema
     mean, std = torch.tensor(schema.means), torch.tensor(schema.stds)
     net = checkpoint.build_model()
     reference = build_classifier(net, mean, std, checkpoint.threshold).eval()
     folded = build_classifier(fold_batchnorm(net), mean, std, checkpoint.threshold).eval()
-    # Trace/export on 4 rows: torch.export would specialize a batch dimension of 1.
-    example = torch.from_numpy(random_batches(schema.means, schema.stds, 0, (4,))["random_4"])
-    torchscript = to_torchscript(folded, example)
+    example = _example(checkpoint)
+    columns, text = schema.categorical, schema.text_names
+    torchscript = to_torchscript(folded, example, columns)
     onnx_model = to_onnx(folded, example)
+    if columns:
+        onnx_model = attach_text_front(onnx_model, columns)
+    numeric = bool(schema.names)
+    raw = (lambda m: with_lookup(m, columns, numeric)) if columns else (lambda m: m)
     report = check_parity(
-        ("eval", torch_runner(reference)),
+        ("eval", torch_runner(raw(reference), text)),
         {
-            "folded": torch_runner(folded),
-            "torchscript": torch_runner(load_torchscript(torchscript)),
+            "folded": torch_runner(raw(folded), text),
+            "torchscript": torch_runner(load_torchscript(torchscript), text),
             "onnxruntime": onnxruntime_runner(onnx_model.SerializeToString()),
         },
         batches,
@@ -86,7 +90,23 @@ def build_release(checkpoint: Checkpoint, name: str, batches: dict[str, Batch]) 
         onnx_model=onnx_model,
         torchscript=torchscript,
         parity=report,
+        columns=tuple(schema.describe()),
+        target=schema.target,
+        positive_class=schema.positive_class,
+        encoding=checkpoint.encoder.kind if checkpoint.encoder is not None else "",
     )
+
+
+def _example(checkpoint: Checkpoint) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """4 rows to trace and export on (torch.export would specialize a batch dimension of 1):
+    the numeric block, and with text columns the codes, every code below its column's slots."""
+    schema = checkpoint.schema
+    numeric = torch.from_numpy(random_batches(schema.means, schema.stds, 0, (4,))["random_4"])
+    if not schema.categorical:
+        return numeric
+    slots = torch.tensor([column.slots for column in schema.categorical])
+    codes = torch.arange(4).unsqueeze(1) % slots
+    return (numeric, codes) if schema.names else (codes,)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

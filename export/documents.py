@@ -1,18 +1,20 @@
 """What a published version says about itself: manifest, ONNX metadata, model card, Triton config.
 
-Pure functions from a Release to text or dicts; publish.py writes them.
+Pure functions from a Release to text or dicts; publish.py writes them (the model card: card.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import onnx
 import torch
 
+from ..model.categories import MISSING_MARKERS
 from ..serving.manifest import PLATFORM, FileEntry, Manifest, TensorSpec
 from .formats import INPUT_NAME, OPSET, OUTPUT_NAMES
 from .parity import ParityReport
@@ -20,8 +22,10 @@ from .parity import ParityReport
 # Largest batch Triton may send in one request (config.pbtxt max_batch_size, manifest key of the
 # same name); parity is proven up to this size (parity.BATCH_SIZES ends at 1024).
 MAX_BATCH_SIZE = 1024
-# KServe v2 / Triton datatype names of the contract tensors, in graph order.
+# KServe v2 / Triton datatype names of the contract tensors, in graph order; text columns are BYTES
+# (Triton's TYPE_STRING).
 INPUT_DATATYPE = "FP32"
+TEXT_DATATYPE = "BYTES"
 OUTPUT_DATATYPES = ("FP32", "INT64")
 
 
@@ -38,13 +42,40 @@ class Release:
     onnx_model: onnx.ModelProto  # without metadata: that names the version, added at publish
     torchscript: bytes
     parity: ParityReport
+    # Every column in file order (FeatureSchema.describe()): kind, input tensor, statistics or
+    # vocabulary. Text columns are the inputs after `features`, in this order.
+    columns: tuple[dict[str, Any], ...] = ()
+    target: str = "target"
+    positive_class: str = "1"
+    encoding: str = ""  # how text codes reach the MLP: "onehot" or "embedding" ("" without text)
+
+    @property
+    def text_columns(self) -> tuple[str, ...]:
+        return tuple(c["name"] for c in self.columns if c["kind"] == "categorical")
+
+    def details(self) -> dict[str, Any]:
+        """What the manifest says about the columns (also in the ONNX metadata)."""
+        return {
+            "columns": list(self.columns),
+            "target": self.target,
+            "positive_class": self.positive_class,
+            "missing_markers": list(MISSING_MARKERS),
+            "encoding": self.encoding,
+        }
 
 
-def tensors(n_features: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """The graph's inputs and outputs: names, datatypes, shapes (-1 = any batch)."""
+def tensors(
+    n_features: int, text_columns: Sequence[str] = ()
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The graph's inputs and outputs: names, datatypes, shapes (-1 = any batch).
+
+    Inputs: `features` [-1, F] when F > 0, then [-1, 1] text per text column, named after it.
+    """
     outputs = zip(OUTPUT_NAMES, OUTPUT_DATATYPES, strict=True)
+    numeric = [TensorSpec(INPUT_NAME, INPUT_DATATYPE, (-1, n_features))] if n_features else []
+    text = [TensorSpec(name, TEXT_DATATYPE, (-1, 1)) for name in text_columns]
     return (
-        (TensorSpec(INPUT_NAME, INPUT_DATATYPE, (-1, n_features)),),
+        (*numeric, *text),
         tuple(TensorSpec(name, dtype, (-1, 1)) for name, dtype in outputs),
     )
 
@@ -52,7 +83,7 @@ def tensors(n_features: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, 
 def manifest(
     release: Release, version: int, created_utc: str, files: dict[str, FileEntry]
 ) -> Manifest:
-    inputs, outputs = tensors(len(release.feature_names))
+    inputs, outputs = tensors(len(release.feature_names), release.text_columns)
     return Manifest(
         model_name=release.model_name,
         version=version,
@@ -65,6 +96,7 @@ def manifest(
         threshold=release.threshold,
         files=files,
         details={
+            **finite(release.details()),
             "parity": finite(release.parity.summary()),
             "metrics": finite(release.metrics),
             "torch_version": torch.__version__,
@@ -84,91 +116,53 @@ def onnx_metadata(release: Release, version: int, created_utc: str) -> dict[str,
         "threshold": repr(float(release.threshold)),
         "metrics": json.dumps(finite(release.metrics)),
         "torch_version": torch.__version__,
+        **{key: json.dumps(finite(value)) for key, value in release.details().items()},
     }
 
 
-def config_pbtxt(model_name: str, n_features: int, max_batch_size: int = MAX_BATCH_SIZE) -> str:
-    """Triton's model config in protobuf text format; dims exclude the batch dimension."""
-    outputs = ",\n".join(
-        f'  {{\n    name: "{name}"\n    data_type: TYPE_{dtype}\n    dims: [ 1 ]\n  }}'
-        for name, dtype in zip(OUTPUT_NAMES, OUTPUT_DATATYPES, strict=True)
+def config_pbtxt(
+    model_name: str,
+    n_features: int,
+    max_batch_size: int = MAX_BATCH_SIZE,
+    text_columns: Sequence[str] = (),
+) -> str:
+    """Triton's model config in protobuf text format; dims exclude the batch dimension.
+
+    Text columns are TYPE_STRING inputs of dims [ 1 ], named after the column.
+    """
+    inputs, outputs = tensors(n_features, text_columns)
+    triton = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", TEXT_DATATYPE: "TYPE_STRING"}
+    entries = [
+        ",\n".join(
+            f'  {{\n    name: "{_escape(spec.name)}"\n    data_type: {triton[spec.datatype]}\n'
+            f"    dims: [ {spec.width} ]\n  }}"
+            for spec in specs
+        )
+        for specs in (inputs, outputs)
+    ]
+    layout = (
+        "# Inputs: `features` holds the numeric columns (NaN = missing) in manifest.json's\n"
+        "# feature_names order; each text column is a TYPE_STRING input of its own, named after\n"
+        "# the column, one UTF-8 value per row (stripped; missing = one of manifest.json's\n"
+        '# missing_markers, e.g. "" or "NA"). Vocabularies: manifest.json "columns" and the\n'
+        "# model card.\n"
+        if text_columns
+        else ""
     )
     return (
         "# Written by `stablemlp export`; versions live in the numbered subdirectories.\n"
+        f"{layout}"
         f'name: "{model_name}"\n'
         f'platform: "{PLATFORM}"\n'
         f"max_batch_size: {max_batch_size}\n"
-        "input [\n"
-        f'  {{\n    name: "{INPUT_NAME}"\n    data_type: TYPE_{INPUT_DATATYPE}\n'
-        f"    dims: [ {n_features} ]\n  }}\n"
-        "]\n"
-        f"output [\n{outputs}\n]\n"
+        f"input [\n{entries[0]}\n]\n"
+        f"output [\n{entries[1]}\n]\n"
     )
 
 
-def model_card(release: Release, version: int, created_utc: str) -> str:
-    n = len(release.feature_names)
-    # Only the per-split scores; the metrics dict also holds run facts (rows, config, timings).
-    metrics = "\n".join(
-        f"| {split} | {name} | {_fmt(value)} |"
-        for split in ("train", "val", "test")
-        if isinstance(release.metrics.get(split), dict)
-        for name, value in sorted(release.metrics[split].items())
-        if isinstance(value, int | float)
-    )
-    data = release.metrics.get("data", release.model_name)
-    rows = release.metrics.get("rows")
-    sizes = (
-        ", ".join(f"{k} {v}" for k, v in rows.items()) + " rows"
-        if isinstance(rows, dict)
-        else "sizes not recorded"
-    )
-    parity = release.parity.summary()
-    worst = max(parity["max_abs_diff"].values(), default=0.0)
-    features = ", ".join(f"`{name}`" for name in release.feature_names)
-    return f"""# {release.model_name}, version {version}
-
-Binary classifier: a multilayer perceptron (Linear -> BatchNorm -> ELU blocks, BatchNorm folded
-into the Linears for export) with its preprocessing built into the graph.
-Exported {created_utc} with torch {torch.__version__}, ONNX opset {OPSET}.
-
-## Data
-Tabular data set `{data}`: {n} numeric features, a 0/1 target, stratified
-train/validation/test split ({sizes}). Missing values (NaN) are replaced by the training mean of the
-feature, then every feature is standardized with the training mean and standard deviation.
-
-Features: {features}.
-
-## Metrics
-| split | metric | value |
-| --- | --- | --- |
-{metrics}
-
-## Inputs and outputs
-- `{INPUT_NAME}`: {INPUT_DATATYPE} [N, {n}], raw feature values in the order above; NaN = missing.
-- `{OUTPUT_NAMES[0]}`: {OUTPUT_DATATYPES[0]} [N, 1], probability of class 1.
-- `{OUTPUT_NAMES[1]}`: {OUTPUT_DATATYPES[1]} [N, 1], 1 if probability >= threshold, else 0.
-
-Batches of up to {MAX_BATCH_SIZE} rows per request (Triton `max_batch_size`).
-
-## Threshold
-{release.threshold:g}, fixed at training time; it is not tuned to any cost of errors.
-
-## Parity
-PyTorch eval model, folded model, TorchScript (`model.pt`) and ONNX Runtime (`model.onnx`) agree
-within {worst:.1e} on probabilities (tolerance {parity["tolerance"]:g}) with identical
-labels; details in `parity.json`.
-
-## Intended use
-Demonstration and evaluation of a gradient-stabilized tabular MLP and its serving path. Scores
-inputs drawn from the same population and feature definitions as the training data.
-
-## Limitations
-- Small tabular training set; metrics come from one held-out split and carry sampling error.
-- Not validated for clinical or other high-stakes decisions; not a medical device.
-- Inputs outside the training distribution, or with many missing values, are imputed and scored
-  without any warning; probabilities are not calibrated.
-"""
+def _escape(name: str) -> str:
+    """A column name inside a protobuf text-format string literal."""
+    return name.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def finite(value: Any) -> Any:
@@ -182,20 +176,16 @@ def finite(value: Any) -> Any:
     return value
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 __all__ = [
     "INPUT_DATATYPE",
     "MAX_BATCH_SIZE",
     "OUTPUT_DATATYPES",
     "PLATFORM",
+    "TEXT_DATATYPE",
     "Release",
     "config_pbtxt",
     "finite",
     "manifest",
-    "model_card",
     "onnx_metadata",
     "tensors",
 ]

@@ -1,8 +1,10 @@
 """Parity proof: every exported stage gives the reference's probabilities and labels.
 
-A stage is anything that maps a float32 [N, F] batch to (probability [N,1], label [N,1]): the eval
-model, the folded model, the loaded TorchScript, an ONNX Runtime session. A failed check raises
-ParityError carrying the full report, so callers print the numbers and publish nothing.
+A stage is anything that maps a batch of raw inputs to (probability [N,1], label [N,1]): the eval
+model, the folded model, the loaded TorchScript, an ONNX Runtime session. A batch is a dict of
+input name -> array (export.rows), or for an all-numeric model just the float32 [N, F] array. A
+failed check raises ParityError carrying the full report, so callers print the numbers and
+publish nothing.
 """
 
 from __future__ import annotations
@@ -19,20 +21,18 @@ from torch import nn
 
 from .errors import ExportError
 from .formats import INPUT_NAME
+from .rows import BATCH_SIZES, Batch, Feeds, random_batches, rows_of
 
 # Max abs difference allowed on probabilities between any stage and the reference; labels must be
 # identical. Float32 reassociation after folding moves probabilities by ~1e-7; 1e-5 leaves 100x
 # headroom yet catches any real weight or preprocessing change.
 TOLERANCE = 1e-5
-# Batch sizes probed beyond the test split: a single row, an odd size, a large one.
-BATCH_SIZES = (1, 7, 1024)
 # Relative differences divide by max(|reference|, REL_FLOOR), so probabilities near 0 do not
 # turn a 1e-9 absolute wobble into a huge relative figure. Reported only, not gated.
 REL_FLOOR = 1e-6
 
-Batch = NDArray[np.float32]
 Outputs = tuple[NDArray[Any], NDArray[Any]]
-Runner = Callable[[Batch], Outputs]
+Runner = Callable[[Feeds], Outputs]
 
 
 @dataclass(frozen=True)
@@ -117,12 +117,23 @@ class ParityError(ExportError):
         self.report = report
 
 
-def torch_runner(module: nn.Module | torch.jit.ScriptModule) -> Runner:
-    """A stage from an eval-mode module (plain or TorchScript) returning (probability, label)."""
+def torch_runner(
+    module: nn.Module | torch.jit.ScriptModule, text_columns: Sequence[str] = ()
+) -> Runner:
+    """A stage from an eval-mode module (plain or TorchScript) returning (probability, label).
 
-    def run(batch: Batch) -> Outputs:
+    It is called with the features tensor (when the batch has one), then, for `text_columns`,
+    one list of str per column (model.lookup's TextClassifier).
+    """
+
+    def run(feeds: Feeds) -> Outputs:
+        args: list[Any] = []
+        if INPUT_NAME in feeds:
+            args.append(torch.from_numpy(feeds[INPUT_NAME]))
+        if text_columns:
+            args.append([[str(v) for v in feeds[name][:, 0]] for name in text_columns])
         with torch.no_grad():
-            probability, label = module(torch.from_numpy(batch))
+            probability, label = module(*args)
         return probability.numpy(), label.numpy()
 
     return run
@@ -132,61 +143,42 @@ def onnxruntime_runner(model: bytes) -> Runner:
     """A stage from a serialized ONNX model, run by ONNX Runtime on the CPU."""
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 
-    def run(batch: Batch) -> Outputs:
-        probability, label = session.run(None, {INPUT_NAME: batch})
+    def run(feeds: Feeds) -> Outputs:
+        probability, label = session.run(None, dict(feeds))
         return np.asarray(probability), np.asarray(label)
 
     return run
 
 
-def random_batches(
-    means: Sequence[float],
-    stds: Sequence[float],
-    seed: int,
-    sizes: Sequence[int] = BATCH_SIZES,
-) -> dict[str, Batch]:
-    """Rows drawn from N(mean, std) per feature, with NaNs (missing values) in some rows.
-
-    Even-indexed rows lose about a fifth of their features (at least one); the last row of any
-    batch larger than 2 is entirely missing, which exercises the imputation of every column.
-    """
-    rng = np.random.default_rng(seed)
-    mean = np.asarray(means, dtype=np.float64)
-    std = np.asarray(stds, dtype=np.float64)
-    batches: dict[str, Batch] = {}
-    for size in sizes:
-        rows = mean + std * rng.standard_normal((size, mean.size))
-        for index in range(0, size, 2):
-            missing = rng.random(mean.size) < 0.2
-            missing[rng.integers(mean.size)] = True
-            rows[index, missing] = np.nan
-        if size > 2:
-            rows[-1, :] = np.nan
-        batches[f"random_{size}"] = rows.astype(np.float32)
-    return batches
+def as_feeds(batch: Batch | Feeds) -> dict[str, NDArray[Any]]:
+    """The batch as input name -> array; a bare array is the `features` input."""
+    feeds = {INPUT_NAME: batch} if isinstance(batch, np.ndarray) else dict(batch)
+    if INPUT_NAME in feeds:
+        feeds[INPUT_NAME] = np.ascontiguousarray(feeds[INPUT_NAME], dtype=np.float32)
+    return feeds
 
 
 def compare(
     reference: tuple[str, Runner],
     stages: Mapping[str, Runner],
-    batches: Mapping[str, Batch],
+    batches: Mapping[str, Batch | Feeds],
     tolerance: float = TOLERANCE,
 ) -> ParityReport:
     """Run every stage on every batch and compare it with the reference (no raising)."""
     ref_name, ref_run = reference
     rows = []
     for batch_name, batch in batches.items():
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        expected = ref_run(batch)
+        feeds = as_feeds(batch)
+        expected = ref_run(feeds)
         for stage, run in stages.items():
-            rows.append(_compare_one(batch_name, len(batch), stage, expected, run(batch)))
+            rows.append(_compare_one(batch_name, rows_of(feeds), stage, expected, run(feeds)))
     return ParityReport(ref_name, tolerance, tuple(rows))
 
 
 def check_parity(
     reference: tuple[str, Runner],
     stages: Mapping[str, Runner],
-    batches: Mapping[str, Batch],
+    batches: Mapping[str, Batch | Feeds],
     tolerance: float = TOLERANCE,
 ) -> ParityReport:
     """compare(), then raise ParityError with the numbers unless every row passed."""
@@ -230,6 +222,7 @@ __all__ = [
     "ParityReport",
     "ParityRow",
     "Runner",
+    "as_feeds",
     "check_parity",
     "compare",
     "onnxruntime_runner",

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..serving.manifest import MANIFEST_FILE, MODEL_FILE, MODEL_NAME, VERSION, FileEntry
 from . import documents
+from .card import model_card
 from .documents import Release
 from .errors import PublishError
 from .formats import with_metadata
@@ -69,7 +70,7 @@ def build_files(release: Release, version: int, created_utc: str) -> dict[str, b
         ONNX_FILE: onnx_model.SerializeToString(),
         TORCHSCRIPT_FILE: release.torchscript,
         PARITY_FILE: _json_bytes(release.parity.to_dict()),
-        CARD_FILE: documents.model_card(release, version, created_utc).encode(),
+        CARD_FILE: model_card(release, version, created_utc).encode(),
     }
     hashes = {name: FileEntry(sha256_hex(data), len(data)) for name, data in files.items()}
     files[MANIFEST_FILE] = documents.manifest(release, version, created_utc, hashes).to_json()
@@ -80,8 +81,12 @@ def publish(repository: Path, release: Release) -> Path:
     """Write config.pbtxt, then the next version atomically; return the version directory."""
     model_dir = repository / check_model_name(release.model_name)
     model_dir.mkdir(parents=True, exist_ok=True)
-    n_features = len(release.feature_names)
-    write_config(model_dir, documents.config_pbtxt(release.model_name, n_features))
+    config = documents.config_pbtxt(
+        release.model_name,
+        len(release.feature_names),
+        text_columns=release.text_columns,
+    )
+    write_config(model_dir, config)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return publish_version(model_dir, lambda version: build_files(release, version, created))
 
@@ -116,7 +121,7 @@ def write_config(model_dir: Path, text: str) -> None:
     """Atomically (temp file + rename) write <model>/config.pbtxt, world-readable for Triton."""
     path = model_dir / CONFIG_FILE
     if path.is_file() and path.read_text() != text:
-        log.warning("%s changes (feature count or batch size differ from before)", path)
+        log.warning("%s changes (inputs or batch size differ from before)", path)
     fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

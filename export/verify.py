@@ -1,8 +1,9 @@
 """Re-check a published version from its files alone: hashes, graph contract, TorchScript, parity.
 
 Parity here compares ONNX Runtime with the TorchScript file on random rows drawn from the feature
-statistics stored in the ONNX metadata (the test split is not in the repository), with NaNs in
-some rows, on batches of 1, 7 and 1024 rows, seeded with VERIFY_SEED so reruns are identical.
+statistics and vocabularies stored in the ONNX metadata (the test split is not in the repository),
+with NaNs in some rows and unseen and missing text, on batches of 1, 7 and 1024 rows and one of
+extreme finite values, seeded with VERIFY_SEED so reruns are identical.
 """
 
 from __future__ import annotations
@@ -10,23 +11,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
 
+from ..model.categories import CategoricalColumn
 from ..serving.errors import ContractError as ManifestError
 from ..serving.manifest import Manifest
 from . import documents
 from .errors import ContractError, VerifyError
 from .formats import OPSET, check_onnx, load_torchscript, metadata_of
-from .parity import (
-    ParityError,
-    ParityReport,
-    compare,
-    onnxruntime_runner,
-    random_batches,
-    torch_runner,
-)
+from .parity import ParityError, ParityReport, compare, onnxruntime_runner, torch_runner
 from .publish import (
     CARD_FILE,
     CONFIG_FILE,
@@ -36,11 +32,14 @@ from .publish import (
     sha256_hex,
     versions,
 )
+from .rows import parity_feeds
 
 VERIFY_SEED = 0
 REQUIRED_FILES = (ONNX_FILE, TORCHSCRIPT_FILE, CARD_FILE)
 # The manifest's free-form part that export always writes.
 DETAIL_KEYS = ("parity", "metrics", "torch_version")
+# Details that the ONNX metadata repeats, so both must agree (Release.details()).
+COLUMN_KEYS = ("columns", "target", "positive_class", "missing_markers", "encoding")
 
 
 @dataclass(frozen=True)
@@ -88,9 +87,9 @@ def verify_version(repository: Path, model: str, version: int) -> Verified:
         graph = onnx.load_from_string(onnx_bytes)
     except DecodeError as err:
         raise VerifyError(f"{ONNX_FILE} is not an ONNX model: {err}") from err
-    n_features = len(manifest.feature_names)
+    n_features, text = len(manifest.feature_names), manifest.text_columns
     try:
-        check_onnx(graph, n_features)
+        check_onnx(graph, n_features, text)
     except ContractError as err:
         raise VerifyError(f"{ONNX_FILE}: {err}") from err
     metadata = metadata_of(graph)
@@ -101,10 +100,15 @@ def verify_version(repository: Path, model: str, version: int) -> Verified:
     except RuntimeError as err:
         raise VerifyError(f"{TORCHSCRIPT_FILE} does not load: {str(err).splitlines()[0]}") from err
     means, stds = _feature_stats(metadata, n_features)
+    # Versions exported before text columns (no "columns" metadata) do not bound standardized
+    # values either: extreme rows make both formats NaN, so they are not probed there.
+    batches = parity_feeds(
+        means, stds, _vocabularies(metadata, text), VERIFY_SEED, extremes="columns" in metadata
+    )
     report = compare(
-        ("torchscript", torch_runner(script)),
+        ("torchscript", torch_runner(script, text)),
         {"onnxruntime": onnxruntime_runner(onnx_bytes)},
-        random_batches(means, stds, seed=VERIFY_SEED),
+        batches,
     )
     if not report.passed:
         raise ParityError(report)
@@ -133,6 +137,18 @@ def _feature_stats(metadata: dict[str, str], n_features: int) -> tuple[list[floa
     return means, stds
 
 
+def _vocabularies(metadata: dict[str, str], text: tuple[str, ...]) -> list[CategoricalColumn]:
+    """The text columns' vocabularies from the ONNX metadata, in the order of the text inputs."""
+    try:
+        described: list[dict[str, Any]] = json.loads(metadata.get("columns", "[]"))
+        columns = [CategoricalColumn.from_dict(c) for c in described if c["kind"] == "categorical"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise VerifyError(f"{ONNX_FILE}: metadata 'columns' is not a column list ({err})") from err
+    if tuple(c.name for c in columns) != text:
+        raise VerifyError(f"{ONNX_FILE}: metadata columns do not match the text inputs {text}")
+    return columns
+
+
 def _check_hashes(version_dir: Path, manifest: Manifest) -> None:
     for name in REQUIRED_FILES:
         if name not in manifest.files:
@@ -147,8 +163,8 @@ def _check_hashes(version_dir: Path, manifest: Manifest) -> None:
 
 
 def _check_manifest(manifest: Manifest, metadata: dict[str, str], model: str, version: int) -> None:
-    inputs, outputs = documents.tensors(len(manifest.feature_names))
-    expected = {
+    inputs, outputs = documents.tensors(len(manifest.feature_names), manifest.text_columns)
+    expected: dict[str, Any] = {
         "model_name": model,
         "version": version,
         "opset": OPSET,
@@ -162,15 +178,29 @@ def _check_manifest(manifest: Manifest, metadata: dict[str, str], model: str, ve
             raise VerifyError(
                 f"{MANIFEST_FILE}: {key} is {getattr(manifest, key)!r}, expected {value!r}"
             )
+    for key in COLUMN_KEYS:  # versions exported before text columns have none of them
+        if key in metadata and manifest.details.get(key) != json.loads(metadata[key]):
+            raise VerifyError(f"{MANIFEST_FILE}: {key} differs from the ONNX metadata")
 
 
 def _check_config(model_dir: Path, manifest: Manifest) -> None:
     expected = documents.config_pbtxt(
-        manifest.model_name, len(manifest.feature_names), manifest.max_batch_size
+        manifest.model_name,
+        len(manifest.feature_names),
+        manifest.max_batch_size,
+        manifest.text_columns,
     )
     path = model_dir / CONFIG_FILE
     if not path.is_file() or path.read_text() != expected:
         raise VerifyError(f"{CONFIG_FILE} is missing or does not match the manifest")
 
 
-__all__ = ["DETAIL_KEYS", "REQUIRED_FILES", "VERIFY_SEED", "Verified", "select", "verify_version"]
+__all__ = [
+    "COLUMN_KEYS",
+    "DETAIL_KEYS",
+    "REQUIRED_FILES",
+    "VERIFY_SEED",
+    "Verified",
+    "select",
+    "verify_version",
+]

@@ -1,7 +1,9 @@
-"""Self-describing checkpoints: config + weights + feature schema + threshold + metrics.
+"""Self-describing checkpoints: config + weights + column schema + threshold + metrics.
 
 Saved with torch.save but holding only tensors and plain Python values, so loading uses
 `weights_only=True` (no pickle code execution). Written atomically: temp file, fsync, rename.
+Format /2 adds text columns (vocabularies, encoder config), the target and its positive class;
+/1 checkpoints (all-numeric models) still load.
 """
 
 from __future__ import annotations
@@ -15,23 +17,64 @@ from typing import Any
 
 import torch
 
+from .categories import CategoricalColumn
+from .encoding import CategoryEncoder, EncoderConfig, TabularNet
 from .network import MLPConfig, StabilizedMLP
 from .preprocess import Classifier, build_classifier
 
-FORMAT = "stablemlp.checkpoint/1"
+FORMAT = "stablemlp.checkpoint/2"
+READABLE_FORMATS = ("stablemlp.checkpoint/1", FORMAT)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
 class FeatureSchema:
-    """What a client must send, and the statistics the graph uses to impute and standardize."""
+    """What a client sends, and what the graph uses to impute, standardize and look up."""
 
-    names: tuple[str, ...]
+    names: tuple[str, ...]  # the numeric columns, in the order of the `features` input
     means: tuple[float, ...]
     stds: tuple[float, ...]  # already safe: constant columns stored as 1.0
+    categorical: tuple[CategoricalColumn, ...] = ()  # the text columns, in input order
+    columns: tuple[str, ...] = ()  # every feature column in file order (default: numeric, text)
+    target: str = "target"
+    positive_class: str = "1"
+
+    def __post_init__(self) -> None:
+        if not self.columns:
+            text = tuple(c.name for c in self.categorical)
+            object.__setattr__(self, "columns", (*self.names, *text))
+
+    @property
+    def text_names(self) -> tuple[str, ...]:
+        return tuple(column.name for column in self.categorical)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every column in file order: name, kind, the input tensor that carries it, and its
+        statistics (mean/std) or vocabulary (categories in code order, other and missing codes)."""
+        numeric = {name: i for i, name in enumerate(self.names)}
+        text = {column.name: column for column in self.categorical}
+        described: list[dict[str, Any]] = []
+        for name in self.columns:
+            if name in numeric:
+                i = numeric[name]
+                stats = {"index": i, "mean": self.means[i], "std": self.stds[i]}
+                described.append({"name": name, "kind": "numeric", "input": "features", **stats})
+            else:
+                entry = text[name].to_dict()
+                del entry["counts"]
+                described.append({**entry, "input": name})
+        return described
 
     def to_dict(self) -> dict[str, Any]:
-        return {"names": list(self.names), "means": list(self.means), "stds": list(self.stds)}
+        return {
+            "names": list(self.names),
+            "means": list(self.means),
+            "stds": list(self.stds),
+            "categorical": [column.to_dict() for column in self.categorical],
+            "columns": list(self.columns),
+            "target": self.target,
+            "positive_class": self.positive_class,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureSchema:
@@ -39,6 +82,10 @@ class FeatureSchema:
             tuple(str(n) for n in data["names"]),
             tuple(float(m) for m in data["means"]),
             tuple(float(s) for s in data["stds"]),
+            tuple(CategoricalColumn.from_dict(c) for c in data.get("categorical", [])),
+            tuple(str(c) for c in data.get("columns", [])),
+            str(data.get("target", "target")),
+            str(data.get("positive_class", "1")),
         )
 
 
@@ -51,15 +98,19 @@ class Checkpoint:
     metrics: dict[str, Any]
     model_name: str
     seed: int
+    encoder: EncoderConfig | None = None  # set when the schema has text columns
 
-    def build_model(self) -> StabilizedMLP:
+    def build_model(self) -> StabilizedMLP | TabularNet:
         """The trained network in eval mode, rebuilt from the stored config (no flags repeated)."""
-        model = StabilizedMLP(self.config)
+        mlp = StabilizedMLP(self.config)
+        model: StabilizedMLP | TabularNet = mlp
+        if self.encoder is not None:
+            model = TabularNet(CategoryEncoder(self.encoder), mlp, len(self.schema.names))
         model.load_state_dict(self.state_dict)
         return model.eval()
 
     def build_classifier(self) -> Classifier:
-        """Raw features -> (probability, label): preprocessing + network + threshold, eval mode."""
+        """Raw numbers and codes -> (probability, label): preprocessing + network + threshold."""
         return build_classifier(
             self.build_model(),
             torch.tensor(self.schema.means),
@@ -85,7 +136,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
-    payload = {
+    payload: dict[str, Any] = {
         "format": FORMAT,
         "config": checkpoint.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in checkpoint.state_dict.items()},
@@ -96,6 +147,8 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
         "seed": int(checkpoint.seed),
         "torch_version": str(torch.__version__),
     }
+    if checkpoint.encoder is not None:
+        payload["encoder"] = checkpoint.encoder.to_dict()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -103,8 +156,9 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != FORMAT:
+    if payload.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: not a stablemlp checkpoint (format {payload.get('format')!r})")
+    encoder = payload.get("encoder")
     return Checkpoint(
         config=MLPConfig.from_dict(payload["config"]),
         state_dict=payload["state_dict"],
@@ -113,6 +167,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         metrics=payload["metrics"],
         model_name=str(payload["model_name"]),
         seed=int(payload["seed"]),
+        encoder=EncoderConfig.from_dict(encoder) if encoder is not None else None,
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .categories import MAX_CATEGORIES, MIN_CATEGORY_COUNT, CategoricalColumn
 from .checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -20,12 +21,21 @@ from .checkpoint import (
     atomic_write_bytes,
     save_checkpoint,
 )
-from .data import DataError, feature_stats, load_dataset, split_dataset
+from .csvdata import load_dataset
+from .data import DataError, Dataset, category_stats, feature_stats, split_dataset
+from .encoding import (
+    DEFAULT_ENCODING,
+    ENCODINGS,
+    CategoryEncoder,
+    EncoderConfig,
+    TabularNet,
+    fill_unseen_codes,
+)
 from .gradients import NonFiniteGradientError
 from .network import MLPConfig, StabilizedMLP, count_parameters
 from .plots import plot_training
 from .preprocess import Standardize
-from .train import NonFiniteLossError, TrainConfig, _tensors, evaluate, fit, history_to_dict
+from .train import NonFiniteLossError, TrainConfig, evaluate, fit, history_to_dict, tensors
 
 log = logging.getLogger(__name__)
 TEST_SPLIT_NAME = "test_split.npz"  # raw test rows, for the export's parity proof
@@ -43,10 +53,37 @@ def _hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stablemlp train", description=__doc__)
     parser.add_argument("--csv", type=Path, help="training CSV (header row; empty cell = missing)")
     parser.add_argument("--target", help="name of the binary target column in --csv")
+    parser.add_argument(
+        "--categorical",
+        type=_names,
+        default=(),
+        metavar="COL,...",
+        help="columns to treat as categories even though they hold numbers (zip codes, ids)",
+    )
+    parser.add_argument(
+        "--drop", type=_names, default=(), metavar="COL,...", help="columns to leave out"
+    )
+    parser.add_argument(
+        "--min-category-count",
+        type=int,
+        default=MIN_CATEGORY_COUNT,
+        help="categories seen in fewer training rows share the 'other' code",
+    )
+    parser.add_argument(
+        "--max-categories",
+        type=int,
+        default=MAX_CATEGORIES,
+        help="keep at most this many categories per column (the most frequent)",
+    )
+    parser.add_argument("--encoding", choices=ENCODINGS, default=DEFAULT_ENCODING)
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="max epochs")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--hidden", type=_hidden, default=MLPConfig.hidden, help="e.g. 64,32,16")
@@ -68,14 +105,53 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def describe(data: Dataset, schema: FeatureSchema) -> str:
+    """The inferred schema, one line per column, as `train` prints it."""
+    lines = [f"target {data.target!r}: positive class {data.positive_class!r}; columns:"]
+    width = max(len(name) for name in schema.columns)
+    for column in schema.describe():
+        if column["kind"] == "numeric":
+            missing = int(np.isnan(data.features[:, column["index"]]).sum())
+            detail = f"mean {column['mean']:.4g}, std {column['std']:.4g}, {missing} missing"
+        else:
+            shown = ", ".join(repr(c) for c in column["categories"][:5])
+            more = ", ..." if len(column["categories"]) > 5 else ""
+            detail = f"{len(column['categories'])} categories + other + missing ({shown}{more})"
+        lines.append(f"  {column['name']:<{width}}  {column['kind']:<11}  {detail}")
+    return "\n".join(lines)
+
+
+def _network(
+    n_numeric: int, columns: tuple[CategoricalColumn, ...], args: argparse.Namespace
+) -> tuple[StabilizedMLP | TabularNet, EncoderConfig | None]:
+    torch.manual_seed(args.seed)  # the initial weights depend on the seed too
+    if not columns:
+        config = MLPConfig(n_numeric, hidden=args.hidden, dropout=args.dropout)
+        return StabilizedMLP(config), None
+    encoder = CategoryEncoder(EncoderConfig.build(args.encoding, columns))
+    config = MLPConfig(n_numeric + encoder.config.width, hidden=args.hidden, dropout=args.dropout)
+    return TabularNet(encoder, StabilizedMLP(config), n_numeric), encoder.config
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Train and write the run folder; returns the metrics written to metrics.json."""
     started = time.perf_counter()
-    data = load_dataset(args.csv, args.target)  # fails before anything is written
+    # Fails before anything is written.
+    data = load_dataset(args.csv, args.target, args.categorical, args.drop)
     splits = split_dataset(data, seed=args.seed)
     mean, std = feature_stats(splits.train)
+    columns = category_stats(splits.train, args.min_category_count, args.max_categories)
+    schema = FeatureSchema(
+        tuple(data.feature_names),
+        tuple(map(float, mean)),
+        tuple(map(float, std)),
+        columns,
+        data.columns,
+        data.target,
+        data.positive_class,
+    )
+    print(describe(data, schema))
     standardize = Standardize(torch.from_numpy(mean), torch.from_numpy(std))
-    config = MLPConfig(len(data.feature_names), hidden=args.hidden, dropout=args.dropout)
     train_config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -85,11 +161,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         seed=args.seed,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
-    torch.manual_seed(args.seed)  # the initial weights depend on the seed too
-    model = StabilizedMLP(config)
-    history = fit(model, splits.train, splits.val, standardize, train_config)
+    model, encoder = _network(len(data.feature_names), columns, args)
+    history = fit(model, splits.train, splits.val, standardize, train_config, columns)
+    if isinstance(model, TabularNet):
+        fill_unseen_codes(model, columns)
     scores = {
-        name: evaluate(model, *_tensors(part, standardize))
+        name: evaluate(model, *tensors(part, standardize, columns))
         for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test))
     }
     metrics: dict[str, object] = {
@@ -104,23 +181,32 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
     out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
+    config = model.mlp.config if isinstance(model, TabularNet) else model.config
     checkpoint = Checkpoint(
         config=config,
         state_dict=model.state_dict(),
-        schema=FeatureSchema(
-            tuple(data.feature_names), tuple(map(float, mean)), tuple(map(float, std))
-        ),
+        schema=schema,
         threshold=args.threshold,
         metrics=metrics,
         model_name=args.name or data.name,
         seed=args.seed,
+        encoder=encoder,
     )
     save_checkpoint(checkpoint, out / CHECKPOINT_NAME)
-    _save_npz(out / TEST_SPLIT_NAME, features=splits.test.features, labels=splits.test.labels)
-    report = {**metrics, "history": history_to_dict(history)}
+    _save_test_split(out / TEST_SPLIT_NAME, splits.test)
+    report = {**metrics, "schema": schema.describe(), "history": history_to_dict(history)}
     atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=2).encode())
     plot_training(history, out)
     return metrics
+
+
+def _save_test_split(path: Path, test: Dataset) -> None:
+    """The raw held-out rows, text as fixed-width unicode (loads with allow_pickle=False)."""
+    arrays = {"features": test.features, "labels": test.labels}
+    if test.text_names:
+        arrays["text"] = test.text
+        arrays["text_names"] = np.array(test.text_names, dtype=str)
+    _save_npz(path, **arrays)
 
 
 def main(argv: list[str] | None = None) -> int:

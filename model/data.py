@@ -1,25 +1,23 @@
-"""Data sets, offline only: scikit-learn's bundled breast-cancer data, or the user's CSV.
+"""Data sets as the model sees them: numeric columns float32 (NaN = missing), text columns str.
 
-Features come back as float32 with NaN for missing values; the imputation and standardization
-statistics are computed on the training split only (see `feature_stats`).
+The built-in set is scikit-learn's bundled breast-cancer data; a CSV is read by `csvdata`.
+Statistics (means, standard deviations, vocabularies) come from the training split only.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from .categories import MAX_CATEGORIES, MIN_CATEGORY_COUNT, CategoricalColumn, learn_column
+
 log = logging.getLogger(__name__)
 
 BUILTIN_NAME = "breast_cancer"
-# Empty cells and these spellings mean "missing" (the usual pandas/R defaults).
-_MISSING = {"", "na", "nan", "null", "none", "?"}
+_NO_TEXT = np.empty((0, 0), dtype="<U1")
 
 
 class DataError(ValueError):
@@ -28,16 +26,41 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    features: np.ndarray  # float32 [N, F], NaN where missing
+    features: np.ndarray  # float32 [N, F]: the numeric columns, NaN where missing
     labels: np.ndarray  # int64 [N], values in {0, 1}
-    feature_names: list[str]
+    feature_names: list[str]  # the numeric columns, in file order
     name: str
+    # str [N, C]: the text columns, cells stripped of surrounding whitespace
+    text: np.ndarray = field(default_factory=lambda: _NO_TEXT)
+    text_names: list[str] = field(default_factory=list)  # the text columns, in file order
+    columns: tuple[str, ...] = ()  # every feature column in file order (default: numeric, text)
+    target: str = "target"
+    positive_class: str = "1"  # the target value coded 1
+
+    def __post_init__(self) -> None:
+        if self.text.shape != (len(self.labels), len(self.text_names)):
+            if self.text_names or self.text.size:
+                shape, names = self.text.shape, len(self.text_names)
+                raise ValueError(f"text {shape} does not match {names} names")
+            object.__setattr__(self, "text", np.empty((len(self.labels), 0), dtype="<U1"))
+        if not self.columns:
+            object.__setattr__(self, "columns", (*self.feature_names, *self.text_names))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> Dataset:
-        return Dataset(self.features[index], self.labels[index], self.feature_names, self.name)
+        return Dataset(
+            self.features[index],
+            self.labels[index],
+            self.feature_names,
+            self.name,
+            self.text[index],
+            self.text_names,
+            self.columns,
+            self.target,
+            self.positive_class,
+        )
 
 
 @dataclass(frozen=True)
@@ -55,84 +78,10 @@ def load_builtin() -> Dataset:
     # sklearn codes malignant as 0; predict "malignant" as the positive class, the usual framing.
     labels = (bunch.target == 0).astype(np.int64)
     names = [str(n) for n in bunch.feature_names]
-    return Dataset(bunch.data.astype(np.float32), labels, names, BUILTIN_NAME)
-
-
-def _parse_cell(cell: str) -> float | None:
-    """A float, NaN for a missing marker, or None if the cell is not numeric."""
-    text = cell.strip()
-    if text.lower() in _MISSING:
-        return math.nan
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _binary_labels(values: list[str], target: str) -> np.ndarray:
-    distinct = sorted({v.strip() for v in values})
-    if any(v.lower() in _MISSING for v in distinct):
-        raise DataError(f"target column {target!r} has missing values; every row needs a label")
-    if len(distinct) != 2:
-        shown = ", ".join(repr(v) for v in distinct[:5])
-        raise DataError(
-            f"target column {target!r} must have exactly 2 classes, found {len(distinct)}: {shown}"
-        )
-    numeric = [_parse_cell(v) for v in distinct]
-    if all(n is not None for n in numeric):
-        # Numeric labels: the larger value is the positive class (0/1, -1/1, 1/2 all work).
-        positive = distinct[int(np.argmax([n for n in numeric if n is not None]))]
-    else:
-        positive = distinct[1]
-    log.info("target %r: positive class is %r", target, positive)
-    return np.array([v.strip() == positive for v in values], dtype=np.int64)
-
-
-def load_csv(path: Path, target: str) -> Dataset:
-    """A header row, numeric feature columns (empty cell = missing), one binary target column."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
-    except OSError as err:
-        raise DataError(f"cannot read CSV {str(path)!r}: {err.strerror}") from err
-    rows = [r for r in rows if any(c.strip() for c in r)]
-    if not rows:
-        raise DataError(f"CSV {str(path)!r} is empty")
-    header, body = [h.strip() for h in rows[0]], rows[1:]
-    if target not in header:
-        raise DataError(f"target column {target!r} not in CSV header {header}")
-    if not body:
-        raise DataError(f"CSV {str(path)!r} has a header but no data rows")
-    for number, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise DataError(f"CSV line {number}: {len(row)} cells, header has {len(header)}")
-    target_index = header.index(target)
-    feature_names = [h for i, h in enumerate(header) if i != target_index]
-    if not feature_names:
-        raise DataError(f"CSV {str(path)!r} has no feature columns besides {target!r}")
-    columns = []
-    for i, name in enumerate(header):
-        if i == target_index:
-            continue
-        parsed = [_parse_cell(row[i]) for row in body]
-        bad = next((row[i] for row, p in zip(body, parsed, strict=False) if p is None), None)
-        if bad is not None:
-            raise DataError(f"feature column {name!r} is not numeric (value {bad.strip()!r})")
-        columns.append(parsed)
-    features = np.array(columns, dtype=np.float32).T
-    if np.isinf(features).any():
-        column = feature_names[int(np.argwhere(np.isinf(features))[0][1])]
-        raise DataError(f"feature column {column!r} contains an infinite value")
-    labels = _binary_labels([row[target_index] for row in body], target)
-    return Dataset(features, labels, feature_names, path.stem)
-
-
-def load_dataset(csv_path: Path | None = None, target: str | None = None) -> Dataset:
-    if csv_path is None:
-        return load_builtin()
-    if not target:
-        raise DataError("--target COLUMN is required with --csv")
-    return load_csv(csv_path, target)
+    features = bunch.data.astype(np.float32)
+    return Dataset(
+        features, labels, names, BUILTIN_NAME, target="diagnosis", positive_class="malignant"
+    )
 
 
 def split_dataset(
@@ -174,14 +123,23 @@ def feature_stats(train: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+def category_stats(
+    train: Dataset, min_count: int = MIN_CATEGORY_COUNT, max_categories: int = MAX_CATEGORIES
+) -> tuple[CategoricalColumn, ...]:
+    """Each text column's vocabulary, learned from the training split only."""
+    return tuple(
+        learn_column(name, train.text[:, j], min_count, max_categories)
+        for j, name in enumerate(train.text_names)
+    )
+
+
 __all__ = [
     "BUILTIN_NAME",
     "DataError",
     "Dataset",
     "Splits",
+    "category_stats",
     "feature_stats",
     "load_builtin",
-    "load_csv",
-    "load_dataset",
     "split_dataset",
 ]

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import DataError, feature_stats, load_dataset, split_dataset
+from .csvdata import load_dataset
+from .data import DataError, feature_stats, split_dataset
 from .diagnose_report import table, write_report
 from .gradients import gradient_norms
 from .preprocess import Standardize
@@ -111,8 +112,14 @@ def train_steps(
 def load_tensors(
     csv: Path | None, target: str | None, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Standardized (train x, train y, validation x, validation y); NaN imputed with the mean."""
-    splits = split_dataset(load_dataset(csv, target), seed=seed)
+    """Standardized (train x, train y, validation x, validation y); NaN imputed with the mean.
+
+    Only the numeric columns: the comparison is about the network, not the category encoding.
+    """
+    data = load_dataset(csv, target)
+    if not data.feature_names:
+        raise DataError("diagnose compares networks on numeric columns; this CSV has none")
+    splits = split_dataset(data, seed=seed)
     mean, std = feature_stats(splits.train)
     standardize = Standardize(torch.from_numpy(mean), torch.from_numpy(std))
     tensors = []

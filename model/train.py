@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,9 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
+from .categories import CategoricalColumn
 from .data import Dataset
+from .encoding import TabularNet
 from .gradients import GradientMonitor
 from .network import StabilizedMLP
 from .preprocess import Standardize
@@ -56,15 +59,31 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _tensors(data: Dataset, standardize: Standardize) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        x = standardize(torch.from_numpy(data.features))
-    return x, torch.from_numpy(data.labels).float().unsqueeze(1)
+Inputs = tuple[torch.Tensor, ...]
+
+
+def tensors(
+    data: Dataset, standardize: Standardize, columns: Sequence[CategoricalColumn] = ()
+) -> tuple[Inputs, torch.Tensor]:
+    """(network inputs, labels [N, 1]): the standardized numeric block when there are numeric
+    columns, then the category codes [N, C] when there are text columns."""
+    inputs = []
+    if data.feature_names:
+        with torch.no_grad():
+            inputs.append(standardize(torch.from_numpy(data.features)))
+    if columns:
+        codes = [column.codes(data.text[:, j]) for j, column in enumerate(columns)]
+        inputs.append(torch.from_numpy(np.stack(codes, axis=1)))
+    return tuple(inputs), torch.from_numpy(data.labels).float().unsqueeze(1)
+
+
+def _as_inputs(x: torch.Tensor | Inputs) -> Inputs:
+    return (x,) if isinstance(x, torch.Tensor) else x
 
 
 def train_one_epoch(
-    model: StabilizedMLP,
-    x: torch.Tensor,
+    model: StabilizedMLP | TabularNet,
+    x: torch.Tensor | Inputs,
     y: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     monitor: GradientMonitor,
@@ -73,15 +92,16 @@ def train_one_epoch(
 ) -> tuple[float, dict[str, float]]:
     """One pass in shuffled mini-batches; returns mean loss and mean per-layer gradient norms."""
     model.train()
+    inputs = _as_inputs(x)
     loss_fn = nn.BCEWithLogitsLoss()
-    order = torch.randperm(len(x), generator=generator)
+    order = torch.randperm(len(y), generator=generator)
     # A one-row batch has no batch statistics for BatchNorm to normalize with: skip it.
     batches = [b for b in torch.split(order, config.batch_size) if len(b) > 1]
     total = 0.0
     norm_sums = dict.fromkeys((name for name, _ in monitor.layers), 0.0)
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[batch]), y[batch])
+        loss = loss_fn(model(*(t[batch] for t in inputs)), y[batch])
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss became {loss.item()}; lower --lr or check the data"
@@ -98,10 +118,10 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def evaluate(model: nn.Module, x: torch.Tensor | Inputs, y: torch.Tensor) -> dict[str, float]:
     """Loss, accuracy at 0.5 and ROC AUC in eval mode (BatchNorm uses running statistics)."""
     model.eval()
-    logits = model(x)
+    logits = model(*_as_inputs(x))
     loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
     proba = torch.sigmoid(logits).squeeze(1).numpy()
     truth = y.squeeze(1).numpy()
@@ -111,16 +131,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, fl
 
 
 def fit(
-    model: StabilizedMLP,
+    model: StabilizedMLP | TabularNet,
     train: Dataset,
     val: Dataset,
     standardize: Standardize,
     config: TrainConfig,
+    columns: Sequence[CategoricalColumn] = (),
 ) -> History:
-    """Train with early stopping on validation loss; the model ends with its best weights."""
+    """Train with early stopping on validation loss; the model ends with its best weights.
+
+    `columns`: the text columns' vocabularies, when `model` is a TabularNet.
+    """
     generator = seed_everything(config.seed)
-    x_train, y_train = _tensors(train, standardize)
-    x_val, y_val = _tensors(val, standardize)
+    x_train, y_train = tensors(train, standardize, columns)
+    x_val, y_val = tensors(val, standardize, columns)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -167,5 +191,6 @@ __all__ = [
     "fit",
     "history_to_dict",
     "seed_everything",
+    "tensors",
     "train_one_epoch",
 ]

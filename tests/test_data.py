@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from stablemlp.model.cli import main as train_main
-from stablemlp.model.data import DataError, feature_stats, load_builtin, load_csv, split_dataset
+from stablemlp.model.csvdata import load_csv
+from stablemlp.model.data import DataError, feature_stats, load_builtin, split_dataset
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -48,7 +49,9 @@ def test_csv_missing_cells_become_nan(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "target", "message"),
     [
-        ("a,b,y\n1,x,0\n2,3,1\n", "y", "feature column 'b' is not numeric (value 'x')"),
+        ("a,a,y\n1,x,0\n2,3,1\n", "y", "column 'a' appears twice in the CSV header"),
+        (",b,y\n1,x,0\n2,3,1\n", "y", "column 1 name '': expected 1..128 printable"),
+        ("label,y\nx,0\nz,1\n", "y", "text column 'label' would become an input tensor"),
         ("a,b,y\n1,2,0\n2,3,1\n", "label", "target column 'label' not in CSV header"),
         ("a,y\n1,0\n2,1\n3,2\n", "y", "target column 'y' must have exactly 2 classes, found 3"),
         ("a,y\n1,0\n2,0\n", "y", "target column 'y' must have exactly 2 classes, found 1"),
@@ -69,10 +72,11 @@ def test_bad_csv_through_cli_writes_nothing(
 ) -> None:
     path = _write(tmp_path, "a,b,y\n1,x,0\n2,3,1\n")
     out = tmp_path / "run"
-    assert train_main(["--csv", str(path), "--target", "y", "--output", str(out)]) == 1
+    args = ["--csv", str(path), "--target", "y", "--drop", "c", "--output", str(out)]
+    assert train_main(args) == 1
     assert not out.exists()
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "feature column 'b' is not numeric" in err
+    assert err.count("\n") == 1 and "--drop: no column 'c' in the CSV header" in err
 
 
 def test_constant_column_is_kept_with_warning(
@@ -101,3 +105,40 @@ def test_train_on_user_csv_with_missing_values(tmp_path: Path) -> None:
     args = ["--csv", str(path), "--target", "target", "--epochs", "5", "--output", str(out)]
     assert train_main(args) == 0
     assert (out / "checkpoint.pt").exists()
+
+
+def test_csv_column_kinds_are_inferred(tmp_path: Path) -> None:
+    text = (
+        "id, num , word,zip,target\n"
+        "1, 1.5 , red ,10115, yes\n"
+        "2, NA , ? ,20095,no\n"
+        "3,,blue, 10115 ,yes\n"
+        "4,2,  null,80331,no\n"
+    )
+    data = load_csv(_write(tmp_path, text), "target", categorical=["zip"], drop=["id"])
+    assert data.feature_names == ["num"] and data.text_names == ["word", "zip"]
+    assert data.columns == ("num", "word", "zip")
+    assert data.features[:, 0].tolist()[0] == 1.5 and np.isnan(data.features[1:3, 0]).all()
+    assert data.text.tolist() == [
+        ["red", "10115"],
+        ["?", "20095"],
+        ["blue", "10115"],
+        ["null", "80331"],
+    ]  # stripped, markers kept as read: the codes map them to "missing"
+    assert (data.target, data.positive_class) == ("target", "yes")
+    assert data.labels.tolist() == [1, 0, 1, 0]
+    # Without --categorical the integer zip codes are numbers.
+    assert load_csv(_write(tmp_path, text), "target").feature_names == ["id", "num", "zip"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"drop": ["nope"]}, "--drop: no column 'nope' in the CSV header"),
+        ({"categorical": ["y"]}, "--categorical: 'y' is the target column"),
+    ],
+)
+def test_csv_option_errors(tmp_path: Path, options: dict[str, list[str]], message: str) -> None:
+    with pytest.raises(DataError) as exc:
+        load_csv(_write(tmp_path, "a,y\n1,0\n2,1\n"), "y", **options)
+    assert message in str(exc.value)

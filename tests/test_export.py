@@ -32,6 +32,7 @@ from stablemlp.export.parity import (
     torch_runner,
 )
 from stablemlp.export.publish import publish_version, sha256_hex, versions
+from stablemlp.export.rows import extreme_batch
 from stablemlp.export.verify import DETAIL_KEYS
 from stablemlp.model.checkpoint import CHECKPOINT_NAME, Checkpoint, FeatureSchema, save_checkpoint
 from stablemlp.model.cli import TEST_SPLIT_NAME
@@ -169,6 +170,17 @@ def test_onnxruntime_runs_any_batch_with_missing_values(tiny_repository: Path, r
     np.testing.assert_array_equal(label, (probability >= 0.5).astype(np.int64))
 
 
+def test_onnxruntime_bounds_extreme_finite_inputs(tiny_repository: Path) -> None:
+    session = ort.InferenceSession(
+        str(tiny_repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    rows = extreme_batch(*_stats(), seed=0, rows=64)
+    rows[-1, ::2] = np.nan
+    assert np.isin(rows, np.float32([3.4e38, -3.4e38, 1e30, -1e30])).sum() > N_FEATURES * 16
+    probability, _ = session.run(None, {INPUT_NAME: rows})
+    assert np.isfinite(probability).all()  # (x - mean) / std is clamped before the network
+
+
 def test_torchscript_loads_in_fresh_process_without_project(
     tiny_repository: Path, tmp_path: Path
 ) -> None:
@@ -225,7 +237,13 @@ def test_manifest_parity_and_config(tiny_repository: Path) -> None:
     assert parity["labels_identical"] and parity["tolerance"] == TOLERANCE
     assert set(parity["max_abs_diff"]) == {"folded", "torchscript", "onnxruntime"}
     assert max(parity["max_abs_diff"].values()) <= TOLERANCE
-    assert parity["batches"] == {"test": 40, "random_1": 1, "random_7": 7, "random_1024": 1024}
+    assert parity["batches"] == {
+        "test": 40,
+        "random_1": 1,
+        "random_7": 7,
+        "random_1024": 1024,
+        "extreme_16": 16,  # finite extremes (3.4e38, 1e30) with NaNs
+    }
     assert json.loads((version_dir / "parity.json").read_text())["rows"]
     assert "## Limitations" in (version_dir / "MODEL_CARD.md").read_text()
 

@@ -12,7 +12,7 @@ from stablemlp.model.checkpoint import Checkpoint, FeatureSchema, load_checkpoin
 from stablemlp.model.cli import main as train_main
 from stablemlp.model.data import load_builtin, split_dataset
 from stablemlp.model.network import MLPConfig, StabilizedMLP
-from stablemlp.model.preprocess import Standardize
+from stablemlp.model.preprocess import Standardize, build_classifier
 from stablemlp.model.train import NonFiniteLossError, TrainConfig, fit
 
 
@@ -89,7 +89,7 @@ def test_checkpoint_round_trip_loads_weights_only(tmp_path: Path) -> None:
     save_checkpoint(checkpoint, path)
     assert list(tmp_path.iterdir()) == [path]  # no temp files left behind
     payload = torch.load(path, weights_only=True)  # raises if anything needs pickle code
-    assert payload["format"] == "stablemlp.checkpoint/1"
+    assert payload["format"] == "stablemlp.checkpoint/2"
     loaded = load_checkpoint(path)
     assert loaded.config == model.config and loaded.threshold == 0.4
     assert loaded.schema.names == ("a", "b", "c")
@@ -97,6 +97,40 @@ def test_checkpoint_round_trip_loads_weights_only(tmp_path: Path) -> None:
     probability, label = loaded.build_classifier()(rows)
     assert probability.shape == (1, 1) and label.dtype == torch.int64
     assert torch.isfinite(probability).all()  # NaN was imputed, not propagated
+
+
+def test_format_1_checkpoint_of_an_all_numeric_model_still_loads(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = StabilizedMLP(MLPConfig(in_features=2, hidden=(4,))).eval()
+    payload = {  # exactly what format /1 wrote: no text columns, target or encoder
+        "format": "stablemlp.checkpoint/1",
+        "config": model.config.to_dict(),
+        "state_dict": model.state_dict(),
+        "schema": {"names": ["a", "b"], "means": [1.0, 2.0], "stds": [1.0, 4.0]},
+        "threshold": 0.5,
+        "metrics": {},
+        "model_name": "old",
+        "seed": 0,
+        "torch_version": "2.4.0",
+    }
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    loaded = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert loaded.encoder is None and loaded.schema.categorical == ()
+    assert loaded.schema.columns == ("a", "b")
+    probability, _ = loaded.build_classifier()(torch.tensor([[1.0, 2.0]]))
+    with torch.no_grad():
+        assert torch.equal(probability, torch.sigmoid(model(torch.zeros(1, 2))))
+
+
+def test_huge_finite_inputs_give_finite_probabilities() -> None:
+    torch.manual_seed(0)
+    net = StabilizedMLP(MLPConfig(in_features=3, hidden=(8,))).eval()
+    classifier = build_classifier(net, torch.zeros(3), torch.tensor([1.0, 1e-3, 2.0]), 0.5)
+    rows = torch.tensor([[3.4e38, -3.4e38, 1e30], [math.nan, 3.4e38, -1e30], [0.0, 1.0, 2.0]])
+    probability, _ = classifier(rows)
+    assert torch.isfinite(probability).all()
+    # Beyond STANDARDIZED_LIMIT every value counts the same: the clamp, not the magnitude.
+    assert torch.equal(classifier(rows[:1] / 2)[0], probability[:1])
 
 
 def test_train_cli_writes_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
