@@ -9,6 +9,7 @@ reader sees either no version or a complete one; an existing version is never ov
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -16,11 +17,13 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_bytes, fsync_dir
 from ..serving.manifest import MANIFEST_FILE, MODEL_FILE, MODEL_NAME, VERSION, FileEntry
 from . import documents
 from .card import model_card
@@ -35,6 +38,9 @@ TORCHSCRIPT_FILE = "model.pt"
 PARITY_FILE = "parity.json"
 CARD_FILE = "MODEL_CARD.md"
 CONFIG_FILE = "config.pbtxt"
+STAGING_PREFIX = ".tmp-"
+# An export takes seconds; a staging folder an hour old belongs to one that was killed.
+STALE_STAGING_S = 3600.0
 # How many times a version number may be lost to a concurrent publisher before giving up.
 MAX_PUBLISH_ATTEMPTS = 20
 
@@ -97,6 +103,7 @@ def publish_version(model_dir: Path, build: Callable[[int], dict[str, bytes]]) -
     If another publisher takes the number between choosing and renaming, the files are rebuilt
     for the following number (they name their version) and the rename is retried.
     """
+    clean_stale_staging(model_dir)
     for _ in range(MAX_PUBLISH_ATTEMPTS):
         version = next_version(model_dir)
         staging = _stage(model_dir, build(version))
@@ -111,52 +118,51 @@ def publish_version(model_dir: Path, build: Callable[[int], dict[str, bytes]]) -
                 raise
             log.info("version %d of %s was taken concurrently; retrying", version, model_dir.name)
             continue
-        _fsync_dir(model_dir)
+        fsync_dir(model_dir)
         log.info("published %s", target)
         return target
     raise PublishError(f"{model_dir}: no free version after {MAX_PUBLISH_ATTEMPTS} attempts")
 
 
 def write_config(model_dir: Path, text: str) -> None:
-    """Atomically (temp file + rename) write <model>/config.pbtxt, world-readable for Triton."""
+    """Atomically write <model>/config.pbtxt, world-readable for Triton."""
     path = model_dir / CONFIG_FILE
     if path.is_file() and path.read_text() != text:
         log.warning("%s changes (inputs or batch size differ from before)", path)
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; Triton may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode())
 
 
 def _stage(model_dir: Path, files: dict[str, bytes]) -> Path:
-    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".tmp-"))
+    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=STAGING_PREFIX))
     try:
         os.chmod(staging, 0o755)  # mkdtemp creates 0700; readers may be other users
         for name, data in files.items():
-            with open(staging / name, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        _fsync_dir(staging)
+            atomic_write_bytes(staging / name, data)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def clean_stale_staging(model_dir: Path, older_than_s: float = STALE_STAGING_S) -> list[str]:
+    """Remove what an export killed mid-way (kill -9) left behind: staging folders and temp files
+    older than `older_than_s` (a concurrent export's are younger, so they are left alone)."""
+    removed = []
+    cutoff = time.time() - older_than_s
+    for entry in model_dir.iterdir() if model_dir.is_dir() else ():
+        temporary = entry.name.startswith(STAGING_PREFIX) or (
+            entry.name.startswith(".") and entry.name.endswith(".tmp")
+        )
+        with contextlib.suppress(OSError):
+            if temporary and entry.lstat().st_mtime < cutoff:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed.append(entry.name)
+    if removed:
+        log.warning("%s: removed %d stale staging entries: %s", model_dir, len(removed), removed)
+    return removed
 
 
 def _json_bytes(data: dict[str, Any]) -> bytes:
@@ -173,6 +179,7 @@ __all__ = [
     "TORCHSCRIPT_FILE",
     "build_files",
     "check_model_name",
+    "clean_stale_staging",
     "next_version",
     "publish",
     "publish_version",

@@ -9,14 +9,13 @@ Format /2 adds text columns (vocabularies, encoder config), the target and its p
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import atomic_write_bytes
 from .categories import CategoricalColumn
 from .encoding import CategoryEncoder, EncoderConfig, TabularNet
 from .network import MLPConfig, StabilizedMLP
@@ -119,22 +118,6 @@ class Checkpoint:
         ).eval()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it: readers see old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are read by other users (containers)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
     payload: dict[str, Any] = {
         "format": FORMAT,
@@ -175,7 +158,6 @@ __all__ = [
     "CHECKPOINT_NAME",
     "Checkpoint",
     "FeatureSchema",
-    "atomic_write_bytes",
     "load_checkpoint",
     "save_checkpoint",
 ]

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_write_bytes
 from .categories import MAX_CATEGORIES, MIN_CATEGORY_COUNT, CategoricalColumn
 from .checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     FeatureSchema,
-    atomic_write_bytes,
     save_checkpoint,
 )
 from .csvdata import load_dataset

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .variants import VariantResult
 
 COLORS = ("tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .diagnose_plots import plot_diagnosis
 from .gradients import EXPLODING_NORM, EXPLODING_RATIO, VANISHING_RATIO
 from .variants import VariantResult

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from .checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .train import History
 
 

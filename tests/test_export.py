@@ -422,3 +422,29 @@ def test_train_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert manifest["parity"]["batches"]["test"] > 50
     with open(repository / "breast_cancer" / "config.pbtxt") as handle:
         assert "dims: [ 30 ]" in handle.read()
+
+
+def test_an_export_killed_mid_way_leaves_nothing_that_the_next_one_keeps(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """kill -9 during export leaves a staging folder (and temp files); the next export removes
+    those over an hour old and leaves a concurrent export's fresh ones alone."""
+    model_dir = tmp_path / "repo" / "tiny"
+    model_dir.mkdir(parents=True)
+    old_folder, old_file, fresh = (
+        model_dir / ".tmp-dead",
+        model_dir / ".config.pbtxt.x.tmp",
+        model_dir / ".tmp-live",
+    )
+    for folder in (old_folder, fresh):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"half")
+    old_file.write_bytes(b"half")
+    hours_ago = os.path.getmtime(fresh) - 7200
+    for stale in (old_folder, old_file):
+        os.utime(stale, (hours_ago, hours_ago))
+    assert (
+        export_main([str(tiny_run), "--repository", str(tmp_path / "repo"), "--model", "tiny"]) == 0
+    )
+    left = sorted(p.name for p in model_dir.iterdir())
+    assert left == [".tmp-live", "1", "config.pbtxt"]
