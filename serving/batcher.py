@@ -6,8 +6,7 @@ A request joins its version's pending batch; the batch runs when its rows reach 
 other request can be on its way). Rows are concatenated per input, run once (on the event loop or
 a worker thread, as runtime.inline_rows says for the merged size) and each request gets a view of
 its rows. An isolated request, one arriving more than a delay after the previous one, does not
-wait at all, nor one with no other request in flight (`joins`): at low load batching costs
-nothing.
+wait at all (`joins`): at low load batching costs nothing.
 
 Failures stay per request: a request that fails to decode never joins a batch, and if a merged run
 raises, each of its requests is run again alone, so only the one whose rows break the model fails.
@@ -99,16 +98,15 @@ class Batcher:
         self._quiet, self._last_turn = 0, (0.0, 0)  # idle loop turns in a row; the last one
         self._tasks: set[asyncio.Task[None]] = set()  # merged runs on worker threads
 
-    def joins(self, others: bool = True) -> bool:
+    def joins(self) -> bool:
         """Whether a request arriving now should wait for company: only if one is pending, or
-        other requests are in flight (`others`) and the previous one arrived less than a delay
-        ago. An isolated request (low load, or concurrency 1 however fast) runs at once, alone,
-        as without batching."""
+        the previous request arrived less than a delay ago. An isolated request (low load, or
+        concurrency 1) runs at once, alone, as without batching."""
         if self._closed:
             return False
         now = self._loop.time()
         recent, self._last_arrival = now - self._last_arrival < self._delay_s, now
-        return bool(self._pending) or (recent and others)
+        return recent or bool(self._pending)
 
     def close(self) -> None:
         """The version is going: run what is pending now; later requests run alone (`joins`).

@@ -70,9 +70,7 @@ class DataPlane:
             call.stats, live = loaded.stats, loaded.live
             decoded = wire.decode(live.codec, request)
             call.decoded, call.rows = time.perf_counter_ns(), decoded.rows
-            others = self.admission.inflight > 1
-            executed = await live.scheduler.run(decoded.inputs, decoded.rows, others)
-            call.executed = executed
+            executed = call.executed = await live.scheduler.run(decoded.inputs, decoded.rows)
             return wire.encode(live.codec, request, decoded, executed.results)
 
     # ------------------------------------------------------------------ readiness, metadata

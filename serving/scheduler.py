@@ -32,13 +32,10 @@ class Scheduler:
         self.runtime, self._executor, self._loop = runtime, executor, loop
         self._batcher = Batcher(runtime, executor, batching, loop) if batching else None
 
-    async def run(
-        self, inputs: Mapping[str, np.ndarray], rows: int, others: bool = True
-    ) -> Executed:
-        """Every output of the version for these rows, and when and how it ran; `others`: other
-        requests are in flight on the server (company to batch with may come)."""
+    async def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed:
+        """Every output of the version for these rows, and when and how it ran."""
         batcher = self._batcher
-        if batcher is not None and batcher.joins(others):
+        if batcher is not None and batcher.joins():
             return await batcher.submit(inputs, rows)
         runtime = self.runtime
         if rows <= runtime.inline_rows:
