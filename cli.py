@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": ("stablemlp.serving.server:main", "serve a model repository over KServe v2 gRPC"),
     "predict": (
-        "stablemlp.serving.client:main",
+        "stablemlp.serving.predict_cli:main",
         "send rows to a running server and print predictions",
     ),
     "bench": ("stablemlp.bench.cli:main", "measure serving throughput/latency against floors"),

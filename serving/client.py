@@ -1,22 +1,20 @@
 """`stablemlp predict` and `predict()`: send rows to a running server, get (probability, label).
 
-    from ..serving.client import predict
-    predict("localhost:8001", [[17.99, 10.38, ...]], model="breast_cancer")  # [(0.013, 0)]
+    from stablemlp.serving.client import predict
+    predict("localhost:8001", [[17.99, 10.38, ...]], model="breast_cancer")   # [(0.013, 0)]
+    predict("localhost:8001", [{"island": "Biscoe", "bill_length_mm": 39.1, ...}], model="penguins")
 
-Rows may hold NaN for missing values (the model imputes them). Requests carry raw little-endian
-bytes and are split at the server's max_batch_size, read from ModelConfig. Secured servers:
-`security=Security(ca=..., cert=..., key=..., token=...)` (TLS, client certificate, bearer token).
+Rows are a numeric matrix (models without text columns), records (dicts by column name), or a
+pandas DataFrame; columns are matched by name (tables.py). Requests carry raw little-endian bytes
+and are split at the model's max_batch_size, read from ModelConfig; `stream=True` (the CLI's choice
+for files larger than one request) sends them over one ModelStreamInfer call with up to `window`
+requests in flight. Secured servers: `security=Security(ca=..., cert=..., key=..., token=...)`.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import math
-import os
-import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,11 @@ import numpy as np
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
 from .manifest import DTYPES
+from .tables import ClientError, Columns, Schema, from_rows
 
 PROBABILITY, LABEL = "probability", "label"  # output names of the model contract
+WINDOW = 8  # requests in flight on a stream: enough to batch on the server, bounded memory here
+Result = tuple[float, int]
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,12 @@ class Security:
 PLAINTEXT = Security()
 
 
-def _stub(channel: grpc.Channel) -> Any:
+def stub_for(channel: grpc.Channel) -> Any:
     """The generated stub (untyped: protoc's grpc plugin writes no annotations)."""
     return pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
-class ClientError(ValueError):
-    """Rows that do not fit the model, or no model to choose."""
-
-
-def _pick_model(stub: Any, timeout: float, security: Security = PLAINTEXT) -> str:
+def pick_model(stub: Any, timeout: float, security: Security = PLAINTEXT) -> str:
     index = stub.RepositoryIndex(
         pb.RepositoryIndexRequest(ready=True), timeout=timeout, metadata=security.metadata
     )
@@ -79,130 +76,124 @@ def _pick_model(stub: Any, timeout: float, security: Security = PLAINTEXT) -> st
     return names[0]
 
 
-def feature_names(
-    target: str, model: str, timeout: float = 10.0, security: Security = PLAINTEXT
-) -> list[str]:
-    """The model's feature names, from ModelConfig.parameters["feature_names"]."""
-    with security.channel(target) as channel:
-        stub = _stub(channel)
-        request = pb.ModelConfigRequest(name=model)
-        config = stub.ModelConfig(request, timeout=timeout, metadata=security.metadata).config
-    names: list[str] = json.loads(config.parameters["feature_names"].string_value)
-    return names
+def schema(stub: Any, model: str, version: str, timeout: float, security: Security) -> Schema:
+    request = pb.ModelConfigRequest(name=model, version=version)
+    return Schema.from_config(
+        stub.ModelConfig(request, timeout=timeout, metadata=security.metadata).config
+    )
+
+
+def _text_bytes(values: list[str]) -> bytes:
+    """BYTES raw form: each element a 4-byte little-endian length, then its UTF-8 bytes."""
+    encoded = [value.encode("utf-8") for value in values]
+    return b"".join(len(item).to_bytes(4, "little") + item for item in encoded)
+
+
+def request_for(columns: Columns, schema: Schema, version: str, tag: str = "") -> Any:
+    request = pb.ModelInferRequest(model_name=schema.model, model_version=version, id=tag)
+    if schema.numeric_input:
+        request.inputs.add(name=schema.numeric_input, datatype="FP32", shape=columns.numeric.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(columns.numeric, "<f4").tobytes())
+    for name in schema.text_columns:
+        request.inputs.add(name=name, datatype="BYTES", shape=[columns.rows, 1])
+        request.raw_input_contents.append(_text_bytes(columns.text[name]))
+    return request
+
+
+def results_of(response: Any) -> list[Result]:
+    out = {
+        tensor.name: np.frombuffer(raw, dtype=DTYPES[tensor.datatype])
+        for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+    return list(zip(out[PROBABILITY].tolist(), out[LABEL].tolist(), strict=True))
+
+
+def _chunks(columns: Columns, step: int) -> Iterator[Columns]:
+    for start in range(0, columns.rows, step):
+        yield columns.slice(start, start + step)
 
 
 def predict(
     target: str,
-    rows: Sequence[Sequence[float]] | np.ndarray,
+    rows: Any,
     model: str | None = None,
     version: str = "",
     timeout: float = 30.0,
     security: Security = PLAINTEXT,
-) -> list[tuple[float, int]]:
+    stream: bool = False,
+    window: int = WINDOW,
+) -> list[Result]:
     """(probability, label) per row; `model=None` picks the server's only ready model."""
-    metadata = security.metadata
     with security.channel(target) as channel:
-        stub = _stub(channel)
-        model = model or _pick_model(stub, timeout, security)
-        config = stub.ModelConfig(
-            pb.ModelConfigRequest(name=model, version=version), timeout=timeout, metadata=metadata
-        )
-        features = config.config.input[0]
-        width = int(np.prod(features.dims))
-        array = np.asarray(rows, dtype="<f4") if len(rows) else np.empty((0, width), "<f4")
-        if array.ndim != 2 or array.shape[1] != width:
-            raise ClientError(
-                f"rows: got shape {list(array.shape)}, expected [N, {width}] for model '{model}'"
-            )
-        step = max(1, config.config.max_batch_size)
-        results: list[tuple[float, int]] = []
-        for start in range(0, len(array), step):
-            chunk = np.ascontiguousarray(array[start : start + step], dtype="<f4")
-            request = pb.ModelInferRequest(model_name=model, model_version=version)
-            request.inputs.add(name=features.name, datatype="FP32", shape=chunk.shape)
-            request.raw_input_contents.append(chunk.tobytes())
-            response = stub.ModelInfer(request, timeout=timeout, metadata=metadata)
-            out = {
-                tensor.name: np.frombuffer(raw, dtype=DTYPES[tensor.datatype])
-                for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True)
-            }
-            results += zip(out[PROBABILITY].tolist(), out[LABEL].tolist(), strict=True)
+        stub = stub_for(channel)
+        model = model or pick_model(stub, timeout, security)
+        found = schema(stub, model, version, timeout, security)
+        columns = from_rows(rows, found)
+        return send(stub, columns, found, version, timeout, security, stream, window)
+
+
+def send(
+    stub: Any,
+    columns: Columns,
+    schema: Schema,
+    version: str,
+    timeout: float,
+    security: Security,
+    stream: bool,
+    window: int = WINDOW,
+) -> list[Result]:
+    """The rows' results, in order: one unary call per batch, or one stream for them all."""
+    chunks = list(_chunks(columns, schema.max_batch_size))
+    if not stream:
+        results: list[Result] = []
+        for chunk in chunks:
+            request = request_for(chunk, schema, version)
+            response = stub.ModelInfer(request, timeout=timeout, metadata=security.metadata)
+            results += results_of(response)
+        return results
+    return _stream(stub, chunks, schema, version, timeout, security, window)
+
+
+def _stream(
+    stub: Any,
+    chunks: list[Columns],
+    schema: Schema,
+    version: str,
+    timeout: float,
+    security: Security,
+    window: int,
+) -> list[Result]:
+    """Every chunk through one ModelStreamInfer call, at most `window` unanswered at once."""
+    room = threading.Semaphore(max(1, window))
+
+    def requests() -> Iterator[Any]:
+        for i, chunk in enumerate(chunks):
+            if not room.acquire(timeout=timeout):  # the server stopped answering
+                return
+            yield request_for(chunk, schema, version, tag=str(i))
+
+    results: list[Result] = []
+    replies = stub.ModelStreamInfer(requests(), timeout=timeout * max(1, len(chunks)),
+                                    metadata=security.metadata)  # fmt: skip
+    for i, reply in enumerate(replies):
+        room.release()
+        if reply.error_message:
+            raise ClientError(f"request {i} (rows from {i * schema.max_batch_size}): "
+                              f"{reply.error_message}")  # fmt: skip
+        results += results_of(reply.infer_response)
+    if len(results) != sum(chunk.rows for chunk in chunks):
+        raise ClientError(f"the stream ended after {len(results)} rows")
     return results
 
 
-def _cell(text: str) -> float:
-    text = text.strip()
-    return math.nan if text == "" or text.lower() in {"nan", "na", "null"} else float(text)
-
-
-def read_rows(path: Path, names: Sequence[str]) -> list[list[float]]:
-    """A CSV with a header (columns matched by feature name; others ignored) or without one."""
-    with path.open(newline="", encoding="utf-8") as stream:
-        table = [row for row in csv.reader(stream) if row]
-    if not table:
-        return []
-    try:
-        return [[_cell(cell) for cell in row] for row in table]
-    except ValueError:
-        pass  # a non-numeric cell: the first row is a header (or the file is broken; see below)
-    header = [name.strip() for name in table[0]]
-    missing = [name for name in names if name not in header]
-    if missing:
-        raise ClientError(f"{path}: header lacks feature columns {missing}")
-    columns = [header.index(name) for name in names]
-    try:
-        return [[_cell(row[i]) for i in columns] for row in table[1:]]
-    except (ValueError, IndexError) as err:
-        raise ClientError(f"{path}: {err}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="stablemlp predict",
-        description="Send rows to a running server; print each row's probability and label.",
-    )
-    parser.add_argument("--server", default="localhost:8001", help="HOST:PORT of `stablemlp serve`")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--csv", type=Path, help="rows to score (empty cell = missing)")
-    source.add_argument(
-        "--features", help='one row, comma-separated: "v1,v2,..." (empty = missing)'
-    )
-    parser.add_argument("--model", help="model name (default: the server's only model)")
-    parser.add_argument("--version", default="", help="model version (default: newest ready)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
-    parser.add_argument("--tls-ca", type=Path, help="PEM CA of the server's certificate: use TLS")
-    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
-    parser.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
-    parser.add_argument("--tls-server-name", default="", help="name the certificate must carry")
-    parser.add_argument(
-        "--token-file", type=Path, help="bearer token file (or env STABLEMLP_AUTH_TOKEN)"
-    )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        token = os.environ.get("STABLEMLP_AUTH_TOKEN", "")
-        if args.token_file:
-            token = args.token_file.read_text(encoding="utf-8")
-        security = Security(
-            args.tls_ca, args.tls_cert, args.tls_key, token.strip(), args.tls_server_name
-        )
-        if args.features is not None:
-            rows = [[_cell(cell) for cell in args.features.split(",")]]
-        else:
-            with security.channel(args.server) as channel:
-                args.model = args.model or _pick_model(_stub(channel), args.timeout, security)
-            names = feature_names(args.server, args.model, args.timeout, security)
-            rows = read_rows(args.csv, names)
-        results = predict(args.server, rows, args.model, args.version, args.timeout, security)
-    except grpc.RpcError as err:
-        print(f"stablemlp predict: {err.code().name}: {err.details()}", file=sys.stderr)
-        return 1
-    except (ClientError, OSError, ValueError) as err:
-        print(f"stablemlp predict: {err}", file=sys.stderr)
-        return 1
-    print("row,probability,label")
-    for i, (probability, label) in enumerate(results):
-        print(f"{i},{probability:.6f},{label}")
-    return 0
-
-
-__all__ = ["ClientError", "Security", "feature_names", "main", "predict", "read_rows"]
+__all__ = [
+    "ClientError",
+    "Security",
+    "pick_model",
+    "predict",
+    "request_for",
+    "results_of",
+    "schema",
+    "send",
+    "stub_for",
+]

@@ -6,9 +6,12 @@ protos/. tests/test_interop.py runs it in a subprocess and checks the report; it
 module itself (no `test_` prefix), so pytest does not collect it.
 
     python tests/interop_client.py --url 127.0.0.1:PORT --model NAME --features-json FILE
+    python tests/interop_client.py --url 127.0.0.1:PORT --model NAME --columns-json FILE
     python tests/interop_client.py --dump-descriptors
 
-FILE holds a JSON array of rows (floats; NaN allowed as Python's json writes it).
+--features-json FILE holds a JSON array of rows (floats; NaN allowed as Python's json writes
+it); --columns-json FILE an object {"features": rows, "text": {column: [values]}} for a model
+with text columns, sent as BYTES tensors from numpy object arrays, as tritonclient users do.
 """
 
 from __future__ import annotations
@@ -119,6 +122,24 @@ def check(url: str, model: str, rows: np.ndarray) -> dict[str, Any]:
         client.close()
 
 
+def infer_columns(url: str, model: str, columns: dict[str, Any]) -> dict[str, Any]:
+    """One request with the FP32 matrix and each text column as a BYTES [N, 1] tensor."""
+    client = grpcclient.InferenceServerClient(url=url)
+    try:
+        numeric = np.asarray(columns["features"], dtype=np.float32)
+        inputs = [grpcclient.InferInput("features", list(numeric.shape), "FP32")]
+        inputs[0].set_data_from_numpy(numeric)
+        for name, values in columns["text"].items():
+            text = np.array([[value] for value in values], dtype=np.object_)
+            tensor = grpcclient.InferInput(name, list(text.shape), "BYTES")
+            tensor.set_data_from_numpy(text)
+            inputs.append(tensor)
+        result = client.infer(model, inputs, client_timeout=TIMEOUT_S)
+        return {name: _json_safe(result.as_numpy(name)) for name in OUTPUTS}
+    finally:
+        client.close()
+
+
 def _is_repeated(field: Any) -> bool:
     # `is_repeated` replaces the deprecated `label` in newer protobuf releases.
     if hasattr(field, "is_repeated"):
@@ -164,10 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="HOST:PORT of the gRPC server")
     parser.add_argument("--model", help="model name")
     parser.add_argument("--features-json", help="JSON file with a list of feature rows")
+    parser.add_argument("--columns-json", help="JSON file: numeric rows and text columns")
     parser.add_argument("--dump-descriptors", action="store_true", help="print stub fields; exit")
     args = parser.parse_args(argv)
     if args.dump_descriptors:
         report = dump_descriptors()
+    elif args.columns_json:
+        with open(args.columns_json, encoding="utf-8") as file:
+            report = infer_columns(args.url, args.model, json.load(file))
     else:
         if not (args.url and args.model and args.features_json):
             parser.error("--url, --model and --features-json are required")

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
-from stablemlp.serving import client
+from stablemlp.serving import client, predict_cli
 from stablemlp.serving.auth import TokenInterceptor, authorized
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
@@ -159,7 +159,7 @@ def test_mutual_tls_and_a_token_file_with_closed_health(
         argv = ["--server", srv.address, "--features", "1,2", "--model", MODEL_NAME]
         argv += ["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem")]
         argv += ["--tls-key", str(pki / "client.key"), "--token-file", str(tmp_path / "token")]
-        assert client.main(argv) == 1  # reached the model: refused for its 2 features
+        assert predict_cli.main(argv) == 1  # reached the model: refused for its 2 features
         assert "expected [N, 30]" in capsys.readouterr().err
     log = srv.log()
     assert re.search(r"ready: listening on \S+ \(mTLS\)", log)

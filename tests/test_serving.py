@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.protos import model_config_pb2 as mc
-from stablemlp.serving import client
+from stablemlp.serving import client, predict_cli
 from stablemlp.serving import server as server_module
 from stablemlp.serving.errors import (
     INTERNAL_MESSAGE,
@@ -508,7 +508,7 @@ def test_predict_function_and_cli(
     assert client.predict(server.address, rows.tolist()) == results  # the only model is picked
 
     features = ",".join("" if math.isnan(v) else repr(float(v)) for v in rows[0])
-    assert client.main(["--server", server.address, "--features", features]) == 0
+    assert predict_cli.main(["--server", server.address, "--features", features]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "row,probability,label"
     assert out[1] == f"0,{test_split.probability[0, 0]:.6f},{test_split.label[0, 0]}"
@@ -521,10 +521,8 @@ def test_predict_function_and_cli(
         for row in rows
     ]
     csv_path.write_text("\n".join(lines) + "\n")
-    assert (
-        client.main(["--server", server.address, "--csv", str(csv_path), "--model", MODEL_NAME])
-        == 0
-    )
+    argv = ["--server", server.address, "--csv", str(csv_path), "--model", MODEL_NAME]
+    assert predict_cli.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1:] == [
         f"{i},{test_split.probability[i, 0]:.6f},{test_split.label[i, 0]}" for i in range(4)
@@ -534,11 +532,10 @@ def test_predict_function_and_cli(
 def test_predict_cli_reports_server_errors(
     server: ServerProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert (
-        client.main(["--server", server.address, "--features", "1,2,3", "--model", MODEL_NAME]) == 1
-    )
+    argv = ["--server", server.address, "--features", "1,2,3", "--model", MODEL_NAME]
+    assert predict_cli.main(argv) == 1
     assert "expected [N, 30]" in capsys.readouterr().err
-    assert client.main(["--server", server.address, "--features", "1", "--model", "nope"]) == 1
+    assert predict_cli.main(["--server", server.address, "--features", "1", "--model", "nope"]) == 1
     assert "NOT_FOUND: model 'nope'" in capsys.readouterr().err
 
 
