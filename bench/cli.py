@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peers",
         metavar="NAMES",
-        help="also measure these servers on the same model.onnx: kserve, mlserver (comma list; "
-        "each installed pinned into its own .venv-<peer> on first use, minutes)",
+        help="also measure these servers on the same model.onnx: kserve, mlserver, "
+        "mlserver-inline (comma list; each installed pinned into its own .venv-<peer> on first "
+        "use, minutes)",
     )
     p.add_argument("--peer-venvs", type=Path, default=ROOT, metavar="DIR",
                    help="folder for the peers' .venv-<peer> environments")  # fmt: skip

@@ -1,9 +1,10 @@
 """Other KServe v2 servers in the benchmark (`stablemlp bench --peers kserve,mlserver`, never CI).
 
-Each peer is pinned in its own environment (`.venv-<peer>`, made on first use with pip; nothing
-enters ours), serves the same model.onnx through its documented custom-model API (the glue is
-bench/peer_<name>.py, copied into a temporary folder), binds 127.0.0.1 on free ports, and counts
-as started once its ServerReady and ModelReady say so.
+Each peer is pinned in its own environment (.venv-kserve, .venv-mlserver: made on first use with
+pip; nothing enters ours), serves the same model.onnx through its documented custom-model API (the
+glue is bench/peer_kserve.py or bench/peer_mlserver.py, copied into a temporary folder), binds
+127.0.0.1 on free ports, and counts as started once its ServerReady and ModelReady say so.
+`mlserver-inline` is MLServer with its parallel inference workers off (`parallel_workers: 0`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,26 +51,38 @@ class Peer:
     distribution: str  # its name for importlib.metadata
     note: str  # how it runs, for bench.md
     constraints: tuple[str, ...] = ()  # what the peer's own pins miss
+    settings: Mapping[str, Any] = field(default_factory=dict)  # MLServer settings.json entries
 
 
+# uvloop 0.22 broke MLServer 1.7.1's inference workers ("There is no current event loop";
+# SeldonIO/MLServer issue 2286, open): the pin MLflow uses too.
+_MLSERVER_PINS = ("uvloop<0.22",)
 PEERS = {
     "kserve": Peer(
         "kserve",
         "kserve==0.21.0",
         "kserve",
-        "a `kserve.Model` subclass running ONNX Runtime in predict(), `kserve.ModelServer` "
-        "(gRPC v2 server, default 4 gRPC threads); per-request latency logging off, listen "
-        "addresses moved to 127.0.0.1",
+        "a `kserve.Model` subclass running ONNX Runtime in predict(), served by "
+        "`kserve.ModelServer` (its gRPC v2 server); KServe's defaults except per-request logging "
+        "(off) and the listen addresses (127.0.0.1)",
     ),
     "mlserver": Peer(
         "mlserver",
         "mlserver==1.7.1",
         "mlserver",
-        "a custom `MLModel` runtime (NumPy codec) in model-settings.json, `mlserver start`; "
-        "MLServer's defaults (one parallel inference worker process), host 127.0.0.1",
-        # uvloop 0.22 broke MLServer 1.7.1's inference workers ("There is no current event
-        # loop"; SeldonIO/MLServer issue 2286, open): the pin MLflow uses too
-        ("uvloop<0.22",),
+        "a custom `MLModel` runtime (NumPy codec) named in model-settings.json, `mlserver start`; "
+        "MLServer's defaults (inference in one parallel worker process) except host 127.0.0.1",
+        _MLSERVER_PINS,
+    ),
+    # MLServer's documented switch for running inference in the server process itself
+    "mlserver-inline": Peer(
+        "mlserver-inline",
+        "mlserver==1.7.1",
+        "mlserver",
+        "as mlserver, with `parallel_workers: 0` (inference on the server's own event loop, as "
+        "ours runs small batches)",
+        _MLSERVER_PINS,
+        {"parallel_workers": 0},
     ),
 }
 
@@ -99,8 +113,11 @@ def _run(command: list[str], what: str, timeout_s: float) -> str:
 
 
 def ensure_venv(peer: Peer, root: Path, timeout_s: float = INSTALL_TIMEOUT_S) -> Path:
-    """root/.venv-<peer> holding exactly requirements(peer); made (or remade) when it does not."""
-    venv = root / f".venv-{peer.name}"
+    """root/.venv-<distribution> holding exactly requirements(peer); made (or remade) when it
+    does not (the MLServer variants share one)."""
+    venv = (
+        root / f".venv-{peer.distribution}"
+    ).resolve()  # commands run from the peer's own folder
     marker, wanted = venv / "stablemlp-peer.txt", "\n".join(requirements(peer)) + "\n"
     if marker.is_file() and marker.read_text() == wanted:
         return venv
@@ -115,7 +132,7 @@ def ensure_venv(peer: Peer, root: Path, timeout_s: float = INSTALL_TIMEOUT_S) ->
 
 def versions(peer: Peer, venv: Path) -> dict[str, str]:
     """The installed versions that matter for the figures, read in the peer's environment."""
-    names = [peer.distribution, "onnxruntime", "grpcio", "protobuf", "numpy"]
+    names = [peer.distribution, "onnxruntime", "grpcio", "protobuf", "numpy", "uvloop"]
     code = (
         "import importlib.metadata as m, json, sys; "
         "print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
@@ -144,9 +161,17 @@ def write_kserve(folder: Path, venv: Path, model: str, onnx: Path, grpc_port: in
     ]
 
 
-def write_mlserver(folder: Path, venv: Path, model: str, onnx: Path, grpc_port: int) -> list[str]:
-    """settings.json (loopback, free ports) and <model>/model-settings.json with the runtime
-    beside it, as MLServer's custom-runtime example lays them out; the command that serves them."""
+def write_mlserver(
+    folder: Path,
+    venv: Path,
+    model: str,
+    onnx: Path,
+    grpc_port: int,
+    extra: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """settings.json (loopback, free ports, `extra`) and <model>/model-settings.json with the
+    runtime beside it, as MLServer's custom-runtime example lays them out; the command that
+    serves them."""
     model_folder = folder / model
     model_folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(HERE / "peer_mlserver.py", model_folder / "peer_mlserver.py")
@@ -156,6 +181,7 @@ def write_mlserver(folder: Path, venv: Path, model: str, onnx: Path, grpc_port: 
         "http_port": free_port(),
         "metrics_port": free_port(),
         "model_repository_root": str(folder),
+        **(extra or {}),
     }
     model_settings = {
         "name": model,
@@ -167,7 +193,12 @@ def write_mlserver(folder: Path, venv: Path, model: str, onnx: Path, grpc_port: 
     return [str(venv / "bin" / "mlserver"), "start", str(folder)]
 
 
-WRITERS = {"kserve": write_kserve, "mlserver": write_mlserver}
+def write_peer(
+    peer: Peer, folder: Path, venv: Path, model: str, onnx: Path, port: int
+) -> list[str]:
+    if peer.distribution == "kserve":
+        return write_kserve(folder, venv, model, onnx, port)
+    return write_mlserver(folder, venv, model, onnx, port, peer.settings)
 
 
 @dataclass
@@ -239,7 +270,7 @@ def start_peer(
 ) -> PeerProcess:
     """Write the peer's files into `folder`, start it there and wait until it serves `model`."""
     grpc_port = free_port()
-    command = WRITERS[peer.name](folder, venv, model, onnx, grpc_port)
+    command = write_peer(peer, folder, venv, model, onnx, grpc_port)
     log_path = folder / f"{peer.name}.log"
     started = time.monotonic()
     with log_path.open("wb") as log_file:
@@ -288,4 +319,5 @@ __all__ = [
     "wait_ready",
     "write_kserve",
     "write_mlserver",
+    "write_peer",
 ]

@@ -25,7 +25,14 @@ from stablemlp.bench.cli import is_loopback
 from stablemlp.bench.cli import main as bench_main
 from stablemlp.bench.loadgen import LoadGenerator, LoadSpec, inband_error
 from stablemlp.bench.markdown import markdown
-from stablemlp.bench.peers import PEERS, parse_peers, requirements, write_kserve, write_mlserver
+from stablemlp.bench.peers import (
+    PEERS,
+    parse_peers,
+    requirements,
+    write_kserve,
+    write_mlserver,
+    write_peer,
+)
 from stablemlp.bench.perfanalyzer import find_wrapper, parse_csv, run_perf_analyzer
 from stablemlp.bench.report import targets
 from stablemlp.bench.scaling import parse_counts, placement
@@ -225,11 +232,11 @@ def test_markdown_reports_streams_peers_and_costs() -> None:
 
 def test_peers_are_named_and_pinned() -> None:
     assert [p.name for p in parse_peers("mlserver, kserve,mlserver")] == ["mlserver", "kserve"]
-    with pytest.raises(ValueError, match="known: kserve, mlserver"):
+    with pytest.raises(ValueError, match="known: kserve, mlserver, mlserver-inline"):
         parse_peers("kserve,triton")
     for peer in PEERS.values():
         pins = requirements(peer)
-        assert pins[0].startswith(f"{peer.name}==") and pins[1].startswith("onnxruntime==")
+        assert pins[0].startswith(f"{peer.distribution}==") and pins[1].startswith("onnxruntime==")
     assert bench_main(["--peers", "nope", "--output", "unused"]) == 2
 
 
@@ -246,10 +253,15 @@ def test_peer_files_bind_loopback_and_serve_the_onnx_file(tmp_path: Path) -> Non
     args = dict(zip(kserve[3::2], kserve[4::2], strict=True))
     assert args["--model_name"] == "m" and args["--model-path"] == str(onnx)
     assert args["--grpc_port"] == "50001" and args["--enable_latency_logging"] == "false"
-    mlserver = write_mlserver(tmp_path / "mls", venv, "m", onnx, 50_002)
+    mlserver = write_peer(PEERS["mlserver-inline"], tmp_path / "mls", venv, "m", onnx, 50_002)
     assert mlserver == [str(venv / "bin" / "mlserver"), "start", str(tmp_path / "mls")]
     settings = json.loads((tmp_path / "mls" / "settings.json").read_text())
     assert settings["host"] == "127.0.0.1" and settings["grpc_port"] == 50_002
+    assert settings["parallel_workers"] == 0  # the variant's one setting; mlserver: the default
+    write_mlserver(tmp_path / "default", venv, "m", onnx, 50_003)
+    assert "parallel_workers" not in json.loads(
+        (tmp_path / "default" / "settings.json").read_text()
+    )
     ports = {settings[k] for k in ("grpc_port", "http_port", "metrics_port")}
     assert len(ports) == 3 and all(isinstance(p, int) and p > 0 for p in ports)
     model = json.loads((tmp_path / "mls" / "m" / "model-settings.json").read_text())
