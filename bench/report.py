@@ -82,7 +82,8 @@ def targets(cells: Sequence[Mapping[str, Any]], startup: Mapping[str, Any]) -> l
             depth = cell["concurrency"] // streams
             limit = STREAM_TARGETS.get((streams, depth))
             if limit is not None:
-                name = f"stream req/s / unary floor's c{cell['concurrency']}, {streams} x {depth}"
+                name = (f"ModelStreamInfer req/s / unary floor's, batch {cell['batch']}, "
+                        f"{streams} stream(s) x {depth} in flight")  # fmt: skip
                 measured = cell["vs_unary_transport_floor"].get("requests_per_s")
                 rows.append(_target(name, measured, limit, at_least=True))
             continue
