@@ -1,22 +1,30 @@
 """The servers one benchmark run measures: ours (its cold starts timed), the transport and model
-floors, and the peers; each on 127.0.0.1, each stopped when the run's ExitStack closes."""
+floors, and the peers (started from the files bench/peers.py writes, ready once their ServerReady
+and ModelReady say so); each on 127.0.0.1, each stopped when the run's ExitStack closes."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import grpc
 
 from ..protos import grpc_service_pb2 as pb
+from ..protos import grpc_service_pb2_grpc as pb_grpc
 from .cells import Cell
 from .checks import check_peer
 from .grid import Target, model_path
-from .peers import Peer, PeerError, describe, ensure_venv, requirements, start_peer
+from .peers import Peer, PeerError, describe, ensure_venv, free_port, requirements, write_peer
 from .servers import (
     OUR_SERVER_ENV,
     ServerProcess,
@@ -24,12 +32,16 @@ from .servers import (
     floor_server_command,
     memory_mb,
     our_server_command,
+    process_tree,
     start_server,
 )
 
 log = logging.getLogger(__name__)
 
 TRAIN_TIMEOUT_S = 900.0
+PEER_START_TIMEOUT_S = 120.0  # a peer imports FastAPI, uvicorn, pandas, ... before it serves
+PEER_STOP_TIMEOUT_S = 20.0
+POLL_S = 0.2  # between readiness polls answered "not ready" (the peers have no watch to wait on)
 
 
 def build_repository(root: Path, model: str, wide_model: str | None) -> Path:
@@ -86,6 +98,102 @@ def start_floors(repository: Path, stack: contextlib.ExitStack) -> tuple[Target,
     return targets[0], targets[1]
 
 
+@dataclass
+class PeerProcess:
+    """A running peer; its output goes to a log file (a peer may log a line per request)."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+    seconds_to_ready: float = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        """SIGTERM; what is left of its process tree after PEER_STOP_TIMEOUT_S is killed."""
+        tree = process_tree(self.pid)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=PEER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for pid in reversed(tree):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return self.process.wait(timeout=PEER_STOP_TIMEOUT_S)
+
+
+def wait_ready(peer: PeerProcess, model: str, deadline: float) -> None:
+    """ServerReady, then ModelReady(model), until both say ready; PeerError when the process
+    ends or `deadline` (monotonic) passes."""
+    last = "no answer"
+    with grpc.insecure_channel(peer.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        for _ in range(100_000):  # bounded; each pass waits on the channel or POLL_S
+            remaining = deadline - time.monotonic()
+            if peer.process.poll() is not None or remaining <= 0:
+                break
+            try:
+                timeout = min(remaining, 2.0)
+                server = stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout,
+                                          wait_for_ready=True)  # fmt: skip
+                ready = (
+                    server.ready
+                    and stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=timeout).ready
+                )
+            except grpc.RpcError as err:
+                last = f"{err.code().name}: {err.details()}"
+                continue
+            if ready:
+                return
+            last = "answered not ready"
+            time.sleep(POLL_S)
+    code = peer.process.poll()
+    state = f"exited with {code}" if code is not None else f"not ready in time ({last})"
+    raise PeerError(f"{peer.name} {state}; its log ends:\n{peer.log_tail()}")
+
+
+def start_peer(
+    peer: Peer,
+    venv: Path,
+    folder: Path,
+    model: str,
+    onnx: Path,
+    timeout_s: float = PEER_START_TIMEOUT_S,
+) -> PeerProcess:
+    """Write the peer's files into `folder`, start it there and wait until it serves `model`."""
+    grpc_port = free_port()
+    command = write_peer(peer, folder, venv, model, onnx, grpc_port)
+    log_path = folder / f"{peer.name}.log"
+    started = time.monotonic()
+    with log_path.open("wb") as log_file:
+        process = _popen(command, folder, log_file)
+    running = PeerProcess(peer.name, process, f"127.0.0.1:{grpc_port}", log_path)
+    try:
+        wait_ready(running, model, started + timeout_s)
+    except BaseException:
+        running.stop()
+        raise
+    running.seconds_to_ready = time.monotonic() - started
+    return running
+
+
+def _popen(command: list[str], cwd: Path, log_file: IO[bytes]) -> subprocess.Popen[bytes]:
+    # cwd: MLServer writes its .metrics and .envs folders there
+    return subprocess.Popen(
+        command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+    )
+
+
 def install_peers(peers: Sequence[Peer], root: Path) -> tuple[dict[str, Path], dict[str, Any]]:
     """Each peer's environment (made once); the docs of those that could not be installed."""
     venvs: dict[str, Path] = {}
@@ -119,13 +227,13 @@ def start_peers(
             docs[peer.name] = {"requirements": requirements(peer), "error": str(err)}
             continue
         stack.callback(running.stop)
-        docs[peer.name] = {**describe(peer, venv, running), "idle_rss_mb": _rss(running.pid)}
+        docs[peer.name] = {
+            **describe(peer, venv),
+            "seconds_to_ready": round(running.seconds_to_ready, 3),
+            "idle_rss_mb": round(memory_mb(running.pid)["rss_mb"], 1),
+        }
         targets.append(Target(peer.name, running.address, running.pid))
     return targets, docs
-
-
-def _rss(pid: int) -> float:
-    return round(memory_mb(pid)["rss_mb"], 1)
 
 
 def checked_peers(
@@ -149,10 +257,13 @@ def checked_peers(
 
 
 __all__ = [
+    "PeerProcess",
     "build_repository",
     "checked_peers",
     "install_peers",
     "start_floors",
     "start_ours",
+    "start_peer",
     "start_peers",
+    "wait_ready",
 ]

@@ -9,35 +9,22 @@ glue is bench/peer_kserve.py or bench/peer_mlserver.py, copied into a temporary 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import logging
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-
-import grpc
-
-from ..protos import grpc_service_pb2 as pb
-from ..protos import grpc_service_pb2_grpc as pb_grpc
-from .servers import process_tree
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 INSTALL_TIMEOUT_S = 1200.0  # pip resolving and fetching a server's dependencies
-START_TIMEOUT_S = 120.0  # a peer imports FastAPI, uvicorn, pandas, ... before it serves
-STOP_TIMEOUT_S = 20.0
-POLL_S = 0.2  # between readiness polls that were answered "not ready" (no watch API to wait on)
 
 
 class PeerError(RuntimeError):
@@ -201,122 +188,21 @@ def write_peer(
     return write_mlserver(folder, venv, model, onnx, port, peer.settings)
 
 
-@dataclass
-class PeerProcess:
-    """A running peer; its output goes to a log file (a peer may log a line per request)."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    address: str
-    log_path: Path
-    seconds_to_ready: float = 0.0
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self) -> int | None:
-        """SIGTERM; what is left of its process tree after STOP_TIMEOUT_S is killed."""
-        tree = process_tree(self.pid)
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for pid in reversed(tree):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
-
-
-def wait_ready(peer: PeerProcess, model: str, deadline: float) -> None:
-    """ServerReady, then ModelReady(model), until both say ready; PeerError when the process
-    ends or `deadline` (monotonic) passes."""
-    last = "no answer"
-    with grpc.insecure_channel(peer.address) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-        for _ in range(100_000):  # bounded; each pass waits on the channel or POLL_S
-            remaining = deadline - time.monotonic()
-            if peer.process.poll() is not None or remaining <= 0:
-                break
-            try:
-                timeout = min(remaining, 2.0)
-                server = stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout,
-                                          wait_for_ready=True)  # fmt: skip
-                ready = (
-                    server.ready
-                    and stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=timeout).ready
-                )
-            except grpc.RpcError as err:
-                last = f"{err.code().name}: {err.details()}"
-                continue
-            if ready:
-                return
-            last = "answered not ready"
-            time.sleep(POLL_S)
-    code = peer.process.poll()
-    state = f"exited with {code}" if code is not None else f"not ready in time ({last})"
-    raise PeerError(f"{peer.name} {state}; its log ends:\n{peer.log_tail()}")
-
-
-def start_peer(
-    peer: Peer, venv: Path, folder: Path, model: str, onnx: Path, timeout_s: float = START_TIMEOUT_S
-) -> PeerProcess:
-    """Write the peer's files into `folder`, start it there and wait until it serves `model`."""
-    grpc_port = free_port()
-    command = write_peer(peer, folder, venv, model, onnx, grpc_port)
-    log_path = folder / f"{peer.name}.log"
-    started = time.monotonic()
-    with log_path.open("wb") as log_file:
-        process = _popen(command, folder, log_file)
-    running = PeerProcess(peer.name, process, f"127.0.0.1:{grpc_port}", log_path)
-    try:
-        wait_ready(running, model, started + timeout_s)
-    except BaseException:
-        running.stop()
-        raise
-    running.seconds_to_ready = time.monotonic() - started
-    return running
-
-
-def _popen(command: list[str], cwd: Path, log_file: IO[bytes]) -> subprocess.Popen[bytes]:
-    # cwd: MLServer writes its .metrics and .envs folders there
-    return subprocess.Popen(
-        command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
-    )
-
-
-def describe(peer: Peer, venv: Path, running: PeerProcess | None = None) -> dict[str, Any]:
-    """bench.json's record of a peer: what was installed, how it ran, how it started."""
-    doc: dict[str, Any] = {
-        "requirements": requirements(peer),
-        "versions": versions(peer, venv),
-        "note": peer.note,
-    }
-    if running is not None:
-        doc["seconds_to_ready"] = round(running.seconds_to_ready, 3)
-    return doc
+def describe(peer: Peer, venv: Path) -> dict[str, Any]:
+    """bench.json's record of a peer: what was installed and how it runs."""
+    return {"requirements": requirements(peer), "versions": versions(peer, venv), "note": peer.note}
 
 
 __all__ = [
     "PEERS",
     "Peer",
     "PeerError",
-    "PeerProcess",
     "describe",
     "ensure_venv",
     "free_port",
     "parse_peers",
     "requirements",
-    "start_peer",
     "versions",
-    "wait_ready",
     "write_kserve",
     "write_mlserver",
     "write_peer",

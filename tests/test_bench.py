@@ -240,6 +240,16 @@ def test_peers_are_named_and_pinned() -> None:
     assert bench_main(["--peers", "nope", "--output", "unused"]) == 2
 
 
+def test_a_peer_that_cannot_be_installed_is_reported_with_the_reason(tmp_path: Path) -> None:
+    from stablemlp.bench.lineup import install_peers
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the venv would go below a file: `python -m venv` fails at once
+    venvs, failed = install_peers([PEERS["kserve"]], blocker)
+    assert venvs == {} and failed["kserve"]["requirements"][0] == "kserve==0.21.0"
+    assert failed["kserve"]["error"].startswith("kserve: venv failed")
+
+
 def test_peer_files_bind_loopback_and_serve_the_onnx_file(tmp_path: Path) -> None:
     """What a peer runs, written without installing it: the glue (it must compile), the
     settings (127.0.0.1, free ports), the command."""
