@@ -1,12 +1,17 @@
-"""The benchmark's grid: the model, content form, batch size and concurrency of each cell."""
+"""The benchmark's grid: the model, content form, batch size, concurrency and lane of each cell."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 FORMS = ("fp32_contents", "raw_input_contents")
 NARROW_SHAPES = ((1, 1), (1, 8), (1, 32), (64, 8))  # (batch, concurrency), issue 5
 WIDE_SHAPES = ((1, 1), (1, 8))
+# ModelStreamInfer at batch 1 (issue 14): (streams, requests in flight per stream), 8 in all, so
+# each is read against the unary cell of the same concurrency.
+STREAM_SHAPES = ((8, 1), (1, 8))
+STREAM_FORM = "raw_input_contents"
+PEER_FORM = "raw_input_contents"  # the peers are measured on the main model's unary raw cells
 
 
 @dataclass(frozen=True)
@@ -14,18 +19,44 @@ class Cell:
     model: str
     form: str  # one of FORMS
     batch: int
-    concurrency: int
+    concurrency: int  # requests in flight in all
+    streams: int = 0  # 0: unary ModelInfer calls; N: N ModelStreamInfer streams share them
 
     @property
     def key(self) -> str:
-        return f"{self.model}/{self.form}/b{self.batch}/c{self.concurrency}"
+        base = f"{self.model}/{self.form}/b{self.batch}/c{self.concurrency}"
+        return f"{base}/stream{self.streams}x{self.depth}" if self.streams else base
+
+    @property
+    def depth(self) -> int:
+        """Requests in flight on each stream (the concurrency for a unary cell)."""
+        return self.concurrency // max(1, self.streams)
+
+    def unary(self) -> Cell:
+        """The unary cell of the same model, form, batch and concurrency."""
+        return replace(self, streams=0)
 
 
 def build_grid(model: str, wide_model: str | None) -> list[Cell]:
     cells = [Cell(model, form, b, c) for form in FORMS for b, c in NARROW_SHAPES]
     if wide_model:
         cells += [Cell(wide_model, form, b, c) for form in FORMS for b, c in WIDE_SHAPES]
+    cells += [Cell(model, STREAM_FORM, 1, s * d, s) for s, d in STREAM_SHAPES]
     return cells
 
 
-__all__ = ["FORMS", "NARROW_SHAPES", "WIDE_SHAPES", "Cell", "build_grid"]
+def is_peer_cell(cell: Cell, main_model: str) -> bool:
+    return cell.model == main_model and cell.form == PEER_FORM and not cell.streams
+
+
+__all__ = [
+    "FORMS",
+    "NARROW_SHAPES",
+    "PEER_FORM",
+    "STREAM_FORM",
+    "STREAM_SHAPES",
+    "WIDE_SHAPES",
+    "Cell",
+    "build_grid",
+    "is_peer_cell",
+]

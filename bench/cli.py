@@ -1,8 +1,10 @@
-"""`stablemlp bench`: our server against the transport and compute floors, in one run.
+"""`stablemlp bench`: our server against the transport, model and compute floors (and, asked
+for, other KServe v2 servers), in one run.
 
-Starts (or targets) our server and the transport floor on 127.0.0.1, checks both answer every
-payload correctly, times the grid from separate load processes, adds perf_analyzer's figures when
-its environment exists, and writes OUT/bench.json, OUT/bench.md and OUT/bench.png.
+Starts (or targets) our server and the floors on 127.0.0.1, checks every server answers every
+payload correctly, times the grid (unary and streaming cells) from separate load processes, adds
+perf_analyzer's figures when its environment exists, and writes OUT/bench.json, OUT/bench.md and
+OUT/bench.png. `--workers-scaling` measures `--workers N` instead (bench/scaling.py).
 """
 
 from __future__ import annotations
@@ -13,43 +15,34 @@ import datetime
 import ipaddress
 import logging
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cells import NARROW_SHAPES, build_grid
+from .cells import NARROW_SHAPES, build_grid, is_peer_cell
+from .checks import check_targets
 from .floors import read_manifests
-from .grid import (
-    Target,
-    Timing,
-    build_requests,
-    check_targets,
-    compute_floors,
-    run_grid,
+from .grid import Target, Timing, build_requests, compute_floors, run_grid
+from .lineup import (
+    build_repository,
+    checked_peers,
+    install_peers,
+    start_floors,
+    start_ours,
+    start_peers,
 )
 from .loadgen import LoadGenerator
-from .perfanalyzer import compare, resolve_wrapper
+from .peers import parse_peers
+from .perfanalyzer import compare, resolve_wrapper, streaming_check
 from .report import FORMAT, clean_json, machine_facts, targets, write_report
-from .servers import (
-    OUR_SERVER_ENV,
-    ServerProcess,
-    child_env,
-    floor_server_command,
-    measure_import,
-    memory_mb,
-    our_server_command,
-    pin_servers,
-    start_server,
-)
+from .scaling import parse_counts, scaling_main
+from .servers import ROOT, measure_import, pin_servers
 from .stats import cell_documents
 
 log = logging.getLogger(__name__)
 
-TRAIN_TIMEOUT_S = 900.0
+STREAM_PA_SHAPES = ((1, 1), (1, 8))  # perf_analyzer --streaming: (batch, concurrency)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,45 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-perf-analyzer", action="store_true", help="skip perf_analyzer")
     p.add_argument(
+        "--peers",
+        metavar="NAMES",
+        help="also measure these servers on the same model.onnx: kserve, mlserver, "
+        "mlserver-inline (comma list; each installed pinned into its own .venv-<peer> on first "
+        "use, minutes)",
+    )
+    p.add_argument("--peer-venvs", type=Path, default=ROOT, metavar="DIR",
+                   help="folder for the peers' .venv-<peer> environments")  # fmt: skip
+    p.add_argument(
+        "--workers-scaling",
+        metavar="COUNTS",
+        help="instead of the grid: req/s of `serve --workers N` for each N (e.g. 1,2,4,8); "
+        "with --pin, N workers on N cores and the load on cores none of them uses",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="tiny windows, one repeat, one cold start: checks the benchmark works",
     )
     return p
-
-
-def build_repository(root: Path, model: str, wide_model: str | None) -> Path:
-    """Train and export the models in subprocesses (torch stays out of this process)."""
-    repository = root / "model_repository"
-    jobs = [(model, ["--epochs", "3"])]
-    if wide_model:
-        jobs.append((wide_model, ["--epochs", "2", "--hidden", "256,256,256"]))
-    for name, extra in jobs:
-        run_dir = root / f"run-{name}"
-        for command in (
-            [
-                "train",
-                "--seed",
-                "0",
-                "--no-progress",
-                "--name",
-                name,
-                *extra,
-                "--output",
-                str(run_dir),
-            ],
-            ["export", str(run_dir), "--repository", str(repository)],
-        ):
-            out = subprocess.run(
-                [sys.executable, "-m", "stablemlp", *command],
-                env=child_env(),
-                capture_output=True,
-                text=True,
-                timeout=TRAIN_TIMEOUT_S,
-            )
-            if out.returncode != 0:
-                raise RuntimeError(f"stablemlp {command[0]} failed:\n{out.stderr[-3000:]}")
-    return repository
 
 
 def _timing(args: argparse.Namespace) -> Timing:
@@ -170,28 +144,11 @@ def _timing(args: argparse.Namespace) -> Timing:
                   args.client_processes, args.connections)  # fmt: skip
 
 
-def start_ours(
-    repository: Path, extra: Sequence[str], starts: int, stack: contextlib.ExitStack
-) -> tuple[ServerProcess, dict[str, Any]]:
-    """Start our server `starts` times (timing each start), keep the last one running."""
-    seconds = []
-    for i in range(max(1, starts)):
-        server = start_server("ours", our_server_command(repository, extra), OUR_SERVER_ENV)
-        seconds.append(round(server.seconds_to_serving, 3))
-        if i < starts - 1:
-            server.stop()
-    stack.callback(server.stop)
-    startup = {
-        "seconds_to_serving": seconds,
-        "seconds_to_serving_median": statistics.median(seconds),
-        "idle_rss_mb": memory_mb(server.pid)["rss_mb"],
-    }
-    return server, startup
-
-
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]:
     timing, machine = _timing(args), machine_facts()
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stablemlp-bench-")))
+    peers = parse_peers(args.peers) if args.peers else []
+    venvs, peer_docs = install_peers(peers, args.peer_venvs)  # before any server: minutes
     wide: str | None = args.wide_model or None
     repository = args.model_repository or build_repository(work, args.model, wide)
     manifests = read_manifests(repository)
@@ -213,27 +170,31 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
         server, started = start_ours(repository, args.server_arg, args.cold_starts, stack)
         startup.update(started)
         ours = Target("ours", server.address, server.pid)
-    floor_server = start_server("transport_floor", floor_server_command(repository))
-    stack.callback(floor_server.stop)
-    floor = Target("transport_floor", floor_server.address, floor_server.pid)
-    model_server = start_server("model_floor", floor_server_command(repository, run_model=True))
-    stack.callback(model_server.stop)
-    model_floor = Target("model_floor", model_server.address, model_server.pid)
-    pids = [t.pid for t in (ours, floor, model_floor) if t.pid is not None]
-    cores = pin_servers(pids, stack) if args.pin else None
+    floor, model_floor = start_floors(repository, stack)
+    peer_targets, started_docs = start_peers(peers, venvs, repository, args.model, work, stack)
+    peer_docs.update(started_docs)
+    servers = [ours, floor, model_floor, *peer_targets]
+    cores = pin_servers([t.pid for t in servers if t.pid is not None], stack) if args.pin else None
     requests = build_requests(cells, manifests)
     check_targets(repository, cells, requests, ours=ours, floors=(floor, model_floor))
+    peer_cells = [c for c in cells if is_peer_cell(c, args.model)]
+    peer_targets = checked_peers(peer_targets, ours, peer_cells, requests, peer_docs)
     compute = compute_floors(repository, cells, manifests, timing)
     with LoadGenerator(max(1, args.client_processes)) as generator:
-        grid = run_grid(generator, [floor, model_floor, ours], cells, requests, timing)
+        grid = run_grid(generator, [floor, model_floor, ours], cells, requests, timing,
+                        peer_targets, {c.key for c in peer_cells})  # fmt: skip
     wrapper = None if args.no_perf_analyzer else resolve_wrapper(args.perf_analyzer, args.smoke)
     addresses = [(t.name, t.address) for t in (floor, ours)]
     perf = compare(wrapper, args.model, addresses, NARROW_SHAPES, timing.window_s, work)
+    perf_stream = streaming_check(
+        wrapper, args.model, ours.address, STREAM_PA_SHAPES, timing.window_s, work
+    )
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     docs = cell_documents(cells, grid, compute)
     return {
         "format": FORMAT,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": ["stablemlp", "bench", *args.argv],
         "smoke": bool(args.smoke),
         "machine": machine,
         "settings": {
@@ -252,6 +213,8 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
         "cells": docs,
         "compute_floor": [{"model": m, "batch": b, **f} for (m, b), f in sorted(compute.items())],
         "perf_analyzer": perf,
+        "perf_analyzer_streaming": perf_stream,
+        "peers": peer_docs,
         "targets": targets(docs, startup),
     }
 
@@ -268,7 +231,9 @@ def is_loopback(address: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv)  # recorded in bench.json: the command that made the figures
     if args.server and not args.model_repository:
         print("stablemlp bench: --server needs --model-repository (the floors read it)",
               file=sys.stderr)  # fmt: skip
@@ -277,7 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stablemlp bench: --server {args.server}: loopback addresses only", file=sys.stderr)
         return 2
     try:
+        if args.peers:
+            parse_peers(args.peers)
+        counts = parse_counts(args.workers_scaling) if args.workers_scaling else None
+    except ValueError as err:
+        print(f"stablemlp bench: {err}", file=sys.stderr)
+        return 2
+    try:
         with contextlib.ExitStack() as stack:
+            if counts:
+                return scaling_main(args, counts, stack)
             doc = clean_json(run(args, stack))
     except (RuntimeError, OSError, TimeoutError, AssertionError) as err:
         print(f"stablemlp bench: {err}", file=sys.stderr)
@@ -287,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
         print(f"{t['name']}: {measured} ({t['comparison']} {t['limit']:g}) {met}")
+    failed = {name: p["error"] for name, p in doc["peers"].items() if p.get("error")}
+    for name, error in failed.items():
+        print(f"peer {name}: NOT measured: {error.splitlines()[0]}", file=sys.stderr)
     print(f"report: {args.output / 'bench.md'}")
-    return 0
+    return 1 if failed else 0
 
 
-__all__ = ["build_parser", "build_repository", "is_loopback", "main", "run"]
+__all__ = ["build_parser", "is_loopback", "main", "run"]

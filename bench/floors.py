@@ -1,8 +1,9 @@
 """The floors our server is measured against, taken in the same run on the same payloads.
 
 Transport floor: a bare grpc.aio server with our generated stubs whose ModelInfer returns a fixed,
-pre-built reply of the right shape without running a model (`python -m stablemlp.bench.floors ...`,
-its own process, like our server). It also answers the metadata RPCs perf_analyzer asks for, from
+pre-built reply of the right shape without running a model, and whose ModelStreamInfer answers each
+message with it as the message arrives (`python -m stablemlp.bench.floors ...`, its own process,
+like our server). It also answers the metadata RPCs perf_analyzer asks for, from
 the models' manifest.json. Compute floor: ONNX Runtime `session.run` in-process on the same rows.
 
 Model floor (`--run-model`): the transport floor that also views the request's rows (no copy) and
@@ -18,6 +19,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,20 +103,36 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, manifests: dict[str, dict[str, Any]], runners: dict[str, ModelRunner] | None = None
     ) -> None:
         self._manifests, self._runners = manifests, runners or {}
-        self._replies: dict[tuple[str, int, bool], pb.ModelInferResponse] = {}
+        self._replies: dict[
+            tuple[str, int, bool], tuple[pb.ModelInferResponse, pb.ModelStreamInferResponse]
+        ] = {}
+
+    def _reply(
+        self, request: pb.ModelInferRequest
+    ) -> tuple[pb.ModelInferResponse, pb.ModelStreamInferResponse]:
+        """The fixed reply for the request's (model, rows, form), bare and wrapped for a stream."""
+        if self._runners:
+            self._runners[request.model_name].run(request)
+        key = (request.model_name, request.inputs[0].shape[0], bool(request.raw_input_contents))
+        replies = self._replies.get(key)
+        if replies is None:
+            manifest = self._manifests[request.model_name]
+            reply = fixed_response(manifest, key[1], key[2], str(manifest["version"]))
+            replies = (reply, pb.ModelStreamInferResponse(infer_response=reply))
+            self._replies[key] = replies
+        return replies
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
-        if self._runners:
-            self._runners[request.model_name].run(request)
-        key = (request.model_name, request.inputs[0].shape[0], bool(request.raw_input_contents))
-        reply = self._replies.get(key)
-        if reply is None:
-            manifest = self._manifests[request.model_name]
-            reply = fixed_response(manifest, key[1], key[2], str(manifest["version"]))
-            self._replies[key] = reply
-        return reply
+        return self._reply(request)[0]
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One reply per message as it arrives, in order: the least a stream can cost."""
+        async for request in requests:
+            yield self._reply(request)[1]
 
     async def ServerLive(self, request: Any, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)

@@ -1,14 +1,15 @@
-"""The measurement grid: cells, their payloads, reply checks, and the repeated timed windows.
+"""The measurement grid: cells' payloads, the compute floor, and the repeated timed windows.
 
 Each cell is run against every target back to back (order alternating between repeats), so the
 floor and our server see the same moment of a noisy machine and repeat i pairs across targets.
+The replies are checked first, in bench/checks.py.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from .stats import PHASES, latency_summary_us, measurement, median_figures, phas
 
 log = logging.getLogger(__name__)
 
-METHOD = "/inference.GRPCInferenceService/ModelInfer"
+METHODS = {  # by lane: a cell's streams == 0 or not
+    False: "/inference.GRPCInferenceService/ModelInfer",
+    True: "/inference.GRPCInferenceService/ModelStreamInfer",
+}
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class Timing:
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # "ours" or "transport_floor"
+    name: str  # "ours", "transport_floor", "model_floor" or a peer's name
     address: str
     pid: int | None  # None: a server we did not start, so no CPU/RSS figures
 
@@ -67,26 +71,6 @@ def build_request(model: str, input_name: str, rows: np.ndarray, form: str) -> p
     return request
 
 
-def check_reply(address: str, request: pb.ModelInferRequest, expected: np.ndarray | None) -> None:
-    """One call through the typed stub: the reply must carry `probability` of the right shape
-    (and, for a real model, the values in-process ONNX Runtime gives)."""
-    with grpc.insecure_channel(address) as channel:
-        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)  # type: ignore[no-untyped-call]
-    names = [t.name for t in reply.outputs]
-    index = names.index("probability")
-    rows = request.inputs[0].shape[0]
-    if list(reply.outputs[index].shape) != [rows, 1]:
-        raise AssertionError(f"{address}: probability shape {list(reply.outputs[index].shape)}")
-    if expected is None:
-        return
-    if reply.raw_output_contents:
-        got = np.frombuffer(reply.raw_output_contents[index], dtype="<f4")
-    else:
-        got = np.asarray(reply.outputs[index].contents.fp32_contents, dtype=np.float32)
-    if not np.allclose(got.reshape(-1, 1), expected, atol=1e-5):
-        raise AssertionError(f"{address}: probabilities differ from in-process ONNX Runtime")
-
-
 def build_requests(
     cells: Sequence[Cell], manifests: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, pb.ModelInferRequest]:
@@ -104,41 +88,6 @@ def model_path(repository: Path, model: str) -> Path:
     versions = [int(p.name) for p in (repository / model).iterdir() if p.name.isdigit()]
     versions = [v for v in versions if v > 0]  # Triton's rule: versions are positive integers
     return repository / model / str(max(versions)) / "model.onnx"
-
-
-def request_rows(request: pb.ModelInferRequest) -> np.ndarray:
-    tensor = request.inputs[0]
-    if request.raw_input_contents:
-        flat = np.frombuffer(request.raw_input_contents[0], dtype="<f4")
-    else:
-        flat = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
-    return flat.reshape(list(tensor.shape))
-
-
-def check_targets(
-    repository: Path,
-    cells: Sequence[Cell],
-    requests: Mapping[str, pb.ModelInferRequest],
-    *,
-    ours: Target,
-    floors: Sequence[Target],
-) -> None:
-    """Before timing anything: every payload gets a well-formed reply from every server, and
-    ours the probabilities in-process ONNX Runtime computes (so it really runs the model)."""
-    import onnxruntime as ort
-
-    sessions: dict[str, Any] = {}
-    for cell in cells:
-        request = requests[cell.key]
-        if cell.model not in sessions:
-            path = str(model_path(repository, cell.model))
-            sessions[cell.model] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        session = sessions[cell.model]
-        rows = request_rows(request)
-        (expected,) = session.run(["probability"], {session.get_inputs()[0].name: rows})
-        for floor in floors:
-            check_reply(floor.address, request, None)
-        check_reply(ours.address, request, expected)
 
 
 def compute_floors(
@@ -169,10 +118,15 @@ def compute_floors(
 
 
 def server_phases(stub: Any, model: str) -> dict[str, tuple[int, int]]:
-    """Triton's ModelStatistics counters (count, ns) of the model's versions, summed; empty when
-    the server keeps none (the transport floor reports zeros)."""
-    reply = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=5)
+    """Triton's ModelStatistics counters (count, ns) of the model's versions, summed; zeros when
+    the server keeps none (the transport floor) or has no such RPC (the peers)."""
     totals = dict.fromkeys(PHASES, (0, 0))
+    try:
+        reply = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=5)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        return totals
     for version in reply.model_stats:
         for phase in PHASES:
             d = getattr(version.inference_stats, phase)
@@ -203,8 +157,8 @@ def _measure(
 
     processes = 1 if cell.concurrency == 1 else timing.client_processes
     spec = LoadSpec(
-        target.address, METHOD, payload, cell.concurrency, processes,
-        timing.warmup_s, timing.window_s, timing.max_requests, timing.connections,
+        target.address, METHODS[cell.streams > 0], payload, cell.concurrency, processes,
+        timing.warmup_s, timing.window_s, timing.max_requests, timing.connections, cell.streams,
     )  # fmt: skip
     result = generator.run(spec, on_window)
     if result.errors:
@@ -226,18 +180,23 @@ def run_grid(
     cells: Sequence[Cell],
     requests: Mapping[str, pb.ModelInferRequest],
     timing: Timing,
+    peers: Sequence[Target] = (),
+    peer_cells: Collection[str] = (),
 ) -> dict[str, dict[str, list[dict[str, float]]]]:
     """cell key -> target name -> the figures of each of `timing.repeats` windows, in order;
-    within a repeat every target is measured back to back, so repeat i pairs across targets."""
+    within a repeat every target is measured back to back, so repeat i pairs across targets.
+    The peers join the targets on the cells whose keys are in `peer_cells`."""
     payloads = {key: request.SerializeToString() for key, request in requests.items()}
-    channels = {t.name: grpc.insecure_channel(t.address) for t in targets}
+    channels = {t.name: grpc.insecure_channel(t.address) for t in [*targets, *peers]}
     stubs = {name: pb_grpc.GRPCInferenceServiceStub(ch) for name, ch in channels.items()}  # type: ignore[no-untyped-call]
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {
-        c.key: {t.name: [] for t in targets} for c in cells
-    }
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for cell in cells:
+        names = [t.name for t in targets] + [p.name for p in peers if cell.key in peer_cells]
+        runs[cell.key] = {name: [] for name in names}
     for repeat in range(timing.repeats):
-        order = list(targets) if repeat % 2 == 0 else list(reversed(targets))
         for cell in cells:
+            measured = [*targets, *(peers if cell.key in peer_cells else ())]
+            order = measured if repeat % 2 == 0 else measured[::-1]
             for target in order:
                 stub = stubs[target.name]
                 figures = _measure(generator, target, stub, cell, payloads[cell.key], timing)
@@ -261,8 +220,6 @@ __all__ = [
     "Timing",
     "build_request",
     "build_requests",
-    "check_reply",
-    "check_targets",
     "compute_floors",
     "input_spec",
     "make_rows",

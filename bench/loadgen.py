@@ -3,15 +3,18 @@
 Each worker (`python -m stablemlp.bench.loadgen`) runs one asyncio loop with K calls outstanding on
 its grpc.aio channel(s) and sends pre-serialized request bytes through a generic unary-unary call
 with no (de)serializer, so the client spends as little CPU per request as Python allows; the same
-workers drive the transport floor and our server, so their ratio is fair. The parent speaks JSON
-lines on the workers' stdin/stdout. Windows are absolute CLOCK_MONOTONIC times (system-wide on
-Linux), so every worker warms up and measures over the same interval.
+workers drive the transport floor and our server, so their ratio is fair. Streaming mode keeps S
+ModelStreamInfer calls open (generic stream-stream, raw bytes) with at most K/S messages
+unanswered on each; a reply belongs to the oldest unanswered message (replies come in order).
+The parent speaks JSON lines on the workers' stdin/stdout. Windows are absolute CLOCK_MONOTONIC
+times (system-wide on Linux), so every worker warms up and measures over the same interval.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import json
 import os
 import resource
@@ -22,6 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import grpc
 
 from .servers import child_env
 
@@ -43,6 +48,7 @@ class LoadSpec:
     window_s: float
     max_requests: int  # per worker; reaching it ends that worker's window early
     connections: int = 1  # TCP connections per worker; its calls are spread over them
+    streams: int = 0  # 0: unary calls; S: S streams, concurrency // S messages in flight on each
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,98 @@ class LoadResult:
 # --- worker side -----------------------------------------------------------------------------
 
 
-async def _drive(channels: dict[str, Any], order: dict[str, Any]) -> dict[str, Any]:
-    import grpc
+def inband_error(reply: bytes) -> str:
+    """A serialized ModelStreamInferResponse's error_message ('' when none). Field 1 is written
+    first when set (tag 0x0a, varint length), so a reply is judged without parsing it."""
+    if reply[:1] != b"\x0a":
+        return ""
+    length, shift, i = 0, 0, 1
+    while i < len(reply) and i < 6:  # a varint length: at most 5 bytes for a message this size
+        length |= (reply[i] & 0x7F) << shift
+        shift, i = shift + 7, i + 1
+        if not reply[i - 1] & 0x80:
+            break
+    return reply[i : i + length].decode("utf-8", "replace") or "empty error_message"
 
+
+class _Window:
+    """One worker's measurement: the clock marks, the cap, and what completed inside them."""
+
+    def __init__(self, order: dict[str, Any]) -> None:
+        self.measure_from, self.until = order["measure_from_ns"], order["until_ns"]
+        self.cap: int = order["max_requests"]
+        self.latencies: list[int] = []
+        self.errors, self.first_error, self.last_ns = 0, "", self.until
+
+    def open(self, now_ns: int) -> bool:
+        return now_ns < self.until and len(self.latencies) < self.cap
+
+    def done(self, t0: int, t1: int) -> None:
+        if self.measure_from <= t1 <= self.until and len(self.latencies) < self.cap:
+            self.latencies.append(t1 - t0)
+            if len(self.latencies) == self.cap:
+                self.last_ns = t1
+
+    def failed(self, text: str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or text
+
+
+async def _unary(call: Any, payload: bytes, w: _Window) -> None:
+    for _ in range(10**9):  # ends on the clock or the cap, whichever comes first
+        t0 = time.monotonic_ns()
+        if not w.open(t0):
+            return
+        try:
+            await call(payload, timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            w.failed(f"{err.code().name}: {err.details()}")
+            continue
+        w.done(t0, time.monotonic_ns())
+
+
+async def _write(
+    call: Any, payload: bytes, slots: asyncio.Semaphore, sent: Any, w: _Window
+) -> None:
+    for _ in range(10**9):  # a message whenever a slot is free, until the window closes
+        await slots.acquire()
+        if not w.open(now := time.monotonic_ns()):
+            break
+        sent.append(now)
+        await call.write(payload)
+    await call.done_writing()
+
+
+async def _stream(open_call: Any, payload: bytes, depth: int, w: _Window) -> None:
+    """One stream at a time with `depth` messages unanswered; a broken stream is counted and
+    replaced while the window lasts."""
+    for _ in range(10**6):
+        if not w.open(time.monotonic_ns()):
+            return
+        call = open_call(timeout=(w.until - time.monotonic_ns()) / 1e9 + RPC_TIMEOUT_S)
+        sent: collections.deque[int] = collections.deque()
+        slots = asyncio.Semaphore(depth)
+        writer = asyncio.ensure_future(_write(call, payload, slots, sent, w))
+        try:
+            for _ in range(10**9):  # replies until the server ends the stream
+                reply = await call.read()
+                if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    break
+                t1, t0 = time.monotonic_ns(), sent.popleft()
+                slots.release()
+                if error := inband_error(reply):
+                    w.failed(error)
+                else:
+                    w.done(t0, t1)
+            await writer
+        except grpc.aio.AioRpcError as err:
+            writer.cancel()
+            w.failed(f"{err.code().name}: {err.details()}")
+
+
+async def _drive(channels: dict[str, Any], order: dict[str, Any]) -> dict[str, Any]:
     calls = []
+    streaming = order["streams"] > 0
     for i in range(order["connections"]):
         key = f"{order['address']}#{i}"
         if key not in channels:
@@ -69,45 +163,31 @@ async def _drive(channels: dict[str, Any], order: dict[str, Any]) -> dict[str, A
             options = [*_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
             channels[key] = grpc.aio.insecure_channel(order["address"], options=options)
         await asyncio.wait_for(channels[key].channel_ready(), RPC_TIMEOUT_S)
-        calls.append(channels[key].unary_unary(order["method"]))  # no serializers: bytes
+        make = channels[key].stream_stream if streaming else channels[key].unary_unary
+        calls.append(make(order["method"]))  # no serializers: bytes
     payload = base64.b64decode(order["payload"])
-    measure_from, until, cap = order["measure_from_ns"], order["until_ns"], order["max_requests"]
-    latencies: list[int] = []
-    state: dict[str, Any] = {"errors": 0, "first_error": "", "last_ns": until}
+    w = _Window(order)
     cpu: list[float] = []
 
-    async def stream(call: Any) -> None:
-        for _ in range(10**9):  # ends on the clock or the cap, whichever comes first
-            t0 = time.monotonic_ns()
-            if t0 >= until or len(latencies) >= cap:
-                return
-            try:
-                await call(payload, timeout=RPC_TIMEOUT_S)
-            except grpc.aio.AioRpcError as err:
-                state["errors"] += 1
-                state["first_error"] = state["first_error"] or f"{err.code().name}: {err.details()}"
-                continue
-            t1 = time.monotonic_ns()
-            if measure_from <= t1 <= until and len(latencies) < cap:
-                latencies.append(t1 - t0)
-                if len(latencies) == cap:
-                    state["last_ns"] = t1
-
     async def cpu_marks() -> None:
-        for mark in (measure_from, until):
+        for mark in (w.measure_from, w.until):
             await asyncio.sleep(max(0.0, (mark - time.monotonic_ns()) / 1e9))
             usage = resource.getrusage(resource.RUSAGE_SELF)
             cpu.append(usage.ru_utime + usage.ru_stime)
 
     marks = asyncio.ensure_future(cpu_marks())
-    await asyncio.gather(*(stream(calls[i % len(calls)]) for i in range(order["concurrency"])))
+    if streaming:
+        depth = order["concurrency"] // order["streams"]
+        loops = [_stream(calls[i % len(calls)], payload, depth, w) for i in range(order["streams"])]
+    else:
+        loops = [_unary(calls[i % len(calls)], payload, w) for i in range(order["concurrency"])]
+    await asyncio.gather(*loops)
     await marks
-    window_ns = max(1, min(until, state["last_ns"]) - measure_from)
     return {
-        "latencies_ns": latencies,
-        "window_ns": window_ns,
-        "errors": state["errors"],
-        "first_error": state["first_error"],
+        "latencies_ns": w.latencies,
+        "window_ns": max(1, min(w.until, w.last_ns) - w.measure_from),
+        "errors": w.errors,
+        "first_error": w.first_error,
         "client_cpu_s": cpu[1] - cpu[0],
     }
 
@@ -172,11 +252,10 @@ class LoadGenerator:
         self, spec: LoadSpec, on_window: Callable[[float, float], None] | None = None
     ) -> LoadResult:
         """Measure once. `on_window(start, end)` (monotonic s) runs in this process meanwhile."""
-        procs = self._procs[: max(1, min(spec.processes, spec.concurrency, self.size))]
-        shares = [
-            spec.concurrency // len(procs) + (i < spec.concurrency % len(procs))
-            for i in range(len(procs))
-        ]
+        units = spec.streams or spec.concurrency  # what is split over the workers
+        procs = self._procs[: max(1, min(spec.processes, units, self.size))]
+        shares = [units // len(procs) + (i < units % len(procs)) for i in range(len(procs))]
+        depth = spec.concurrency // spec.streams if spec.streams else 1
         start_ns = time.monotonic_ns() + 50_000_000  # time for the orders to reach every worker
         measure_from = start_ns + int(spec.warmup_s * 1e9)
         until = measure_from + int(spec.window_s * 1e9)
@@ -185,7 +264,8 @@ class LoadGenerator:
                 "address": spec.address,
                 "method": spec.method,
                 "payload": base64.b64encode(spec.payload).decode(),
-                "concurrency": share,
+                "concurrency": share * depth,
+                "streams": share if spec.streams else 0,
                 "measure_from_ns": measure_from,
                 "until_ns": until,
                 "max_requests": spec.max_requests,

@@ -6,21 +6,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .stats import PHASES
-
-
-def _num(value: Any, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
+from .tables import cost_rows, peer_rows, perf_analyzer_streaming_rows, spread, stream_rows
+from .tables import key as _key
+from .tables import num as _num
 
 
 def _range(cell: Mapping[str, Any], key: str) -> str:
-    low_high = cell.get("vs_transport_floor_range", {}).get(key) or []
-    return f"({low_high[0]:.2f}..{low_high[1]:.2f})" if len(low_high) == 2 else ""
-
-
-def _key(cell: Mapping[str, Any]) -> str:
-    """A row's first four cells: model, form, batch, concurrency."""
-    form = cell["form"].split("_")[0]
-    return f"| {cell['model']} | {form} | {cell['batch']} | {cell['concurrency']} "
+    return spread(cell.get("vs_transport_floor_range", {}).get(key))
 
 
 def _cell_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -122,7 +114,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         "",
         _placement(s.get("pinned")),
         "",
-        "## Targets (issue 5)",
+        "## Targets (issues 5 and 14)",
         "",
         "| figure | measured | target | met |",
         "| --- | --- | --- | --- |",
@@ -134,6 +126,9 @@ def markdown(doc: Mapping[str, Any]) -> str:
         )
     out += ["", "## Ours vs the transport floor (same load generator, same payloads)", ""]
     out += _cell_rows(doc["cells"])
+    out += stream_rows(doc["cells"])
+    out += peer_rows(doc)
+    out += cost_rows(doc["cells"])
     out += _model_floor_rows(doc["cells"])
     out += _phase_rows(doc["cells"])
     out += [
@@ -178,6 +173,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
                 f"| {_num(ours.get('p50_us'))}/{_num(ours.get('p99_us'))} "
                 f"| {_num(floor.get('p50_us'))}/{_num(floor.get('p99_us'))} |"
             )
+    out += perf_analyzer_streaming_rows(doc.get("perf_analyzer_streaming"))
     out += ["", f"Plot: {doc['plot'] or 'not written (matplotlib missing)'}", ""]
     return "\n".join(out)
 

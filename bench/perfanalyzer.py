@@ -66,13 +66,18 @@ def run_perf_analyzer(
     workdir: Path,
     window_ms: int,
     timeout_s: float,
+    streaming: bool = False,
 ) -> dict[str, float] | None:
-    """One stabilised measurement; None (with a warning) when it fails or runs out of time."""
-    csv_path = workdir / f"pa-{model}-b{batch}-c{concurrency}-{address.replace(':', '_')}.csv"
+    """One stabilised measurement (`streaming`: through ModelStreamInfer); None (with a warning)
+    when it fails or runs out of time."""
+    lane = "-stream" if streaming else ""
+    name = f"pa-{model}-b{batch}-c{concurrency}{lane}-{address.replace(':', '_')}.csv"
+    csv_path = workdir / name
     command = [
         *(str(wrapper), "-m", model, "-u", address, "-i", "grpc", "-b", str(batch)),
         *("--concurrency-range", f"{concurrency}:{concurrency}", "-p", str(window_ms)),
         *("-s", STABILITY_PCT, "-r", MAX_TRIALS, "--input-data", "random", "-f", str(csv_path)),
+        *(["--streaming"] if streaming else []),
     ]
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
@@ -113,6 +118,28 @@ def compare(
     return {"note": note, "cells": cells}
 
 
+def streaming_check(
+    wrapper: Path | None,
+    model: str,
+    address: str,
+    shapes: Sequence[tuple[int, int]],
+    window_s: float,
+    workdir: Path,
+) -> dict[str, Any]:
+    """perf_analyzer --streaming against our server (issue 14: Triton's own client must work
+    with our ModelStreamInfer); its figures, or why there are none."""
+    if wrapper is None:
+        return {"note": "no perf_analyzer environment (scripts/setup_triton_venv.sh)", "cells": []}
+    window_ms = max(500, int(window_s * 500))
+    cells = []
+    for batch, concurrency in shapes:
+        ours = run_perf_analyzer(wrapper, address, model, batch, concurrency, workdir, window_ms,
+                                 TIMEOUT_S, streaming=True)  # fmt: skip
+        cells.append({"model": model, "batch": batch, "concurrency": concurrency, "ours": ours})
+    note = f"--streaming, -p {window_ms} ms windows, stability {STABILITY_PCT} %"
+    return {"note": note, "cells": cells}
+
+
 __all__ = [
     "COLUMNS",
     "compare",
@@ -120,4 +147,5 @@ __all__ = [
     "parse_csv",
     "resolve_wrapper",
     "run_perf_analyzer",
+    "streaming_check",
 ]

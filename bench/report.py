@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 FORMAT = "stablemlp.bench/1"
 THROUGHPUT_TARGET = 0.85  # issue 5: >= 0.85 x the transport floor
 LATENCY_TARGET = 1.15  # issue 5: p50 at concurrency 1 <= 1.15 x the transport floor's
+# issue 14: ModelStreamInfer req/s at batch 1 / the unary transport floor's at concurrency 8,
+# by (streams, in flight per stream)
+STREAM_TARGETS = {(8, 1): 2.0, (1, 8): 1.5}
 START_TARGET_S = 1.0
 IDLE_RSS_TARGET_MB = 150.0
 
@@ -74,8 +77,17 @@ def targets(cells: Sequence[Mapping[str, Any]], startup: Mapping[str, Any]) -> l
     for cell in cells:
         if cell["model"] != cells[0]["model"]:
             continue  # the figures are stated for the main model
-        vs = cell["vs_transport_floor"]
         shape = f"batch {cell['batch']}, concurrency {cell['concurrency']}, {cell['form']}"
+        if streams := cell.get("streams", 0):
+            depth = cell["concurrency"] // streams
+            limit = STREAM_TARGETS.get((streams, depth))
+            if limit is not None:
+                name = (f"ModelStreamInfer req/s / unary floor's, batch {cell['batch']}, "
+                        f"{streams} stream(s) x {depth} in flight")  # fmt: skip
+                measured = cell["vs_unary_transport_floor"].get("requests_per_s")
+                rows.append(_target(name, measured, limit, at_least=True))
+            continue
+        vs = cell["vs_transport_floor"]
         if cell["concurrency"] == 8 and cell["batch"] in (1, 64):
             rows.append(
                 _target(
@@ -119,7 +131,11 @@ def plot(doc: Mapping[str, Any], path: Path) -> bool:
     styles = {"fp32_contents": ("-", "o"), "raw_input_contents": ("--", "s")}
     ticks: set[int] = set()
     for form, (line, marker) in styles.items():
-        cells = [c for c in doc["cells"] if (c["model"], c["form"], c["batch"]) == (main, form, 1)]
+        cells = [
+            c
+            for c in doc["cells"]
+            if (c["model"], c["form"], c["batch"], c.get("streams", 0)) == (main, form, 1, 0)
+        ]
         conc = [c["concurrency"] for c in cells]
         ticks.update(conc)
         for who, color in colors.items():
@@ -156,6 +172,7 @@ def write_report(doc: dict[str, Any], out_dir: Path) -> None:
 
 __all__ = [
     "FORMAT",
+    "STREAM_TARGETS",
     "clean_json",
     "machine_facts",
     "plot",

@@ -70,6 +70,8 @@ def measurement(
         figures["server_cpu_cores"] = server_cpu_s / window_s
         served = requests_per_s * window_s
         figures["server_cpu_us_per_request"] = server_cpu_s / served * 1e6 if served else math.nan
+        # the cost figure of issue 14: server CPU-seconds per 1,000 requests
+        figures["server_cpu_s_per_1000"] = server_cpu_s / served * 1e3 if served else math.nan
     return figures
 
 
@@ -131,45 +133,77 @@ def ratios(ours: Mapping[str, float], floor: Mapping[str, float]) -> dict[str, f
     return {key: ratio(ours[key], floor[key]) for key in RATIO_KEYS if key in ours and key in floor}
 
 
+BASE_TARGETS = ("ours", "transport_floor", "model_floor")
+
+
+def _versus(
+    ours: Sequence[Mapping[str, float]], other: Sequence[Mapping[str, float]]
+) -> dict[str, Any]:
+    """Paired ratios of ours to another target's repeats, with the range of the throughput's."""
+    return {
+        "ratios": paired_ratios(ours, other),
+        "range": {k: ratio_range(ours, other, k) for k in ("requests_per_s", "p50_us", "p99_us")},
+    }
+
+
 def cell_documents(
     cells: Sequence[Cell],
     grid: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]],
     compute: Mapping[tuple[str, int], Mapping[str, float]],
 ) -> list[dict[str, Any]]:
     """Per cell: medians over repeats, ratios to the transport floor (median of the paired
-    per-repeat ratios, with their range) and to the compute floor."""
+    per-repeat ratios, with their range) and to the compute floor. A stream cell is also read
+    against the unary transport floor of the same concurrency (issue 14's yardstick), and a cell
+    the peers ran holds ours / peer for each."""
     docs = []
     for cell in cells:
-        ours, floor = grid[cell.key]["ours"], grid[cell.key]["transport_floor"]
-        model_floor = grid[cell.key]["model_floor"]
+        runs = grid[cell.key]
+        ours, floor, model_floor = (runs[name] for name in BASE_TARGETS)
         ours_median = median_figures(ours)
-        spread = {k: ratio_range(ours, floor, k) for k in ("requests_per_s", "p50_us", "p99_us")}
-        docs.append(
-            {
-                "model": cell.model,
-                "form": cell.form,
-                "batch": cell.batch,
-                "concurrency": cell.concurrency,
-                "repeats": len(ours),
-                "ours": ours_median,
-                "transport_floor": median_figures(floor),
-                "vs_transport_floor": paired_ratios(ours, floor),
-                "vs_transport_floor_range": spread,
-                "model_floor": median_figures(model_floor),
-                "vs_model_floor": paired_ratios(ours, model_floor),
-                "model_floor_vs_transport_floor": paired_ratios(model_floor, floor),
-                "vs_compute_floor": ratios(
-                    {k: ours_median[k] for k in ("requests_per_s", "p50_us", "p99_us")},
-                    compute[(cell.model, cell.batch)],
-                ),
-                "ours_repeats": list(ours),
-                "transport_floor_repeats": list(floor),
+        doc: dict[str, Any] = {
+            "model": cell.model,
+            "form": cell.form,
+            "batch": cell.batch,
+            "concurrency": cell.concurrency,
+            "streams": cell.streams,
+            "repeats": len(ours),
+            "ours": ours_median,
+            "transport_floor": median_figures(floor),
+            "vs_transport_floor": paired_ratios(ours, floor),
+            "vs_transport_floor_range": _versus(ours, floor)["range"],
+            "model_floor": median_figures(model_floor),
+            "vs_model_floor": paired_ratios(ours, model_floor),
+            "model_floor_vs_transport_floor": paired_ratios(model_floor, floor),
+            "vs_compute_floor": ratios(
+                {k: ours_median[k] for k in ("requests_per_s", "p50_us", "p99_us")},
+                compute[(cell.model, cell.batch)],
+            ),
+            "ours_repeats": list(ours),
+            "transport_floor_repeats": list(floor),
+        }
+        if cell.streams:
+            unary_floor = grid[cell.unary().key]["transport_floor"]
+            versus = _versus(ours, unary_floor)
+            doc["unary_transport_floor"] = median_figures(unary_floor)
+            doc["vs_unary_transport_floor"] = versus["ratios"]
+            doc["vs_unary_transport_floor_range"] = versus["range"]
+        peers = {}
+        for name in (n for n in runs if n not in BASE_TARGETS):
+            versus = _versus(ours, runs[name])
+            peers[name] = {
+                "figures": median_figures(runs[name]),
+                "ours_vs_peer": versus["ratios"],
+                "ours_vs_peer_range": versus["range"],
+                "repeats": list(runs[name]),
             }
-        )
+        if peers:
+            doc["peers"] = peers
+        docs.append(doc)
     return docs
 
 
 __all__ = [
+    "BASE_TARGETS",
     "PERCENTILES",
     "PHASES",
     "RATIO_KEYS",

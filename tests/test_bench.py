@@ -20,10 +20,22 @@ import numpy as np
 import pytest
 
 from stablemlp.bench import stats
+from stablemlp.bench.cells import Cell, build_grid, is_peer_cell
 from stablemlp.bench.cli import is_loopback
 from stablemlp.bench.cli import main as bench_main
+from stablemlp.bench.loadgen import LoadGenerator, LoadSpec, inband_error
+from stablemlp.bench.markdown import markdown
+from stablemlp.bench.peers import (
+    PEERS,
+    parse_peers,
+    requirements,
+    write_kserve,
+    write_mlserver,
+    write_peer,
+)
 from stablemlp.bench.perfanalyzer import find_wrapper, parse_csv, run_perf_analyzer
 from stablemlp.bench.report import targets
+from stablemlp.bench.scaling import parse_counts, placement
 from stablemlp.bench.servers import child_env, floor_server_command, start_server
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
@@ -136,6 +148,154 @@ def test_parse_perf_analyzer_csv(tmp_path: Path) -> None:
     assert (figures["p50_us"], figures["p90_us"], figures["p99_us"]) == (890, 1327, 2457)
 
 
+# --- unit: issue 14's plumbing (streams, peers, costs, worker scaling) ------------------------
+
+
+@pytest.mark.parametrize("text", ["bad input", "x" * 300])  # a 1- and a 2-byte varint length
+def test_inband_error_is_read_without_parsing(text: str) -> None:
+    failed = pb.ModelStreamInferResponse(error_message=text).SerializeToString()
+    answered = pb.ModelStreamInferResponse(
+        infer_response=pb.ModelInferResponse(model_name="m", id="r1")
+    ).SerializeToString()
+    assert inband_error(failed) == text
+    assert inband_error(answered) == ""
+    assert inband_error(b"") == ""
+
+
+def test_the_grid_has_stream_cells_read_against_unary_cells() -> None:
+    cells = build_grid("m", "w")
+    keys = {c.key for c in cells}
+    streams = [c for c in cells if c.streams]
+    assert [(c.streams, c.depth, c.concurrency, c.batch) for c in streams] == [
+        (8, 1, 8, 1),
+        (1, 8, 8, 1),
+    ]
+    assert all(c.unary().key in keys and c.key not in {u.key for u in cells if not u.streams}
+               for c in streams)  # fmt: skip
+    assert streams[0].key == "m/raw_input_contents/b1/c8/stream8x1"
+    peer_cells = [(c.batch, c.concurrency) for c in cells if is_peer_cell(c, "m")]
+    assert peer_cells == [(1, 1), (1, 8), (1, 32), (64, 8)]
+
+
+def _figures(rps: float, cpu: float = 0.2, rss: float = 100.0) -> dict[str, float]:
+    return {"requests_per_s": rps, "p50_us": 1e6 / rps, "p99_us": 2e6 / rps,
+            "server_cpu_s_per_1000": cpu, "rss_mb": rss}  # fmt: skip
+
+
+def test_stream_and_peer_documents_pair_repeats() -> None:
+    unary, stream = Cell("m", "raw_input_contents", 1, 8), Cell("m", "raw_input_contents", 1, 8, 8)
+    base = {"ours": [_figures(900), _figures(450)], "model_floor": [_figures(800)] * 2}
+    grid = {
+        unary.key: {**base, "transport_floor": [_figures(1000), _figures(500)],
+                    "kserve": [_figures(300), _figures(150)]},
+        stream.key: {**base, "transport_floor": [_figures(4000)] * 2,
+                     "ours": [_figures(2000), _figures(1100)]},
+    }  # fmt: skip
+    compute = {("m", 1): _figures(50_000)}
+    plain, streamed = stats.cell_documents([unary, stream], grid, compute)
+    assert streamed["streams"] == 8 and "peers" not in streamed
+    assert streamed["vs_unary_transport_floor"]["requests_per_s"] == pytest.approx(2.1)
+    assert streamed["vs_unary_transport_floor_range"]["requests_per_s"] == [2.0, 2.2]
+    assert streamed["vs_transport_floor"]["requests_per_s"] == pytest.approx(0.3875)
+    assert "vs_unary_transport_floor" not in plain
+    assert plain["peers"]["kserve"]["ours_vs_peer"]["requests_per_s"] == pytest.approx(3.0)
+    assert plain["peers"]["kserve"]["figures"]["requests_per_s"] == 225
+    rows = targets([plain, streamed], {})
+    (stream_target,) = [r for r in rows if "stream" in r["name"]]
+    assert (stream_target["limit"], stream_target["met"]) == (2.0, True)
+
+
+def test_markdown_reports_streams_peers_and_costs() -> None:
+    unary, stream = Cell("m", "raw_input_contents", 1, 8), Cell("m", "raw_input_contents", 1, 8, 1)
+    runs = {"ours": [_figures(900, 0.3, 110)], "transport_floor": [_figures(1000, 0.1, 60)],
+            "model_floor": [_figures(800)]}  # fmt: skip
+    grid = {unary.key: {**runs, "mlserver": [_figures(200, 1.5, 400)]}, stream.key: runs}
+    cells = stats.cell_documents([unary, stream], grid, {("m", 1): _figures(50_000)})
+    doc = {
+        "created_utc": "now", "smoke": True, "machine": {"cores": 2, "load_average_start": [],
+        "load_average_end": []}, "startup": {}, "compute_floor": [], "plot": None,
+        "settings": {"repeats": 1, "window_s": 1, "warmup_s": 0, "client_processes": 1},
+        "perf_analyzer": {"note": "absent", "cells": []}, "cells": cells,
+        "targets": targets(cells, {}),
+        "peers": {"mlserver": {"versions": {"mlserver": "1.7.1"}, "note": "n",
+                               "seconds_to_ready": 2, "idle_rss_mb": 300},
+                  "kserve": {"requirements": ["kserve==0.21.0"],
+                             "error": "pip install failed (1):\nno network"}},
+    }  # fmt: skip
+    text = markdown(doc)
+    assert "| 1 x 8 | 900 | 1,000 | 0.90 (0.90..0.90) | 1,000 | 0.90 |" in text
+    assert "| mlserver | 1 | 8 | 900 | 200 | 4.50 (4.50..4.50) |" in text
+    assert "| m | raw | 1 | 8 | 0.300 / 110 | 0.100 / 60 | 0.200 / 100 | 1.500 / 400 |" in text
+    assert "**kserve**: NOT measured: pip install failed (1):" in text
+    assert "**mlserver** (mlserver 1.7.1)" in text
+
+
+def test_peers_are_named_and_pinned() -> None:
+    assert [p.name for p in parse_peers("mlserver, kserve,mlserver")] == ["mlserver", "kserve"]
+    with pytest.raises(ValueError, match="known: kserve, mlserver, mlserver-inline"):
+        parse_peers("kserve,triton")
+    for peer in PEERS.values():
+        pins = requirements(peer)
+        assert pins[0].startswith(f"{peer.distribution}==") and pins[1].startswith("onnxruntime==")
+    assert bench_main(["--peers", "nope", "--output", "unused"]) == 2
+
+
+def test_a_peer_that_cannot_be_installed_is_reported_with_the_reason(tmp_path: Path) -> None:
+    from stablemlp.bench.lineup import install_peers
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the venv would go below a file: `python -m venv` fails at once
+    venvs, failed = install_peers([PEERS["kserve"]], blocker)
+    assert venvs == {} and failed["kserve"]["requirements"][0] == "kserve==0.21.0"
+    assert failed["kserve"]["error"].startswith("kserve: venv failed")
+
+
+def test_peer_files_bind_loopback_and_serve_the_onnx_file(tmp_path: Path) -> None:
+    """What a peer runs, written without installing it: the glue (it must compile), the
+    settings (127.0.0.1, free ports), the command."""
+    onnx, venv = tmp_path / "repo" / "m" / "1" / "model.onnx", tmp_path / "venv"
+    kserve = write_kserve(tmp_path / "kserve", venv, "m", onnx, 50_001)
+    assert kserve[:3] == [
+        str(venv / "bin" / "python"),
+        "-I",
+        str(tmp_path / "kserve" / "peer_kserve.py"),
+    ]
+    args = dict(zip(kserve[3::2], kserve[4::2], strict=True))
+    assert args["--model_name"] == "m" and args["--model-path"] == str(onnx)
+    assert args["--grpc_port"] == "50001" and args["--enable_latency_logging"] == "false"
+    mlserver = write_peer(PEERS["mlserver-inline"], tmp_path / "mls", venv, "m", onnx, 50_002)
+    assert mlserver == [str(venv / "bin" / "mlserver"), "start", str(tmp_path / "mls")]
+    settings = json.loads((tmp_path / "mls" / "settings.json").read_text())
+    assert settings["host"] == "127.0.0.1" and settings["grpc_port"] == 50_002
+    assert settings["parallel_workers"] == 0  # the variant's one setting; mlserver: the default
+    write_mlserver(tmp_path / "default", venv, "m", onnx, 50_003)
+    assert "parallel_workers" not in json.loads(
+        (tmp_path / "default" / "settings.json").read_text()
+    )
+    ports = {settings[k] for k in ("grpc_port", "http_port", "metrics_port")}
+    assert len(ports) == 3 and all(isinstance(p, int) and p > 0 for p in ports)
+    model = json.loads((tmp_path / "mls" / "m" / "model-settings.json").read_text())
+    assert model == {"name": "m", "implementation": "peer_mlserver.OnnxModel",
+                     "parameters": {"uri": str(onnx)}}  # fmt: skip
+    for glue in (
+        tmp_path / "kserve" / "peer_kserve.py",
+        tmp_path / "mls" / "m" / "peer_mlserver.py",
+    ):
+        compile(glue.read_text(), str(glue), "exec")  # the peer imports it; we only compile it
+
+
+def test_worker_scaling_counts_and_placement() -> None:
+    assert parse_counts("8,1,2,4,2") == [1, 2, 4, 8]
+    for bad in ("", "0,1", "one"):
+        with pytest.raises(ValueError, match="--workers-scaling"):
+            parse_counts(bad)
+    servers, load = placement(range(16), [1, 2, 4, 8])
+    assert servers == {1: {0}, 2: {0, 1}, 4: {0, 1, 2, 3}, 8: set(range(8))}
+    assert load == set(range(8, 16))
+    with pytest.raises(ValueError, match="needs more than 2 cores, found 2"):
+        placement([0, 1], [1, 2])
+
+
 # --- integration: a smoke run against real servers ---------------------------------------------
 
 
@@ -187,7 +347,14 @@ def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Pa
         for batch, conc in ((1, 1), (1, 8), (1, 32), (64, 8)):
             assert ("breast_cancer", form, batch, conc) in shapes
         assert {(WIDE, form, 1, 1), (WIDE, form, 1, 8)} <= shapes
+    streams = [c for c in doc["cells"] if c["streams"]]
+    assert [(c["streams"], c["concurrency"]) for c in streams] == [(8, 8), (1, 8)]
+    for cell in streams:
+        assert cell["form"] == "raw_input_contents" and cell["batch"] == 1
+        assert cell["vs_unary_transport_floor"]["requests_per_s"] > 0
+        assert cell["unary_transport_floor"]["requests_per_s"] > 0
     for cell in doc["cells"]:
+        assert cell["ours"]["server_cpu_s_per_1000"] > 0 and "peers" not in cell
         for who in ("ours", "transport_floor"):
             figures = cell[who]
             assert figures["requests_per_s"] > 0, (cell["model"], who)
@@ -212,13 +379,65 @@ def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Pa
     assert 0 < startup["seconds_to_serving_median"] < 60 and startup["idle_rss_mb"] > 0
     assert [t["met"] is not None for t in doc["targets"]] == [True] * len(doc["targets"])
     assert doc["perf_analyzer"]["cells"] == []  # a smoke run leaves it out unless asked
+    assert doc["perf_analyzer_streaming"]["cells"] == [] and doc["peers"] == {}
+    assert doc["command"] == ["stablemlp", "bench", *argv]
     assert doc["settings"]["pinned"] is None  # --pin not given
 
     text = (out / "bench.md").read_text()
     assert "Placement: unpinned" in text and "## The model floor" in text
-    assert "## Targets (issue 5)" in text and "| breast_cancer_wide | raw | 1 | 8 |" in text
+    assert "## Targets (issues 5 and 14)" in text and "| breast_cancer_wide | raw | 1 | 8 |" in text
+    assert "## Streaming lane" in text and "| breast_cancer | raw, 8 streams x 1 | 1 | 8 |" in text
+    assert "## Cost: server CPU-seconds per 1,000 requests" in text
     if doc["plot"]:
         assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+@pytest.mark.slow
+def test_stream_load_counts_replies_and_inband_errors(model_repository: Path, server: Any) -> None:
+    """The load generator's streaming mode: replies from the transport floor's stream counted in
+    the window; our server's in-band failures counted as errors with their message."""
+    from stablemlp.bench.grid import build_request, make_rows
+
+    good = build_request("breast_cancer", "features", make_rows(1, 30), "raw_input_contents")
+    bad = build_request("breast_cancer", "features", make_rows(1, 5), "raw_input_contents")
+    floor = start_server("transport_floor", floor_server_command(model_repository))
+    try:
+        with LoadGenerator(1) as generator:
+
+            def spec(address: str, payload: bytes, streams: int) -> LoadSpec:
+                return LoadSpec(address, STREAM_METHOD, payload, 4, 1, 0.05, 0.3, 100_000,
+                                streams=streams)  # fmt: skip
+
+            answered = generator.run(spec(floor.address, good.SerializeToString(), 2))
+            failed = generator.run(spec(server.address, bad.SerializeToString(), 1))
+    finally:
+        assert floor.stop() == 0
+    assert answered.errors == 0 and answered.requests_per_s > 0 and answered.latencies_ns
+    assert failed.errors > 0 and not failed.latencies_ns
+    assert "shape[1]: got 5, expected 30" in failed.first_error
+
+
+@pytest.mark.slow
+def test_worker_scaling_plumbing_at_one_and_two_workers(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """--workers-scaling on this machine: the plumbing at 1 and 2 workers (the figures need a
+    machine with the cores, scripts/workers_scaling.sh)."""
+    argv = ["--workers-scaling", "2,1", "--smoke", "--model-repository", str(model_repository),
+            "--output", str(tmp_path)]  # fmt: skip
+    assert bench_main(argv) == 0
+    doc = json.loads((tmp_path / "scaling.json").read_text())
+    assert doc["settings"]["worker_counts"] == [1, 2] and doc["settings"]["pinned"] is None
+    shapes = [(c["batch"], c["concurrency"], c["workers"]) for c in doc["cells"]]
+    assert shapes == [(1, 64, 1), (1, 64, 2), (64, 16, 1), (64, 16, 2)]
+    for cell in doc["cells"]:
+        assert cell["figures"]["requests_per_s"] > 0 and cell["figures"]["errors"] == 0
+        assert cell["figures"]["server_cpu_s_per_1000"] > 0
+    assert doc["cells"][0]["vs_fewest_workers"]["requests_per_s"] == 1.0
+    assert "| 64 | 16 | 2 |" in (tmp_path / "scaling.md").read_text()
 
 
 @pytest.mark.slow
@@ -251,6 +470,17 @@ def test_perf_analyzer_drives_the_transport_floor(model_repository: Path, tmp_pa
         )
     finally:
         assert floor.stop() == 0
+    assert figures is not None and figures["inferences_per_s"] > 0 and figures["p99_us"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_wrapper(TRITON_VENV) is None, reason="no perf_analyzer environment")
+def test_perf_analyzer_streams_to_our_server(server: Any, tmp_path: Path) -> None:
+    """Triton's own client through ModelStreamInfer (it matches replies by request id)."""
+    wrapper = find_wrapper(TRITON_VENV)
+    assert wrapper is not None
+    figures = run_perf_analyzer(wrapper, server.address, "breast_cancer", 1, 2, tmp_path, 300,
+                                timeout_s=60, streaming=True)  # fmt: skip
     assert figures is not None and figures["inferences_per_s"] > 0 and figures["p99_us"] > 0
 
 
