@@ -33,16 +33,17 @@ class ReplyEncoder:
         outputs: tuple[TensorSpec, ...],
         rows: int,
         raw: bool,
+        response: pb.ModelInferResponse | None = None,
     ) -> pb.ModelInferResponse:
-        """The reply to `request`: its id echoed, `outputs` (those asked for) in order."""
-        if outputs is self.outputs and request.model_name == self.model_name:
+        """The reply to `request`: its id echoed, `outputs` (those asked for) in order; written
+        into `response` if given (an empty one, e.g. inside a stream's reply: no copy then)."""
+        if response is None:
             response = pb.ModelInferResponse()
+        if outputs is self.outputs and request.model_name == self.model_name:
             response.CopyFrom(self._template(rows))
             fields = self._fields
         else:
-            response = pb.ModelInferResponse(
-                model_name=request.model_name, model_version=self.model_version
-            )
+            response.model_name, response.model_version = request.model_name, self.model_version
             for spec in outputs:
                 response.outputs.add(
                     name=spec.name, datatype=spec.datatype, shape=(rows, spec.width)

@@ -46,7 +46,23 @@ class GrpcWire:
         return codec.replies.encode(request, results, decoded.outputs, decoded.rows, decoded.raw)
 
 
-WIRE = GrpcWire()
+class StreamWire:
+    """The same decode, with each reply written straight into a ModelStreamInferResponse."""
+
+    decode = staticmethod(GrpcWire.decode)
+
+    @staticmethod
+    def encode(
+        codec: Codec, request: pb.ModelInferRequest, decoded: Decoded, results: Results
+    ) -> pb.ModelStreamInferResponse:
+        reply = pb.ModelStreamInferResponse()
+        codec.replies.encode(
+            request, results, decoded.outputs, decoded.rows, decoded.raw, reply.infer_response
+        )
+        return reply
+
+
+WIRE, STREAM_WIRE = GrpcWire(), StreamWire()
 
 
 def _tensors(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -116,10 +132,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         """Start each request as it arrives (at most STREAM_WINDOW unanswered); at the end of the
         stream, or when cancelled (the server is stopping), take no more."""
+        loop = asyncio.get_running_loop()
         try:
             async for request in requests:
                 await window.acquire()
-                answers.put_nowait(asyncio.ensure_future(self._stream_answer(request, context)))
+                answers.put_nowait(loop.create_task(self._stream_answer(request, context)))
         except asyncio.CancelledError:
             pass  # stopping, or the call ended: no new requests; those started are answered
         finally:
@@ -130,15 +147,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStreamInferResponse:
         try:
             check_decoded(request)
-            response = await self._infer(request, context)
+            reply: pb.ModelStreamInferResponse = await self._dataplane.infer(
+                request.model_name, request.model_version, request, STREAM_WIRE,
+                lambda: cancelled_status(context),
+            )  # fmt: skip
         except Exception as err:  # one message's failure, answered in-band
             reply = pb.ModelStreamInferResponse(
                 error_message=failure(err, "ModelStreamInfer", context.peer())[1]
             )
             if not isinstance(request, Undecodable):
                 reply.infer_response.id = request.id  # which request failed
-            return reply
-        return pb.ModelStreamInferResponse(infer_response=response)
+        return reply
 
     def end_streams(self) -> None:
         """Shutdown: every open stream takes no new request; each ends once its own are answered
@@ -263,8 +282,10 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
 __all__ = [
     "EXTENSIONS",
     "SERVER_NAME",
+    "STREAM_WIRE",
     "WIRE",
     "GrpcWire",
     "InferenceServicer",
+    "StreamWire",
     "add_inference_service",
 ]
