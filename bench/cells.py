@@ -7,6 +7,9 @@ from dataclasses import dataclass, replace
 FORMS = ("fp32_contents", "raw_input_contents")
 NARROW_SHAPES = ((1, 1), (1, 8), (1, 32), (64, 8))  # (batch, concurrency), issue 5
 WIDE_SHAPES = ((1, 1), (1, 8))
+# A model with text columns (palmerpenguins' `species`, `island` as BYTES inputs), raw form.
+TEXT_SHAPES = ((1, 8), (64, 8))
+TEXT_FORM = "raw_input_contents"
 # ModelStreamInfer at batch 1 (issue 14): (streams, requests in flight per stream), 8 in all, so
 # each is read against the unary cell of the same concurrency.
 STREAM_SHAPES = ((8, 1), (1, 8))
@@ -37,10 +40,12 @@ class Cell:
         return replace(self, streams=0)
 
 
-def build_grid(model: str, wide_model: str | None) -> list[Cell]:
+def build_grid(model: str, wide_model: str | None, text_model: str | None = None) -> list[Cell]:
     cells = [Cell(model, form, b, c) for form in FORMS for b, c in NARROW_SHAPES]
     if wide_model:
         cells += [Cell(wide_model, form, b, c) for form in FORMS for b, c in WIDE_SHAPES]
+    if text_model:  # issue 13: what BYTES decoding and the category lookup cost
+        cells += [Cell(text_model, TEXT_FORM, b, c) for b, c in TEXT_SHAPES]
     cells += [Cell(model, STREAM_FORM, 1, s * d, s) for s, d in STREAM_SHAPES]
     return cells
 
@@ -55,6 +60,8 @@ __all__ = [
     "PEER_FORM",
     "STREAM_FORM",
     "STREAM_SHAPES",
+    "TEXT_FORM",
+    "TEXT_SHAPES",
     "WIDE_SHAPES",
     "Cell",
     "build_grid",

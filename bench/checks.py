@@ -14,6 +14,7 @@ from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
 from .cells import Cell
 from .grid import Target, model_path
+from .payloads import feeds_of
 
 TOLERANCE = 1e-5  # probabilities, as export's parity check
 CALL_TIMEOUT_S = 10.0
@@ -60,15 +61,6 @@ def check_reply(
         raise AssertionError(f"{address}: probabilities differ from the reference by {worst:.2e}")
 
 
-def request_rows(request: pb.ModelInferRequest) -> np.ndarray:
-    tensor = request.inputs[0]
-    if request.raw_input_contents:
-        flat = np.frombuffer(request.raw_input_contents[0], dtype="<f4")
-    else:
-        flat = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
-    return flat.reshape(list(tensor.shape))
-
-
 def check_targets(
     repository: Path,
     cells: Sequence[Cell],
@@ -88,9 +80,7 @@ def check_targets(
             path = str(model_path(repository, cell.model))
             sessions[cell.model] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         session = sessions[cell.model]
-        (expected,) = session.run(
-            ["probability"], {session.get_inputs()[0].name: request_rows(request)}
-        )
+        (expected,) = session.run(["probability"], feeds_of(request))
         for floor in floors:
             check_reply(floor.address, request, None, bool(cell.streams))
         check_reply(ours.address, request, expected, bool(cell.streams))
@@ -118,5 +108,4 @@ __all__ = [
     "check_reply",
     "check_targets",
     "probabilities",
-    "request_rows",
 ]

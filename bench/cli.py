@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the wider model measured at batch 1 ('' to skip)",
     )
     p.add_argument(
+        "--text-model",
+        default="penguins",
+        help="a model with text columns, measured at batch 1 and 64 ('' to skip; trained on "
+        "palmerpenguins' CSV when the bench builds the repository)",
+    )
+    p.add_argument(
         "--server",
         metavar="HOST:PORT",
         help="measure this running server instead of starting ours (no CPU, memory or "
@@ -150,14 +156,18 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
     peers = parse_peers(args.peers) if args.peers else []
     venvs, peer_docs = install_peers(peers, args.peer_venvs)  # before any server: minutes
     wide: str | None = args.wide_model or None
-    repository = args.model_repository or build_repository(work, args.model, wide)
+    text: str | None = args.text_model or None
+    repository = args.model_repository or build_repository(work, args.model, wide, text)
     manifests = read_manifests(repository)
     if args.model not in manifests:
         raise RuntimeError(f"model {args.model!r} is not in {repository}")
     if wide and wide not in manifests:
         log.warning("wide model %r is not in the repository: its cells are skipped", wide)
         wide = None
-    cells = build_grid(args.model, wide)
+    if text and text not in manifests:
+        log.warning("text model %r is not in the repository: its cells are skipped", text)
+        text = None
+    cells = build_grid(args.model, wide, text)
     imports = measure_import()
     startup: dict[str, Any] = {
         "import_seconds": imports.seconds,
@@ -208,7 +218,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
             "external_server": bool(args.server),
             "pinned": cores,
         },
-        "models": {"main": args.model, "wide": wide},
+        "models": {"main": args.model, "wide": wide, "text": text},
         "startup": startup,
         "cells": docs,
         "compute_floor": [{"model": m, "batch": b, **f} for (m, b), f in sorted(compute.items())],

@@ -32,6 +32,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
 from ..protos import model_config_pb2 as mc
+from .payloads import Feeds, feeds_of
 
 READY_LINE = "ready: listening on {address}"  # the line our server logs too
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # our server's default, so both accept the same payloads
@@ -78,21 +79,13 @@ class ModelRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        spec = manifest["inputs"][0]
-        self.input, self.width = spec["name"], int(np.prod(spec["shape"][1:]))
         self.outputs = [o["name"] for o in manifest["outputs"]]
         self.runs = self.rows = 0
 
     def run(self, request: pb.ModelInferRequest) -> None:
-        rows = request.inputs[0].shape[0]
-        if request.raw_input_contents:
-            data = request.raw_input_contents[0]
-        else:  # one packed fp32 field: its tag and length, then the rows' bytes
-            data = request.inputs[0].contents.SerializeToString()
-            data = data[len(data) - rows * self.width * 4 :]
-        array = np.ndarray((rows, self.width), np.float32, data)
-        self.session.run(self.outputs, {self.input: array})
-        self.runs, self.rows = self.runs + 1, self.rows + rows
+        """Its inputs as arrays (numbers: a zero-copy view; text: the strings), one run."""
+        self.session.run(self.outputs, feeds_of(request))
+        self.runs, self.rows = self.runs + 1, self.rows + request.inputs[0].shape[0]
 
 
 class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -235,7 +228,7 @@ class ComputeSample:
 
 
 def measure_compute(
-    model_path: Path, rows: np.ndarray, duration_s: float, max_runs: int, threads: int = 1
+    model_path: Path, feeds: Feeds, duration_s: float, max_runs: int, threads: int = 1
 ) -> ComputeSample:
     """Time session.run back to back; one intra-op thread, as the cheapest for tiny batches."""
     import onnxruntime as ort  # only here: the floor server itself never runs a model
@@ -244,7 +237,6 @@ def measure_compute(
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    feeds = {session.get_inputs()[0].name: rows}
     for _ in range(20):  # warm-up: allocations and caches
         session.run(None, feeds)
     latencies: list[int] = []
@@ -257,7 +249,8 @@ def measure_compute(
         latencies.append(t1 - t0)
         if t1 >= deadline:
             break
-    return ComputeSample(latencies, time.perf_counter_ns() - start, int(rows.shape[0]))
+    rows = int(next(iter(feeds.values())).shape[0])
+    return ComputeSample(latencies, time.perf_counter_ns() - start, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

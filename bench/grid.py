@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
 from .cells import Cell
 from .floors import measure_compute
 from .loadgen import LoadGenerator, LoadSpec
+from .payloads import build_request, make_feeds
 from .servers import cpu_seconds, memory_mb
 from .stats import PHASES, latency_summary_us, measurement, median_figures, phase_means_us
 
@@ -50,38 +50,17 @@ class Target:
     pid: int | None  # None: a server we did not start, so no CPU/RSS figures
 
 
-def make_rows(batch: int, width: int, seed: int = 0) -> np.ndarray:
-    """Finite FP32 rows; an MLP's cost does not depend on the values."""
-    return np.random.default_rng(seed).normal(size=(batch, width)).astype(np.float32)
-
-
-def input_spec(manifest: Mapping[str, Any]) -> tuple[str, int]:
-    """The model's one input: its name and width, from manifest.json (shape [-1, F])."""
-    (spec,) = manifest["inputs"]
-    return str(spec["name"]), int(spec["shape"][1])
-
-
-def build_request(model: str, input_name: str, rows: np.ndarray, form: str) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model, id="bench")
-    tensor = request.inputs.add(name=input_name, datatype="FP32", shape=list(rows.shape))
-    if form == "raw_input_contents":
-        request.raw_input_contents.append(rows.tobytes())
-    else:
-        tensor.contents.fp32_contents.extend(rows.ravel().tolist())
-    return request
-
-
 def build_requests(
     cells: Sequence[Cell], manifests: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, pb.ModelInferRequest]:
     """cell key -> its request; the same rows every time (seeded) for every target."""
-    requests = {}
-    for cell in cells:
-        name, width = input_spec(manifests[cell.model])
-        requests[cell.key] = build_request(
-            cell.model, name, make_rows(cell.batch, width), cell.form
+    return {
+        cell.key: build_request(
+            cell.model, manifests[cell.model], make_feeds(manifests[cell.model], cell.batch),
+            cell.form,
         )
-    return requests
+        for cell in cells
+    }  # fmt: skip
 
 
 def model_path(repository: Path, model: str) -> Path:
@@ -99,11 +78,11 @@ def compute_floors(
     """(model, batch) -> session.run figures on the cells' rows, medians over the repeats."""
     floors: dict[tuple[str, int], dict[str, float]] = {}
     for model, batch in sorted({(c.model, c.batch) for c in cells}):
-        rows = make_rows(batch, input_spec(manifests[model])[1])
+        feeds = make_feeds(manifests[model], batch)
         runs = []
         for _ in range(timing.repeats):
             sample = measure_compute(
-                model_path(repository, model), rows, timing.window_s / 2, 1_000_000
+                model_path(repository, model), feeds, timing.window_s / 2, 1_000_000
             )
             per_s = len(sample.latencies_ns) / (sample.elapsed_ns / 1e9)
             runs.append(
@@ -221,8 +200,6 @@ __all__ = [
     "build_request",
     "build_requests",
     "compute_floors",
-    "input_spec",
-    "make_rows",
     "model_path",
     "run_grid",
 ]

@@ -5,6 +5,7 @@ and ModelReady say so); each on 127.0.0.1, each stopped when the run's ExitStack
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -44,12 +45,22 @@ PEER_STOP_TIMEOUT_S = 20.0
 POLL_S = 0.2  # between readiness polls answered "not ready" (the peers have no watch to wait on)
 
 
-def build_repository(root: Path, model: str, wide_model: str | None) -> Path:
-    """Train and export the models in subprocesses (torch stays out of this process)."""
+def build_repository(
+    root: Path, model: str, wide_model: str | None, text_model: str | None = None
+) -> Path:
+    """Train and export the models in subprocesses (torch stays out of this process); the text
+    model on palmerpenguins' CSV (text categories), when that package is installed."""
     repository = root / "model_repository"
     jobs = [(model, ["--epochs", "3"])]
     if wide_model:
         jobs.append((wide_model, ["--epochs", "2", "--hidden", "256,256,256"]))
+    if text_model and importlib.util.find_spec("palmerpenguins") is not None:
+        from ..model.baselines import PENGUINS_TARGET, penguins_csv
+
+        data = penguins_csv(root)
+        jobs.append(
+            (text_model, ["--epochs", "5", "--csv", str(data), "--target", PENGUINS_TARGET])
+        )
     for name, extra in jobs:
         run_dir = root / f"run-{name}"
         train = ["train", "--seed", "0", "--no-progress", "--name", name, *extra]

@@ -22,11 +22,12 @@ from typing import Any
 
 from ..files import atomic_write_bytes
 from .cells import Cell
-from .checks import check_reply, request_rows
+from .checks import check_reply
 from .floors import read_manifests
 from .grid import Target, Timing, build_requests, model_path, run_grid
 from .lineup import build_repository
 from .loadgen import LoadGenerator
+from .payloads import feeds_of
 from .report import FORMAT, clean_json, machine_facts
 from .servers import OUR_SERVER_ENV, our_server_command, start_server
 from .stats import median_figures, paired_ratios, ratio_range
@@ -144,8 +145,7 @@ def scaling_main(args: argparse.Namespace, counts: list[int], stack: contextlib.
 
     session = ort.InferenceSession(str(model_path(repository, args.model)))
     for cell in cells:
-        rows = request_rows(requests[cell.key])
-        (expected,) = session.run(["probability"], {session.get_inputs()[0].name: rows})
+        (expected,) = session.run(["probability"], feeds_of(requests[cell.key]))
         for target in targets:
             check_reply(target.address, requests[cell.key], expected)
     processes = len(load_cores) if args.pin else max(1, args.client_processes)

@@ -42,6 +42,7 @@ from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = "breast_cancer_wide"
+TEXT = "penguins"  # a model with text columns (issue 13)
 TRAIN_TIMEOUT_S = 300.0
 
 
@@ -301,28 +302,22 @@ def test_worker_scaling_counts_and_placement() -> None:
 
 @pytest.fixture(scope="module")
 def bench_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's repository plus a 256-wide model (one epoch: its weights do not matter)."""
+    """The session's repository plus a 256-wide model and a model with text columns (one or
+    two epochs: their weights do not matter)."""
+    from stablemlp.model.baselines import penguins_csv
+
     root = tmp_path_factory.mktemp("bench")
     repository = root / "repo"
     shutil.copytree(model_repository, repository)
-    run = root / "wide-run"
+    wide, text = root / "wide-run", root / "text-run"
+    penguins = ["--csv", str(penguins_csv(root)), "--target", "sex", "--name", TEXT]
     for command in (
-        [
-            "train",
-            "--epochs",
-            "1",
-            "--seed",
-            "0",
-            "--no-progress",
-            "--hidden",
-            "256,256,256",
-            "--name",
-            WIDE,
-            "--output",
-            str(run),
-        ],
-        ["export", str(run), "--repository", str(repository)],
-    ):
+        ["train", "--epochs", "1", "--seed", "0", "--no-progress", "--hidden", "256,256,256",
+         "--name", WIDE, "--output", str(wide)],
+        ["export", str(wide), "--repository", str(repository)],
+        ["train", "--epochs", "2", "--no-progress", *penguins, "--output", str(text)],
+        ["export", str(text), "--repository", str(repository)],
+    ):  # fmt: skip
         subprocess.run(
             [sys.executable, "-m", "stablemlp", *command],
             env=child_env(),
@@ -341,12 +336,13 @@ def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Pa
 
     doc = json.loads((out / "bench.json").read_text())
     assert doc["format"] == "stablemlp.bench/1" and doc["smoke"] is True
-    assert doc["models"] == {"main": "breast_cancer", "wide": WIDE}
+    assert doc["models"] == {"main": "breast_cancer", "wide": WIDE, "text": TEXT}
     shapes = {(c["model"], c["form"], c["batch"], c["concurrency"]) for c in doc["cells"]}
     for form in ("fp32_contents", "raw_input_contents"):
         for batch, conc in ((1, 1), (1, 8), (1, 32), (64, 8)):
             assert ("breast_cancer", form, batch, conc) in shapes
         assert {(WIDE, form, 1, 1), (WIDE, form, 1, 8)} <= shapes
+    assert {(TEXT, "raw_input_contents", 1, 8), (TEXT, "raw_input_contents", 64, 8)} <= shapes
     streams = [c for c in doc["cells"] if c["streams"]]
     assert [(c["streams"], c["concurrency"]) for c in streams] == [(8, 8), (1, 8)]
     for cell in streams:
@@ -372,6 +368,8 @@ def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Pa
         ("breast_cancer", 1),
         ("breast_cancer", 64),
         (WIDE, 1),
+        (TEXT, 1),
+        (TEXT, 64),
     }
     assert all(f["p50_us"] > 0 for f in doc["compute_floor"])
     startup = doc["startup"]
@@ -399,10 +397,8 @@ STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 def test_stream_load_counts_replies_and_inband_errors(model_repository: Path, server: Any) -> None:
     """The load generator's streaming mode: replies from the transport floor's stream counted in
     the window; our server's in-band failures counted as errors with their message."""
-    from stablemlp.bench.grid import build_request, make_rows
-
-    good = build_request("breast_cancer", "features", make_rows(1, 30), "raw_input_contents")
-    bad = build_request("breast_cancer", "features", make_rows(1, 5), "raw_input_contents")
+    good = _numbers_request(1, 30, "raw_input_contents")
+    bad = _numbers_request(1, 5, "raw_input_contents")
     floor = start_server("transport_floor", floor_server_command(model_repository))
     try:
         with LoadGenerator(1) as generator:
@@ -487,14 +483,12 @@ def test_perf_analyzer_streams_to_our_server(server: Any, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_the_model_floor_runs_the_model_on_every_request(model_repository: Path) -> None:
     """It answers like the transport floor but counts a session.run per request, in both forms."""
-    from stablemlp.bench.grid import build_request, make_rows
-
     server = start_server("model_floor", floor_server_command(model_repository, run_model=True))
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
             for form, rows in (("raw_input_contents", 1), ("fp32_contents", 64)):
-                request = build_request("breast_cancer", "features", make_rows(rows, 30), form)
+                request = _numbers_request(rows, 30, form)
                 reply = stub.ModelInfer(request, timeout=10)
                 assert [list(o.shape) for o in reply.outputs] == [[rows, 1], [rows, 1]]
             stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="breast_cancer"))
@@ -556,3 +550,28 @@ def test_pin_binds_every_thread_of_a_process_tree() -> None:
         for member in reversed(process_tree(parent.pid)):
             os.kill(member, signal.SIGKILL)
         parent.wait(timeout=10)
+
+
+def _numbers_request(rows: int, width: int, form: str) -> Any:
+    from stablemlp.bench.payloads import build_request, make_feeds
+
+    manifest = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, width]}]}
+    return build_request("breast_cancer", manifest, make_feeds(manifest, rows), form)
+
+
+@pytest.mark.parametrize("form", ["raw_input_contents", "fp32_contents"])
+def test_payloads_carry_numbers_and_text_both_ways(form: str) -> None:
+    """A text model's bench rows: numbers, and text from the vocabulary plus an unseen and a
+    missing value; the request decodes back to the same feeds (what the model floor runs)."""
+    from stablemlp.bench.payloads import build_request, feeds_of, make_feeds
+
+    manifest = {
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 3]},
+                   {"name": "island", "datatype": "BYTES", "shape": [-1, 1]}],
+        "columns": [{"name": "island", "kind": "categorical", "categories": ["Biscoe", "Dream"]}],
+    }  # fmt: skip
+    feeds = make_feeds(manifest, 64)
+    assert set(feeds["island"].ravel()) == {"Biscoe", "Dream", "never seen", ""}
+    back = feeds_of(build_request("penguins", manifest, feeds, form))
+    np.testing.assert_array_equal(back["features"], feeds["features"])
+    assert back["island"].tolist() == feeds["island"].tolist()
