@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .settings import CONTROL_MODES, DEVICES, RUN_INLINE, Settings, env_name
+from .settings import CONTROL_MODES, DEVICES, EVENT_LOOPS, RUN_INLINE, Settings, env_name
 
 # Triton's flag names, accepted beside ours so its users' scripts and habits carry over.
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -48,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["help"] = kwargs["help"].replace("default ()", "default: every model")
         else:
             kwargs["type"] = f.metadata["parse"]
-        choices = {"device": DEVICES, "run_inline": RUN_INLINE, "model_control_mode": CONTROL_MODES}
+        choices = {
+            "device": DEVICES,
+            "run_inline": RUN_INLINE,
+            "model_control_mode": CONTROL_MODES,
+            "event_loop": EVENT_LOOPS,
+        }
         if f.name in choices:
             kwargs["choices"] = choices[f.name]
         flags = [flag, *ALIASES.get(f.name, ())]

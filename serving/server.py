@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -239,6 +239,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stopping.set)
     address = _address(settings.host, built.port)
+    log.info("event loop: %s", type(loop).__module__.split(".")[0])
     if worker is None:
         log.info("ready: listening on %s (%s)", address, _scheme(settings))
         await stopping.wait()
@@ -256,6 +257,19 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
         "period", answered, cut_off,
     )  # fmt: skip
     return 0
+
+
+def run_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
+    """Run `main` on uvloop when chosen (or, with `auto`, installed), else asyncio's loop."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ValueError("event loop uvloop: not installed (pip install uvloop)") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if settings.workers > 1:
             return run_workers(
-                settings, serve, functools.partial(_address, settings.host), _scheme(settings)
-            )
-        return asyncio.run(serve(settings))
+                settings, serve, run_loop, functools.partial(_address, settings.host),
+                _scheme(settings),
+            )  # fmt: skip
+        return run_loop(serve(settings), settings.event_loop)
     except (ServingError, OSError, ValueError) as err:  # models, ports, TLS and token files
         print(f"stablemlp serve: cannot start: {err}", file=sys.stderr)
         return 1
@@ -294,5 +309,6 @@ __all__ = [
     "build_parser",
     "build_server",
     "main",
+    "run_loop",
     "serve",
 ]

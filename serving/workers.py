@@ -50,6 +50,7 @@ START_S = 120.0  # for a restarted worker to load its models and serve
 RESTART_WINDOW_S = 60.0  # deaths in it beyond settings.worker_restarts take the server down
 BACKOFF_S = (0.5, 8.0)  # first wait before a restart, and the most it doubles to
 Serve = Callable[[Settings, "WorkerRole"], Coroutine[Any, Any, int]]
+RunLoop = Callable[[Coroutine[Any, Any, int], str], int]
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,12 @@ def _log_setup() -> tuple[int, logging.Formatter | None]:
 
 
 def _worker(
-    serve: Serve, settings: Settings, name: str, ready: Connection, log_setup: tuple[int, Any]
+    serve: Serve,
+    run: RunLoop,
+    settings: Settings,
+    name: str,
+    ready: Connection,
+    log_setup: tuple[int, Any],
 ) -> None:
     """A worker process's entry point (multiprocessing, spawn): configure logging, serve."""
     level, formatter = log_setup
@@ -121,7 +127,7 @@ def _worker(
         handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=[handler])
     try:
-        code = asyncio.run(serve(settings, WorkerRole(name, ready, os.getppid())))
+        code = run(serve(settings, WorkerRole(name, ready, os.getppid())), settings.event_loop)
     except (ServingError, OSError, ValueError) as err:  # as `stablemlp serve` reports them
         print(f"stablemlp serve: {name}: cannot start: {err}", file=sys.stderr)
         code = 1
@@ -131,8 +137,8 @@ def _worker(
 class _Pool:
     """The worker processes, each started in its slot; the supervisor's bookkeeping."""
 
-    def __init__(self, settings: Settings, serve: Serve, port: int) -> None:
-        self._settings, self._serve, self._port = settings, serve, port
+    def __init__(self, settings: Settings, serve: Serve, run: RunLoop, port: int) -> None:
+        self._settings, self._serve, self._run, self._port = settings, serve, run, port
         self._context = get_context("spawn")  # a fresh interpreter: no gRPC or ORT state forked
         self.count, self.restarts = settings.workers, settings.worker_restarts
         self.workers: list[SpawnProcess | None] = [None] * self.count
@@ -145,7 +151,8 @@ class _Pool:
     def start(self, index: int) -> Connection:
         """Start slot `index`; its pipe reports the port once serving, or EOF if it dies."""
         receive, send = self._context.Pipe(duplex=False)
-        args = (self._serve, worker_settings(self._settings, index, self._port), self.name(index),
+        args = (self._serve, self._run, worker_settings(self._settings, index, self._port),
+                self.name(index),
                 send, _log_setup())  # fmt: skip
         worker = self._context.Process(target=_worker, args=args, name=self.name(index))
         worker.start()
@@ -229,12 +236,13 @@ def _supervise(pool: _Pool) -> bool:
 
 
 def run_workers(
-    settings: Settings, serve: Serve, address: Callable[[int], str], scheme: str
+    settings: Settings, serve: Serve, run: RunLoop, address: Callable[[int], str], scheme: str
 ) -> int:
-    """Start settings.workers servers on one port, each running `serve` (server.serve, passed in
-    so this module never imports the server); returns the exit code for `stablemlp serve`."""
+    """Start settings.workers servers on one port, each running `serve` on the loop `run` makes
+    (server.serve and server.run_loop, passed in so this module never imports the server);
+    returns the exit code for `stablemlp serve`."""
     hold, port = reserve_port(settings.host, settings.port)
-    pool = _Pool(settings, serve, port)
+    pool = _Pool(settings, serve, run, port)
     previous = {signum: signal.signal(signum, pool.stop_all) for signum in STOP_SIGNALS}
     healthy = False
     try:

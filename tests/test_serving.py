@@ -655,3 +655,14 @@ def test_served_outputs_match_the_torch_model_computed_independently(
     assert decided.all() or decided.mean() > 0.9
     np.testing.assert_array_equal(label[decided], (expected >= checkpoint.threshold)[decided])
     assert 0 < label.sum() < len(label)  # both classes occur: the comparison means something
+
+
+@pytest.mark.parametrize(("choice", "loop"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_the_event_loop_is_uvloop_unless_asked_otherwise(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit,
+    choice: str, loop: str,
+) -> None:  # fmt: skip
+    with start_server(model_repository, "--event-loop", choice) as srv:
+        results = client.predict(srv.address, test_split.features[:3], model=MODEL_NAME)
+        assert [label for _, label in results] == test_split.label[:3, 0].tolist()
+    assert f"event loop: {loop}" in srv.log()
