@@ -88,9 +88,9 @@ async def _serve(library: str, infer: Callable[[bytes], bytes]) -> None:
         async def handle(request: web.Request) -> web.Response:
             return web.Response(body=infer(await request.read()), content_type="application/json")
 
-        app = web.Application()
-        app.router.add_post(PATH, handle)
-        runner = web.AppRunner(app, access_log=None)
+        web_app = web.Application()
+        web_app.router.add_post(PATH, handle)
+        runner = web.AppRunner(web_app, access_log=None)
         await runner.setup()
         await web.SockSite(runner, sock).start()
         await asyncio.Event().wait()
@@ -108,7 +108,7 @@ async def _serve(library: str, infer: Callable[[bytes], bytes]) -> None:
         app: Any = Starlette(routes=[Route(PATH, endpoint, methods=["POST"])])
     else:
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
             body, more = b"", True
             while more:
                 message = await receive()
@@ -119,6 +119,8 @@ async def _serve(library: str, infer: Callable[[bytes], bytes]) -> None:
                        (b"content-length", str(len(out)).encode())]  # fmt: skip
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": out})
+
+        app = asgi
 
     config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False,
                             log_level="warning")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Closed-loop gRPC or HTTP load from worker processes that share nothing with the server under test.
+"""Closed-loop gRPC or HTTP load from worker processes sharing nothing with the server under test.
 
 Each worker (`python -m stablemlp.bench.loadgen`) runs one asyncio loop with K calls outstanding on
 its grpc.aio channel(s) and sends pre-serialized request bytes through a generic unary-unary call
@@ -6,9 +6,9 @@ with no (de)serializer, so the client spends as little CPU per request as Python
 workers drive the transport floor and our server, so their ratio is fair. With protocol "http" the
 payload is a whole pre-serialized HTTP/1.1 request, written as it is on K keep-alive connections
 (one request outstanding on each), and each reply is read by its Content-Length: no HTTP client
-library, so REST servers (ours, a peer's) are measured with the same small client cost. The parent speaks JSON
-lines on the workers' stdin/stdout. Windows are absolute CLOCK_MONOTONIC times (system-wide on
-Linux), so every worker warms up and measures over the same interval.
+library, so REST servers (ours, a peer's) are measured with the same small client cost. The parent
+speaks JSON lines on the workers' stdin/stdout. Windows are absolute CLOCK_MONOTONIC times
+(system-wide on Linux), so every worker warms up and measures over the same interval.
 """
 
 from __future__ import annotations

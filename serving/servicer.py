@@ -35,6 +35,8 @@ STREAM_WINDOW = 64
 class GrpcWire:
     """ModelInferRequest in, ModelInferResponse out, through the version's codec."""
 
+    protocol = "grpc"
+
     @staticmethod
     def decode(codec: Codec, request: pb.ModelInferRequest) -> Decoded:
         return codec.decode(request)
@@ -72,7 +74,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _infer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         return self._dataplane.infer(
             request.model_name, request.model_version, request, WIRE,
-            lambda: cancelled_status(context),
+            lambda: cancelled_status(context), context.invocation_metadata,
         )  # fmt: skip
 
     @rpc
