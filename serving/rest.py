@@ -40,6 +40,27 @@ HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data
 MODEL = "/v2/models/{name}"
 VERSION = "/v2/models/{name}/versions/{version}"
 OPENAPI_PATH = "/v2/openapi.json"
+# (method, path, handler method, route name): the guard knows the health and control routes by name.
+ROUTES = [
+    ("GET", "/v2/health/live", "live", "live"),
+    ("GET", "/v2/health/ready", "ready", "ready"),
+    ("GET", "/v2", "server_metadata", ""),
+    ("GET", OPENAPI_PATH, "openapi", ""),
+    ("GET", "/v2/models/stats", "statistics", ""),
+    ("POST", "/v2/repository/index", "index", ""),
+    ("POST", "/v2/repository/models/{name}/load", "load", "load"),
+    ("POST", "/v2/repository/models/{name}/unload", "unload", "unload"),
+] + [
+    (method, base + suffix, handler, "")
+    for base in (MODEL, VERSION)
+    for method, suffix, handler in (
+        ("GET", "", "model_metadata"),
+        ("GET", "/ready", "model_ready"),
+        ("GET", "/config", "config"),
+        ("GET", "/stats", "statistics"),
+        ("POST", "/infer", "infer"),
+    )
+]
 
 
 def _json(document: Any, status: int = 200) -> web.Response:
@@ -103,21 +124,8 @@ class RestFront:
             # aiohttp's defaults, said here: header lines and fields bounded before routing.
             handler_args={"max_line_size": 8190, "max_field_size": 8190, "max_headers": 128},
         )
-        get, post = app.router.add_get, app.router.add_post
-        get("/v2/health/live", self.live, name="live", allow_head=False)
-        get("/v2/health/ready", self.ready, name="ready", allow_head=False)
-        get("/v2", self.server_metadata, allow_head=False)
-        get(OPENAPI_PATH, self.openapi, allow_head=False)
-        get("/v2/models/stats", self.statistics, allow_head=False)
-        post("/v2/repository/index", self.index)
-        post("/v2/repository/models/{name}/load", self.load, name="load")
-        post("/v2/repository/models/{name}/unload", self.unload, name="unload")
-        for base in (MODEL, VERSION):
-            get(base, self.model_metadata, allow_head=False)
-            get(base + "/ready", self.model_ready, allow_head=False)
-            get(base + "/config", self.config, allow_head=False)
-            get(base + "/stats", self.statistics, allow_head=False)
-            post(base + "/infer", self.infer)
+        for method, path, handler, name in ROUTES:
+            app.router.add_route(method, path, getattr(self, handler), name=name or None)
         return app
 
     async def live(self, request: web.Request) -> web.Response:
@@ -248,4 +256,12 @@ async def stop_rest(runner: web.AppRunner) -> None:
     await asyncio.shield(runner.cleanup())
 
 
-__all__ = ["HEADER_LENGTH", "OPENAPI_PATH", "RestFront", "message_json", "start_rest", "stop_rest"]
+__all__ = [
+    "HEADER_LENGTH",
+    "OPENAPI_PATH",
+    "ROUTES",
+    "RestFront",
+    "message_json",
+    "start_rest",
+    "stop_rest",
+]
