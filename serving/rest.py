@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -72,7 +73,7 @@ def message_json(message: Message, defaults: bool = False) -> dict[str, Any]:
     integers as JSON numbers (not the strings of protobuf's JSON mapping); fields left at their
     defaults only with `defaults` (statistics: every counter, zeros too)."""
     document: dict[str, Any] = {}
-    fields = (
+    fields: Sequence[tuple[Any, Any]] = (
         [(f, getattr(message, f.name)) for f in message.DESCRIPTOR.fields]
         if defaults
         else message.ListFields()

@@ -283,7 +283,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
         await stopping.wait()
     else:
         log.info("%s (pid %d): serving on %s", worker.name, os.getpid(), address)
-        worker.serving(built.port)
+        worker.serving(built.port, built.metrics_port)
         await worker.watch_supervisor(stopping)
     log.info(
         "shutting down: NOT_SERVING, %.1f s grace for in-flight calls", settings.grace_period_s
