@@ -34,6 +34,7 @@ from .grid import (
 from .loadgen import LoadGenerator
 from .perfanalyzer import compare, resolve_wrapper
 from .report import FORMAT, clean_json, machine_facts, targets, write_report
+from .rest import rest_cells
 from .servers import (
     OUR_SERVER_ENV,
     ServerProcess,
@@ -114,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
         "or .venv-triton when present; not used by --smoke unless given)",
     )
     p.add_argument("--no-perf-analyzer", action="store_true", help="skip perf_analyzer")
+    p.add_argument(
+        "--rest",
+        action="store_true",
+        help="also time REST (JSON and binary tensors) beside gRPC at batch 1 and 64, "
+        "concurrency 8 (bench/rest.py)",
+    )
+    p.add_argument(
+        "--rest-peer",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="with --rest, another KServe v2 REST server to time in the same cells (repeat)",
+    )
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -226,6 +240,14 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
     compute = compute_floors(repository, cells, manifests, timing)
     with LoadGenerator(max(1, args.client_processes)) as generator:
         grid = run_grid(generator, [floor, model_floor, ours], cells, requests, timing)
+        rest = None
+        if args.rest:  # our REST port (and peers') beside our gRPC, in the same run
+            peers = [peer.rpartition("=")[::2] for peer in args.rest_peer]
+            if not all(is_loopback(address) for _, address in peers):
+                raise RuntimeError("--rest-peer: loopback addresses only")
+            log_text = "" if args.server else server.log()
+            rest = rest_cells(generator, peers, ours.address, log_text, args.model,
+                              manifests[args.model], timing)  # fmt: skip
     wrapper = None if args.no_perf_analyzer else resolve_wrapper(args.perf_analyzer, args.smoke)
     addresses = [(t.name, t.address) for t in (floor, ours)]
     perf = compare(wrapper, args.model, addresses, NARROW_SHAPES, timing.window_s, work)
@@ -252,6 +274,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
         "cells": docs,
         "compute_floor": [{"model": m, "batch": b, **f} for (m, b), f in sorted(compute.items())],
         "perf_analyzer": perf,
+        "rest": rest,
         "targets": targets(docs, startup),
     }
 

@@ -55,6 +55,8 @@ def our_server_command(repository: Path, extra: Sequence[str] = ()) -> list[str]
         "127.0.0.1",
         "--port",
         "0",
+        "--http-port",  # REST on a free port too (Triton's 8000 may be taken)
+        "0",
         *extra,
     ]
 

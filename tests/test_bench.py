@@ -177,7 +177,7 @@ def bench_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFa
 def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["--model-repository", str(bench_repository), "--smoke", "--output", str(out)]
-    assert bench_main(argv) == 0
+    assert bench_main([*argv, "--rest"]) == 0
 
     doc = json.loads((out / "bench.json").read_text())
     assert doc["format"] == "stablemlp.bench/1" and doc["smoke"] is True
@@ -214,7 +214,16 @@ def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Pa
     assert doc["perf_analyzer"]["cells"] == []  # a smoke run leaves it out unless asked
     assert doc["settings"]["pinned"] is None  # --pin not given
 
+    rest = {(c["batch"], c["protocol"], c["form"]): c for c in doc["rest"]["cells"]}
+    for batch in (1, 64):  # our REST (JSON, binary) beside our gRPC, in the same run
+        for key in (("http", "json"), ("http", "binary"), ("grpc", "raw")):
+            assert rest[(batch, *key)]["requests_per_s"] > 0, (batch, key)
+            assert (
+                rest[(batch, *key)]["concurrency"] == 8 and rest[(batch, *key)]["target"] == "ours"
+            )
+
     text = (out / "bench.md").read_text()
+    assert "## REST beside gRPC" in text
     assert "Placement: unpinned" in text and "## The model floor" in text
     assert "## Targets (issue 5)" in text and "| breast_cancer_wide | raw | 1 | 8 |" in text
     if doc["plot"]:
