@@ -55,11 +55,13 @@ class Record(NamedTuple):
     error: str
 
 
-def _rows(array: np.ndarray) -> list[Any]:
+def _rows(array: np.ndarray) -> Any:
+    """The first MAX_ROWS rows: numbers stay an array (orjson writes it natively, NaN as null,
+    ~3x faster than a list of floats), text becomes clipped strings."""
     head = array[:MAX_ROWS]
-    if head.dtype == object:  # text: clipped elements
+    if head.dtype == object:
         return [[clip(str(v), MAX_TEXT) for v in row] for row in head.tolist()]
-    return head.tolist()  # type: ignore[no-any-return]  # NaN -> null (orjson)
+    return np.ascontiguousarray(head)
 
 
 def format_record(record: Record) -> bytes:
@@ -83,7 +85,7 @@ def format_record(record: Record) -> bytes:
         line["outputs"] = {name: _rows(array) for name, array in record.outputs.items()}
     if record.error:
         line["error"] = clip(record.error, 500)
-    return orjson.dumps(line) + b"\n"
+    return orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
 
 class RequestLog:

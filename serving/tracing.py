@@ -119,6 +119,8 @@ class Tracing:
             f"{watched.protocol} infer", context=parent, kind=self._server,
             start_time=call.start + offset, attributes=attributes,
         )  # fmt: skip
+        if not span.is_recording():  # sampled out (OTEL_TRACES_SAMPLER): no children either
+            return
         phases = [("decode", watched.decode_ns, call.decoded if call.rows else 0)]
         if executed is not None:
             phases += [("queue", call.decoded, executed.started_ns),
