@@ -47,10 +47,12 @@ class Hook:
         return Watched(self, call, admission, name, version, request, wire, carrier)
 
     def close(self, timeout_s: float) -> None:
+        """Write and export what is pending, within `timeout_s` for both."""
+        deadline = time.monotonic() + timeout_s
         if self.request_log is not None:
             self.request_log.close(timeout_s)
         if self.tracing is not None:
-            self.tracing.close()
+            self.tracing.close(max(0.1, deadline - time.monotonic()))
 
 
 class Watched:

@@ -16,6 +16,7 @@ no tracing work while it runs; with tracing off nothing here is imported.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -54,7 +55,9 @@ def provider_from_env(env: Mapping[str, str]) -> Any:
     except ImportError:
         raise ValueError(f"tracing: OTEL_* variables ask for traces; {INSTALL_HINT}") from None
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or SERVICE_NAME})
-    provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER, as the SDK reads
+    # Sampler: OTEL_TRACES_SAMPLER, as the SDK reads it. No atexit shutdown: close() bounds it by
+    # the grace period (the SDK's own waits up to 30 s for an unreachable collector).
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     for name in env.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(","):
         name = name.strip()
         if name == "console":
@@ -135,8 +138,17 @@ class Tracing:
             span.set_status(self._status(self._error_code, code))
         span.end(end_time=ended_ns + offset)
 
-    def close(self) -> None:
-        """Export what is pending (bounded by the SDK's own export timeout)."""
+    def close(self, timeout_s: float) -> None:
+        """Export what is pending, for at most `timeout_s` (the rest of the grace period); an
+        unreachable collector must not hold the shutdown past it."""
+        stop = threading.Thread(target=self._shutdown, args=(timeout_s,), daemon=True)
+        stop.start()
+        stop.join(timeout_s)
+        if stop.is_alive():
+            log.warning("tracing: spans not exported within %.1f s were dropped", timeout_s)
+
+    def _shutdown(self, timeout_s: float) -> None:
+        self.provider.force_flush(int(timeout_s * 1000))
         self.provider.shutdown()
 
 

@@ -192,3 +192,30 @@ def test_a_stuck_request_log_blocks_no_reply(
             for _ in range(50):
                 stub.ModelInfer(infer_request(test_split.features[:1]), timeout=5)
         assert srv.stop() == 0
+
+
+def test_an_unreachable_collector_does_not_hold_the_shutdown(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit
+) -> None:
+    """OTLP to a closed local port: the exporter retries for up to 30 s on its own; the server
+    still stops within its grace period, dropping what it could not export."""
+    import time
+
+    with socket_closed() as port:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
+        with start_server(model_repository, "--grace-period-s", "1", env=env) as srv:
+            for _ in range(5):
+                call(srv.rest_url, "POST", INFER, infer_body(test_split.features[:1]))
+            started = time.monotonic()
+            assert srv.stop() == 0
+            assert time.monotonic() - started < 6.0  # 1 s grace, plus interpreter exit
+
+
+@contextlib.contextmanager
+def socket_closed() -> Iterator[int]:
+    """A local port nothing listens on (bound, never listening, for the test's length)."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
