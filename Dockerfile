@@ -1,4 +1,5 @@
-# stablemlp serving image: the KServe v2 gRPC server with one model repository baked in.
+# stablemlp serving image: the KServe v2 server (gRPC 8001, REST 8000) with one model repository
+# baked in.
 #
 #   docker build -t stablemlp .                                      # train + export in the build
 #   docker build --build-arg MODEL_SOURCE=context -t stablemlp .     # ./model_repository instead
@@ -103,7 +104,9 @@ FROM models-${MODEL_SOURCE} AS models
 
 # ---------------------------------------------------------------------------------------------
 # Runtime: the venv, the model repository (root-owned, so read-only to the server) and a numeric
-# non-root user; no torch, compilers or pip. Every server setting is a STABLEMLP_* variable
+# non-root user; no torch, compilers or pip. The repository sits at /mnt/models, where KServe mounts
+# an InferenceService's storageUri (over it, replacing it) and where the server looks when
+# STABLEMLP_MODEL_REPOSITORY is not set. Every server setting is a STABLEMLP_* variable
 # (`stablemlp serve --help` lists them); arguments after the image name are extra flags.
 FROM python AS runtime-base
 RUN groupadd --system --gid 10001 stablemlp \
@@ -111,17 +114,17 @@ RUN groupadd --system --gid 10001 stablemlp \
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    STABLEMLP_MODEL_REPOSITORY=/models \
     STABLEMLP_HOST=0.0.0.0 \
     STABLEMLP_PORT=8001 \
+    STABLEMLP_HTTP_PORT=8000 \
     STABLEMLP_METRICS_PORT=8002 \
     STABLEMLP_DEVICE=cpu \
     STABLEMLP_GRACE_PERIOD_S=5 \
     ORT_DISABLE_TELEMETRY=1
 # ORT_DISABLE_TELEMETRY: ONNX Runtime >= 1.29 sends usage telemetry from Linux too and, with no
 # writable home, warns on every start. A server should open no connection it was not asked to.
-# gRPC (Triton's port) and Prometheus metrics.
-EXPOSE 8001 8002
+# Triton's ports: REST (KServe v2 over HTTP), gRPC, Prometheus metrics.
+EXPOSE 8000 8001 8002
 # On SIGTERM the server turns health NOT_SERVING and lets in-flight calls finish for
 # STABLEMLP_GRACE_PERIOD_S: stop timeouts (docker stop -t, terminationGracePeriodSeconds) must
 # be longer; deploy/ uses 15 s.
@@ -138,7 +141,7 @@ ENTRYPOINT ["stablemlp", "serve"]
 
 FROM runtime-base AS runtime-cuda
 COPY --from=venv-cuda /opt/venv /opt/venv
-COPY --from=models /models /models
+COPY --from=models /models /mnt/models
 # onnxruntime's CUDA provider links libcudart, libcublas, libcudnn... by soname without a RUNPATH:
 # register the pip wheels' lib folders with the loader. libcuda.so.1 comes from the host driver
 # (NVIDIA container toolkit: docker run --gpus all / podman run --device nvidia.com/gpu=all).
@@ -150,5 +153,5 @@ USER 10001:10001
 
 FROM runtime-base AS runtime
 COPY --from=venv /opt/venv /opt/venv
-COPY --from=models /models /models
+COPY --from=models /models /mnt/models
 USER 10001:10001

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import ipaddress
 import logging
 import os
 import sys
@@ -36,8 +35,9 @@ from .loadgen import LoadGenerator
 from .peers import parse_peers
 from .perfanalyzer import compare, resolve_wrapper, streaming_check
 from .report import FORMAT, clean_json, machine_facts, targets, write_report
+from .rest import rest_cells
 from .scaling import parse_counts, scaling_main
-from .servers import ROOT, measure_import, pin_servers
+from .servers import ROOT, is_loopback, measure_import, pin_servers
 from .stats import cell_documents
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
         "with --pin, N workers on N cores and the load on cores none of them uses",
     )
     p.add_argument(
+        "--rest",
+        action="store_true",
+        help="also time REST (JSON and binary tensors) beside gRPC at batch 1 and 64, "
+        "concurrency 8 (bench/rest.py)",
+    )
+    p.add_argument(
+        "--rest-peer",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="with --rest, another KServe v2 REST server to time in the same cells (repeat)",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="tiny windows, one repeat, one cold start: checks the benchmark works",
@@ -193,6 +206,14 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
     with LoadGenerator(max(1, args.client_processes)) as generator:
         grid = run_grid(generator, [floor, model_floor, ours], cells, requests, timing,
                         peer_targets, {c.key for c in peer_cells})  # fmt: skip
+        rest = None
+        if args.rest:  # our REST port (and peers') beside our gRPC, in the same run
+            rest_peers = [peer.rpartition("=")[::2] for peer in args.rest_peer]
+            if not all(is_loopback(address) for _, address in rest_peers):
+                raise RuntimeError("--rest-peer: loopback addresses only")
+            log_text = "" if args.server else server.log()
+            rest = rest_cells(generator, rest_peers, ours.address, log_text, args.model,
+                              manifests[args.model], timing)  # fmt: skip
     wrapper = None if args.no_perf_analyzer else resolve_wrapper(args.perf_analyzer, args.smoke)
     addresses = [(t.name, t.address) for t in (floor, ours)]
     perf = compare(wrapper, args.model, addresses, NARROW_SHAPES, timing.window_s, work)
@@ -225,19 +246,9 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
         "perf_analyzer": perf,
         "perf_analyzer_streaming": perf_stream,
         "peers": peer_docs,
+        "rest": rest,
         "targets": targets(docs, startup),
     }
-
-
-def is_loopback(address: str) -> bool:
-    """HOST:PORT on this machine only: the benchmark never sends load elsewhere."""
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Closed-loop gRPC load from worker processes that share nothing with the server under test.
+"""Closed-loop gRPC or HTTP load from worker processes sharing nothing with the server under test.
 
 Each worker (`python -m stablemlp.bench.loadgen`) runs one asyncio loop with K calls outstanding on
 its grpc.aio channel(s) and sends pre-serialized request bytes through a generic unary-unary call
@@ -6,8 +6,12 @@ with no (de)serializer, so the client spends as little CPU per request as Python
 workers drive the transport floor and our server, so their ratio is fair. Streaming mode keeps S
 ModelStreamInfer calls open (generic stream-stream, raw bytes) with at most K/S messages
 unanswered on each; a reply belongs to the oldest unanswered message (replies come in order).
-The parent speaks JSON lines on the workers' stdin/stdout. Windows are absolute CLOCK_MONOTONIC
-times (system-wide on Linux), so every worker warms up and measures over the same interval.
+With protocol "http" the payload is a whole pre-serialized HTTP/1.1 request, written as it is on
+K keep-alive connections (one request outstanding on each), and each reply is read by its
+Content-Length: no HTTP client library, so REST servers (ours, a peer's) are measured with the
+same small client cost. The parent speaks JSON lines on the workers' stdin/stdout. Windows are
+absolute CLOCK_MONOTONIC times (system-wide on Linux), so every worker warms up and measures over
+the same interval.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class LoadSpec:
     max_requests: int  # per worker; reaching it ends that worker's window early
     connections: int = 1  # TCP connections per worker; its calls are spread over them
     streams: int = 0  # 0: unary calls; S: S streams, concurrency // S messages in flight on each
+    protocol: str = "grpc"  # or "http": `payload` is then a whole HTTP/1.1 request
 
 
 @dataclass(frozen=True)
@@ -192,13 +197,86 @@ async def _drive(channels: dict[str, Any], order: dict[str, Any]) -> dict[str, A
     }
 
 
+async def _http_reply(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response (Content-Length framed); its status code."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+        elif name.strip().lower() == b"transfer-encoding":
+            raise ValueError("chunked reply: the load generator reads Content-Length replies only")
+    await reader.readexactly(length)
+    return status
+
+
+async def _drive_http(order: dict[str, Any]) -> dict[str, Any]:
+    host, _, port = order["address"].rpartition(":")
+    payload = base64.b64decode(order["payload"])
+    measure_from, until, cap = order["measure_from_ns"], order["until_ns"], order["max_requests"]
+    latencies: list[int] = []
+    state: dict[str, Any] = {"errors": 0, "first_error": "", "last_ns": until}
+    cpu: list[float] = []
+
+    async def stream() -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), RPC_TIMEOUT_S
+        )
+        try:
+            for _ in range(10**9):  # ends on the clock or the cap, whichever comes first
+                t0 = time.monotonic_ns()
+                if t0 >= until or len(latencies) >= cap:
+                    return
+                writer.write(payload)
+                status = await asyncio.wait_for(_http_reply(reader), RPC_TIMEOUT_S)
+                t1 = time.monotonic_ns()
+                if status != 200:
+                    state["errors"] += 1
+                    state["first_error"] = state["first_error"] or f"HTTP {status}"
+                    continue
+                if measure_from <= t1 <= until and len(latencies) < cap:
+                    latencies.append(t1 - t0)
+                    if len(latencies) == cap:
+                        state["last_ns"] = t1
+        finally:
+            writer.close()
+
+    async def cpu_marks() -> None:
+        for mark in (measure_from, until):
+            await asyncio.sleep(max(0.0, (mark - time.monotonic_ns()) / 1e9))
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            cpu.append(usage.ru_utime + usage.ru_stime)
+
+    marks = asyncio.ensure_future(cpu_marks())
+    done = await asyncio.gather(
+        *(stream() for _ in range(order["concurrency"])), return_exceptions=True
+    )
+    await marks
+    for outcome in done:  # a connection that broke counts once
+        if isinstance(outcome, BaseException):
+            state["errors"] += 1
+            state["first_error"] = state["first_error"] or repr(outcome)[:200]
+    window_ns = max(1, min(until, state["last_ns"]) - measure_from)
+    return {
+        "latencies_ns": latencies,
+        "window_ns": window_ns,
+        "errors": state["errors"],
+        "first_error": state["first_error"],
+        "client_cpu_s": cpu[1] - cpu[0],
+    }
+
+
 def worker_main() -> int:
     """Read one JSON order per stdin line, answer one JSON line; EOF ends the worker."""
     loop = asyncio.new_event_loop()
     channels: dict[str, Any] = {}
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        result = loop.run_until_complete(_drive(channels, json.loads(line)))
+        order = json.loads(line)
+        drive = _drive_http(order) if order.get("protocol") == "http" else _drive(channels, order)
+        result = loop.run_until_complete(drive)
         print(json.dumps(result), flush=True)
     for channel in channels.values():
         loop.run_until_complete(channel.close())
@@ -270,6 +348,7 @@ class LoadGenerator:
                 "until_ns": until,
                 "max_requests": spec.max_requests,
                 "connections": max(1, min(spec.connections, share)),
+                "protocol": spec.protocol,
             }
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(order).encode() + b"\n")

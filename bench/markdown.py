@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .rest import markdown as rest_markdown
 from .stats import PHASES
 from .tables import cost_rows, peer_rows, perf_analyzer_streaming_rows, spread, stream_rows
 from .tables import key as _key
@@ -174,6 +175,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
                 f"| {_num(floor.get('p50_us'))}/{_num(floor.get('p99_us'))} |"
             )
     out += perf_analyzer_streaming_rows(doc.get("perf_analyzer_streaming"))
+    if doc.get("rest"):  # `--rest`: REST servers beside our gRPC (bench/rest.py)
+        out += ["", rest_markdown(doc["rest"])]
     out += ["", f"Plot: {doc['plot'] or 'not written (matplotlib missing)'}", ""]
     return "\n".join(out)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import ipaddress
 import os
 import queue
 import re
@@ -54,6 +55,8 @@ def our_server_command(repository: Path, extra: Sequence[str] = ()) -> list[str]
         "--host",
         "127.0.0.1",
         "--port",
+        "0",
+        "--http-port",  # REST on a free port too (Triton's 8000 may be taken)
         "0",
         *extra,
     ]
@@ -249,12 +252,24 @@ def measure_import(timeout_s: float = 60.0) -> ImportTiming:
     return ImportTiming(float(seconds), time.monotonic() - started, torch_flag == "True")
 
 
+def is_loopback(address: str) -> bool:
+    """HOST:PORT on this machine only: the benchmark never sends load elsewhere."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 __all__ = [
     "OUR_SERVER_ENV",
     "ImportTiming",
     "ServerProcess",
     "cpu_seconds",
     "floor_server_command",
+    "is_loopback",
     "measure_import",
     "memory_mb",
     "our_server_command",

@@ -9,6 +9,7 @@
 # 4. check the image: size, no torch, no compiler, no pip, numeric non-root user;
 # 5. run it on 127.0.0.1 (free ports), wait for gRPC health SERVING (bounded), send real rows
 #    through the published port and compare with in-process ONNX Runtime on the same export;
+#    run the README's REST curl example against the published REST port and check its answer;
 #    run the image's own HEALTHCHECK; check the process is not root inside;
 # 6. SIGTERM it and check it exits 0 within the grace period.
 # Everything it starts is removed on exit (trap); images stay cached for fast reruns.
@@ -152,9 +153,9 @@ inside 'for c in gcc cc c++ g++ clang pip pip3; do command -v "$c" && exit 1; do
 log "image: user $user, no torch, no compiler, no pip"
 
 # --- 5. run and talk to it ------------------------------------------------------------------
-read -r grpc_port metrics_port < <("$PY" - <<'EOF'
+read -r grpc_port metrics_port http_port < <("$PY" - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(2)]
+socks = [socket.socket() for _ in range(3)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -164,16 +165,19 @@ EOF
 )
 env_of() { podman image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE" | sed -n "s/^$1=//p"; }
 image_grpc_port="$(env_of STABLEMLP_PORT)"
+image_http_port="$(env_of STABLEMLP_HTTP_PORT)"
 image_metrics_port="$(env_of STABLEMLP_METRICS_PORT)"
 grace_s="$(env_of STABLEMLP_GRACE_PERIOD_S)"
 run_start="$(date +%s.%N)"
 podman run -d --name "$NAME" \
   -p "127.0.0.1:$grpc_port:$image_grpc_port" \
   -p "127.0.0.1:$metrics_port:$image_metrics_port" \
+  -p "127.0.0.1:$http_port:$image_http_port" \
   "$IMAGE" >/dev/null
-log "started $NAME: gRPC on 127.0.0.1:$grpc_port"
+log "started $NAME: gRPC on 127.0.0.1:$grpc_port, REST on 127.0.0.1:$http_port"
 
 probe=(--target "127.0.0.1:$grpc_port" --repository "$WORK/model_repository")
+probe+=(--rest "127.0.0.1:$http_port" --readme README.md)
 probe+=(--rows "$WORK/run/test_split.npz" --deadline "$HEALTH_DEADLINE_S" --since "$run_start")
 # The metrics endpoint is checked once the server has a setting for it.
 if "$PY" -c 'import dataclasses, sys

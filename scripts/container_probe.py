@@ -1,13 +1,16 @@
-"""Host-side half of scripts/container_check.sh: talk to the containerized server over gRPC.
+"""Host-side half of scripts/container_check.sh: talk to the containerized server over gRPC and
+REST.
 
     python scripts/container_probe.py --target 127.0.0.1:PORT --repository REPO \
-        --rows RUN/test_split.npz
+        --rows RUN/test_split.npz [--rest 127.0.0.1:HTTP_PORT --readme README.md]
 
 Waits (bounded) for grpc.health.v1 to report the inference service SERVING, then sends the rows
 (with some cells blanked to NaN, so the graph's imputation is exercised) through the published
 port with the project's client, and compares the answers with in-process ONNX Runtime on the same
-exported model.onnx (hash-checked against the manifest). Exit 0 when everything agrees; 1 with a
-message otherwise. Imports no torch.
+exported model.onnx (hash-checked against the manifest). With --rest, runs the README's REST curl
+example (the block after `<!-- rest-example -->`) against the published REST port, as a reader
+would, and checks its answer the same way. Exit 0 when everything agrees; 1 with a message
+otherwise. Imports no torch.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
+import subprocess
 import sys
 import time
 import urllib.request
@@ -101,6 +106,37 @@ def load_rows(path: Path, seed: int = 0) -> np.ndarray:
     return rows
 
 
+def check_readme_curl(readme: Path, rest: str, repository: Path) -> str:
+    """Run the README's curl example against `rest` (HOST:PORT); compare with ONNX Runtime."""
+    found = re.search(r"<!-- rest-example -->\s*```sh\n(.*?)```", readme.read_text(), re.S)
+    if found is None:
+        raise ProbeError(f"{readme}: no <!-- rest-example --> block")
+    command = found.group(1).replace("localhost:8000", rest)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise ProbeError(f"the README's curl example failed: {done.stderr.strip()[:300]}")
+    try:
+        outputs = {o["name"]: o["data"] for o in json.loads(done.stdout)["outputs"]}
+    except (ValueError, KeyError) as err:
+        raise ProbeError(f"the README's curl example got {done.stdout[:300]!r} ({err})") from None
+    body = re.search(r"-d '(.*?)'", command, re.S)
+    model = re.search(r"/v2/models/([^/]+)/infer", command)
+    if body is None or model is None:
+        raise ProbeError("the README's curl example has no /v2/models/NAME/infer or -d '...'")
+    model_dir = repository / model.group(1)
+    sent = json.loads(body.group(1))["inputs"][0]
+    rows = np.asarray([np.nan if v is None else v for v in sent["data"]], dtype=np.float32).reshape(
+        sent["shape"]
+    )
+    session, manifest = reference_session(newest_version(model_dir))
+    expected_p, expected_l = session.run(["probability", "label"], {"features": rows})
+    worst = float(np.max(np.abs(np.asarray(outputs["probability"]) - expected_p.reshape(-1))))
+    tolerance = float(manifest["parity"]["tolerance"])  # type: ignore[index]
+    if not worst <= tolerance or outputs["label"] != expected_l.reshape(-1).tolist():
+        raise ProbeError(f"REST answered {outputs}, in-process ONNX Runtime {expected_p.tolist()}")
+    return f"README curl example: {outputs}, |dp| {worst:.2e}"
+
+
 def check_metrics(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
@@ -119,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         "--since", type=float, help="container start (Unix time) to time readiness from"
     )
     parser.add_argument("--metrics-url", help="also check this Prometheus endpoint")
+    parser.add_argument("--rest", help="HOST:PORT of the published REST port")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=Path("README.md"),
+        help="the README whose REST curl example is run (with --rest)",
+    )
     args = parser.parse_args(argv)
     try:
         since = time.time() if args.since is None else args.since
@@ -127,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = load_rows(args.rows)
         for model_dir in sorted(p.parent for p in args.repository.glob("*/config.pbtxt")):
             print(f"predictions ({model_dir.name}): {compare(args.target, model_dir, rows)}")
+        if args.rest:
+            print(f"rest: {check_readme_curl(args.readme, args.rest, args.repository)}")
         if args.metrics_url:
             print(f"metrics: {check_metrics(args.metrics_url)}")
-    except (ProbeError, grpc.RpcError, OSError) as err:
+    except (ProbeError, grpc.RpcError, OSError, subprocess.TimeoutExpired) as err:
         print(f"container probe failed: {err}", file=sys.stderr)
         return 1
     return 0

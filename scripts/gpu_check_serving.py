@@ -73,7 +73,7 @@ class Server:
         self.device = device
         command = [sys.executable, "-m", "stablemlp", "serve", "--model-repository"]
         command += [str(repository), "--host", "127.0.0.1", "--port", "0", "--device", device]
-        command += ["--metrics-port", "-1", *extra]
+        command += ["--metrics-port", "-1", "--http-port", "-1", *extra]
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
             command,

@@ -219,10 +219,16 @@ class Codec:
         return Decoded(arrays, outputs, bool(raw), rows)
 
     def decode_tensors(
-        self, tensors: Sequence[WireTensor], outputs: Sequence[str], raw_entries: int = 0
+        self,
+        tensors: Sequence[WireTensor],
+        outputs: Sequence[str],
+        raw_entries: int = 0,
+        mixed_forms: bool = False,
     ) -> Decoded:
         """Every check, in order; the first that fails raises InvalidRequestError.
-        `raw_entries`: how many raw_input_contents the message carried (gRPC)."""
+        `raw_entries`: how many raw_input_contents the message carried (gRPC). `mixed_forms`:
+        each input may choose its own form (REST: JSON data or binary data, Triton's binary
+        extension); gRPC's raw_input_contents is all inputs or none."""
         got = [tensor.name for tensor in tensors]
         for i, name in enumerate(got):
             if name not in self._specs or got.index(name) != i:
@@ -237,7 +243,7 @@ class Codec:
             )
         raw = [tensor.raw is not None for tensor in tensors]
         entries = raw_entries or sum(raw)
-        if entries and entries != len(tensors):
+        if entries and entries != len(tensors) and not mixed_forms:
             raise InvalidRequestError(
                 f"raw_input_contents: got {entries} entries, "
                 f"expected {len(tensors)} (one per input, in order)"

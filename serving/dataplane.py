@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .batcher import Results
 from .codec import Codec, Decoded
@@ -28,11 +28,16 @@ from .repository import ModelRepository
 from .settings import ControlMode
 from .versions import Loaded
 
+if TYPE_CHECKING:  # the hook's module imports this one
+    from .observe import Hook
+
 log = logging.getLogger(__name__)
 
 
 class Wire(Protocol):
     """How one front's inference requests and replies map to the version's codec."""
+
+    protocol: str  # "grpc" or "http": what traces and request logs say the call came over
 
     def decode(self, codec: Codec, request: Any) -> Decoded: ...
 
@@ -59,13 +64,33 @@ class DataPlane:
         self.repository, self.admission, self.telemetry = repository, admission, telemetry
         self.control_mode = control_mode
         self.on_change: Callable[[], Awaitable[None]] | None = None  # health republishes
+        # Tracing and request logs (observe.py); None when both are off, and then an inference
+        # pays two `is None` checks for them.
+        self.hook: Hook | None = None
         self._changes: set[asyncio.Future[Any]] = set()
 
     async def infer(
-        self, name: str, version: str, request: Any, wire: Wire, cancelled: Callable[[], str]
+        self,
+        name: str,
+        version: str,
+        request: Any,
+        wire: Wire,
+        cancelled: Callable[[], str],
+        carrier: Callable[[], Iterable[tuple[str, str]]] | None = None,
     ) -> Any:
-        """Admit, resolve, decode, run, encode; counted once whatever happens."""
-        with self.telemetry.track(cancelled) as call, self.admission.admit():
+        """Admit, resolve, decode, run, encode; counted once whatever happens. `carrier`: the
+        call's headers (gRPC metadata, HTTP headers), read only by the hook (trace context)."""
+        hook = self.hook
+        with (
+            self.telemetry.track(cancelled) as call,
+            (
+                self.admission.admit()
+                if hook is None
+                else hook.watch(call, self.admission, name, version, request, wire, carrier)
+            ) as watched,
+        ):
+            if watched is not None:  # tracing or request logs: the hook's wire times each phase
+                wire = watched
             loaded = self.repository.get(name, version)
             call.stats, live = loaded.stats, loaded.live
             decoded = wire.decode(live.codec, request)

@@ -7,11 +7,13 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .settings import CONTROL_MODES, DEVICES, EVENT_LOOPS, RUN_INLINE, Settings, env_name
 
-# Triton's flag names, accepted beside ours so its users' scripts and habits carry over.
+# Triton's flag names, accepted beside ours so its users' scripts and habits carry over. Ours
+# already are Triton's for --http-port, --metrics-port and --model-control-mode.
 ALIASES: dict[str, tuple[str, ...]] = {
     "models": ("--load-model",),
     "port": ("--grpc-port",),
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif f.default_factory is not dataclasses.MISSING:
             default = f"default {f.default_factory()}"
         else:
-            default = "required"
+            default = f"required, or {KSERVE_MOUNT} when it exists (KServe's storageUri)"
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,  # defaults live in Settings, not in argparse
@@ -60,7 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*flags, **kwargs)
 
 
-def load_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+# Where a KServe InferenceService mounts its storageUri: served when no repository is named.
+KSERVE_MOUNT = Path("/mnt/models")
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    kserve_mount: Path = KSERVE_MOUNT,
+) -> Settings:
     """Defaults, overridden by STABLEMLP_<FIELD> variables, overridden by flags."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
@@ -73,9 +83,14 @@ def load_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None
                 raise ValueError(f"{env_name(f.name)}={raw!r}: {err}") from None
     for name, value in flags.items():
         values[name] = tuple(value) if name == "models" else value
+    if "model_repository" not in values and kserve_mount.is_dir():
+        values["model_repository"] = kserve_mount
     if "model_repository" not in values:
-        raise ValueError(f"set --model-repository or {env_name('model_repository')}")
+        raise ValueError(
+            f"set --model-repository or {env_name('model_repository')} (without either, "
+            f"KServe's {kserve_mount} is served when it exists)"
+        )
     return Settings(**values)
 
 
-__all__ = ["ALIASES", "add_arguments", "load_settings"]
+__all__ = ["ALIASES", "KSERVE_MOUNT", "add_arguments", "load_settings"]

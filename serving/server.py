@@ -1,12 +1,15 @@
-"""`stablemlp serve`: load and warm the repository, then serve KServe v2 gRPC, health, reflection.
+"""`stablemlp serve`: load and warm the repository, then serve KServe v2 gRPC (health, reflection)
+and REST on one event loop.
 
-Assembly only: the repository and its versions' schedulers, the dataplane, the gRPC front (servicer,
-health, reflection) with TLS or mTLS and a token interceptor, /metrics on its own HTTP port, and a
-repository poller in `poll` mode. Memory is bounded before admission: the message size is fitted
-to the models, and gRPC caps the calls handled at once and the streams per connection. Shutdown on
+Assembly only: the repository and its versions' schedulers, the dataplane and its optional hook
+(tracing, request logs), the gRPC front (servicer, health, reflection) with TLS or mTLS and a token
+interceptor, the REST front with the same certificate and tokens, /metrics on its own HTTP port,
+and a repository poller in `poll` mode. Memory is bounded before admission: the message size is
+fitted to the models (REST bodies to a multiple of it), and gRPC caps the calls handled at once and
+the streams per connection (the REST guard caps its requests). Shutdown on
 SIGTERM, SIGINT or SIGHUP: readiness and health go NOT_SERVING first (so load balancers stop
-sending), then the port stops taking calls (new ones get UNAVAILABLE) while those in flight get
-`grace_period_s` to finish; the process exits 0.
+sending), then the ports stop taking calls (new ones get UNAVAILABLE / 503) while those in flight
+get `grace_period_s` to finish; the process exits 0.
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ from .flags import add_arguments, load_settings
 from .health import INFERENCE_SERVICE, HealthServicer, publish_health
 from .limits import Admission
 from .metrics import Telemetry, serve_metrics
+from .observe import build_hook
 from .repository import ModelRepository
+from .rest import RestFront, start_rest, stop_rest
+from .rest_boundary import Guard, ssl_context
 from .runtime import ModelRuntime, RuntimeOptions
 from .scheduler import Scheduler
-from .servicer import InferenceServicer, add_inference_service
+from .servicer import EXTENSIONS, InferenceServicer, add_inference_service
 from .settings import Settings, env_name
 from .watcher import watch_repository
 from .workers import WorkerRole, run_workers
@@ -57,6 +63,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Room in a message beyond its tensor data: names, shapes, parameters, the outputs asked for.
 MESSAGE_HEADROOM_BYTES = 64 * 1024
 STREAM_WINDOW_BYTES = 16 * 1024  # what each stream may send ahead of the server reading it
+# JSON spells a 4-byte float in up to ~24 characters ("-1.1754943508222875e-38,"): REST bodies
+# may be this many times the gRPC message limit (the binary extension needs only 1x).
+JSON_EXPANSION = 6
 
 
 class Built(NamedTuple):
@@ -67,6 +76,7 @@ class Built(NamedTuple):
     telemetry: Telemetry  # the inference counts, also behind ModelStatistics and /metrics
     metrics_port: int | None  # None: no /metrics endpoint
     dataplane: DataPlane
+    http_port: int | None = None  # the bound REST port; None: REST off
 
 
 def server_version() -> str:
@@ -139,10 +149,14 @@ def _start_metrics(
     return port, stop
 
 
-async def build_server(settings: Settings, *, reuse_port: bool = False) -> Built:
-    """Load, verify and warm every model, then assemble and bind (not start) the server.
+async def build_server(
+    settings: Settings, *, reuse_port: bool = False, tracer_provider: Any = None
+) -> Built:
+    """Load, verify and warm every model, then assemble and bind the server (REST serves at once,
+    gRPC once started).
 
-    `reuse_port`: bind with SO_REUSEPORT, for worker processes sharing one port."""
+    `reuse_port`: bind with SO_REUSEPORT, for worker processes sharing one port.
+    `tracer_provider`: trace with it instead of as OTEL_* say (tests: an in-memory exporter)."""
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="infer")
     batching = _batching(settings)
@@ -160,19 +174,26 @@ async def build_server(settings: Settings, *, reuse_port: bool = False) -> Built
     )
     admission = Admission(settings.max_inflight)
     telemetry = Telemetry(repository.snapshot, lambda: admission.inflight, admission.limit)
-    interceptors = token_interceptors(  # tokens, TLS first: fail before loading
-        read_token(settings.auth_token, settings.auth_token_file, env_name("auth_token")),
-        read_token(settings.control_token, settings.control_token_file, env_name("control_token")),
-        settings.auth_exempt_health,
-        telemetry.count_auth_failure,
+    # Tokens, TLS and the hook first: fail before loading.
+    token = read_token(settings.auth_token, settings.auth_token_file, env_name("auth_token"))
+    control = read_token(
+        settings.control_token, settings.control_token_file, env_name("control_token")
+    )
+    interceptors = token_interceptors(
+        token, control, settings.auth_exempt_health, telemetry.count_auth_failure
     )
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    tls = ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    hook = build_hook(
+        settings.request_log, settings.request_log_sample, os.environ, tracer_provider
+    )
     await asyncio.to_thread(repository.load_all)
     message_bytes = settings.max_message_bytes or (
         repository.largest_request_bytes() + MESSAGE_HEADROOM_BYTES
     )
     server = _grpc_server(settings, interceptors, message_bytes, reuse_port)
     dataplane = DataPlane(repository, admission, telemetry, settings.model_control_mode)
+    dataplane.hook = hook
     health = HealthServicer()
     on_change = dataplane.on_change = functools.partial(publish_health, health, dataplane)
     servicer = InferenceServicer(
@@ -192,6 +213,18 @@ async def build_server(settings: Settings, *, reuse_port: bool = False) -> Built
             port = server.add_secure_port(address, credentials)
     except RuntimeError as err:  # grpc reports a failed bind this way
         raise OSError(f"cannot listen on {address}: {err}") from None
+    rest = None
+    if settings.http_port >= 0:
+        guard = Guard(token, control, settings.auth_exempt_health,
+                      message_bytes * JSON_EXPANSION, settings.max_concurrent_rpcs,
+                      telemetry.count_auth_failure)  # fmt: skip
+        front = RestFront(dataplane, guard, version_policy=settings.version_policy,
+                          batching=batching, server_version=server_version(),
+                          extensions=EXTENSIONS)  # fmt: skip
+        rest = await start_rest(front, settings.host, settings.http_port, tls, reuse_port,
+                                settings.grace_period_s)  # fmt: skip
+        scheme = "https" if tls else "http"
+        log.info("rest: %s://%s/v2", scheme, _address(settings.host, rest[1]))
     metrics_port, stop_metrics = _start_metrics(settings, telemetry)
     await publish_health(health, dataplane)
     log.info(
@@ -216,13 +249,19 @@ async def build_server(settings: Settings, *, reuse_port: bool = False) -> Built
         # Inference calls in flight finish; new ones get UNAVAILABLE from the dataplane, so
         # clients see a status they may retry elsewhere, not a call cut at the transport.
         await admission.drain(max(0.0, deadline - time.monotonic()))
-        await server.stop(max(0.0, deadline - time.monotonic()))
+        await asyncio.gather(
+            server.stop(max(0.0, deadline - time.monotonic())),
+            *([stop_rest(rest[0])] if rest is not None else []),
+        )
         cut_off = admission.inflight  # still running when the grace period ended
         executor.shutdown(wait=False, cancel_futures=True)
         stop_metrics()
+        if hook is not None:  # what is queued for the request log is written, boundedly
+            await asyncio.to_thread(hook.close, max(1.0, deadline - time.monotonic()))
         return cut_off
 
-    return Built(server, port, stop, telemetry, metrics_port, dataplane)
+    http_port = rest[1] if rest is not None else None
+    return Built(server, port, stop, telemetry, metrics_port, dataplane, http_port)
 
 
 def _scheme(settings: Settings) -> str:
@@ -245,7 +284,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
         await stopping.wait()
     else:
         log.info("%s (pid %d): serving on %s", worker.name, os.getpid(), address)
-        worker.serving(built.port)
+        worker.serving(built.port, built.metrics_port)
         await worker.watch_supervisor(stopping)
     log.info(
         "shutting down: NOT_SERVING, %.1f s grace for in-flight calls", settings.grace_period_s

@@ -35,6 +35,8 @@ STREAM_WINDOW = 64
 class GrpcWire:
     """ModelInferRequest in, ModelInferResponse out, through the version's codec."""
 
+    protocol = "grpc"
+
     @staticmethod
     def decode(codec: Codec, request: pb.ModelInferRequest) -> Decoded:
         return codec.decode(request)
@@ -49,6 +51,7 @@ class GrpcWire:
 class StreamWire:
     """The same decode, with each reply written straight into a ModelStreamInferResponse."""
 
+    protocol = "grpc"
     decode = staticmethod(GrpcWire.decode)
 
     @staticmethod
@@ -88,7 +91,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _infer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         return self._dataplane.infer(
             request.model_name, request.model_version, request, WIRE,
-            lambda: cancelled_status(context),
+            lambda: cancelled_status(context), context.invocation_metadata,
         )  # fmt: skip
 
     @rpc
@@ -149,7 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             check_decoded(request)
             reply: pb.ModelStreamInferResponse = await self._dataplane.infer(
                 request.model_name, request.model_version, request, STREAM_WIRE,
-                lambda: cancelled_status(context),
+                lambda: cancelled_status(context), context.invocation_metadata,
             )  # fmt: skip
         except Exception as err:  # one message's failure, answered in-band
             reply = pb.ModelStreamInferResponse(

@@ -63,7 +63,8 @@ def _meta(
 
 @dataclass(frozen=True)
 class Settings:
-    # Required, as in Triton: there is no sensible default location for models.
+    # Required, as in Triton, except under KServe: its storageUri is mounted at /mnt/models,
+    # which flags.load_settings serves when no repository is named.
     model_repository: Path = field(
         metadata=_meta("folder laid out as DIR/<model>/<version>/model.onnx", Path, "DIR")
     )
@@ -99,6 +100,15 @@ class Settings:
     host: str = field(default="0.0.0.0", metadata=_meta("interface to bind", str, "HOST"))
     # Triton's gRPC port, so stock clients' defaults work; 0 picks a free port (tests).
     port: int = field(default=8001, metadata=_meta("gRPC port (0 = any free port)", int, "PORT"))
+    # Triton's HTTP port (KServe's default protocol is REST): stock clients' defaults find it.
+    http_port: int = field(
+        default=8000,
+        metadata=_meta(
+            "KServe v2 REST port, beside gRPC in the same process (0 = any free port, -1 = off)",
+            int,
+            "PORT",
+        ),
+    )
     # CPU is explicit and predictable; `auto` warns when it falls back.
     device: Device = field(
         default="cpu",
@@ -208,6 +218,18 @@ class Settings:
         default=True,
         metadata=_meta("health checks need no token", _bool, "{true,false}"),
     )
+    # Off: a request log holds what clients sent; it is asked for, with a place to put it.
+    request_log: Path | None = field(
+        default=None,
+        metadata=_meta(
+            "append one JSON line per inference (inputs, outputs, status) to FILE", Path, "FILE"
+        ),
+    )
+    # Every call when a log is asked for; lower it where traffic is heavy.
+    request_log_sample: float = field(
+        default=1.0,
+        metadata=_meta("fraction of inferences written to --request-log (0..1)", float, "RATIO"),
+    )
     # A thread hop (submit, wake a worker, take the GIL back) costs ~50-90 us of a 2-core
     # machine; a 1-row run of the served MLP ~7 us. So runs timed at load under the threshold
     # stay on the event loop (measured: +25% single-row requests/s at concurrency 1, +45% at 8).
@@ -305,8 +327,11 @@ class Settings:
             raise ValueError("cuda_device_id, cuda_memory_limit and warmup_runs must be >= 0")
         if self.grace_period_s < 0 or self.repository_poll_s < 0:
             raise ValueError("grace_period_s and repository_poll_s must be >= 0")
-        if not -1 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port: got {self.metrics_port}, expected -1..65535")
+        for name in ("metrics_port", "http_port"):
+            if not -1 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected -1..65535")
+        if not 0.0 <= self.request_log_sample <= 1.0:
+            raise ValueError(f"request_log_sample: got {self.request_log_sample}, expected 0..1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key: got one, expected both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:

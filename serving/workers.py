@@ -13,8 +13,10 @@ that cannot start at all stops the others at once (exit 1): a bad model or port 
 retrying.
 
 Per worker: --inference-workers / N threads (at least one), so the processes' session.run threads
-together fit the cores they were sized for; /metrics on metrics_port + index (0: any free port
-each, logged; -1: off). ModelStatistics and /metrics count the calls of the worker that answers,
+together fit the cores they were sized for; the REST port shared like the gRPC one; a private
+/metrics on metrics_port + 1 + index (0: any free port each; -1: off), all of them merged by the
+supervisor on metrics_port itself with a `worker` label (worker_metrics.py), where the manifests
+scrape. ModelStatistics and each worker's /metrics count the calls of the worker that answers,
 and RepositoryModelLoad/Unload act on that worker only: use repository polling (the default) to
 change the models of every worker.
 """
@@ -40,6 +42,7 @@ from typing import Any
 
 from .errors import ServingError
 from .settings import Settings
+from .worker_metrics import serve_worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,11 @@ class WorkerRole:
     """What a server process started by the supervisor does differently (server.serve)."""
 
     name: str  # "worker 2/4"
-    ready: Connection  # the port goes here once serving: the supervisor waits for it
+    ready: Connection  # the ports go here once serving: the supervisor waits for them
     supervisor_pid: int
 
-    def serving(self, port: int) -> None:
-        self.ready.send(port)
+    def serving(self, port: int, metrics_port: int | None) -> None:
+        self.ready.send((port, metrics_port))
         self.ready.close()
 
     async def watch_supervisor(self, stopping: asyncio.Event) -> None:
@@ -94,14 +97,17 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return hold, port
 
 
-def worker_settings(settings: Settings, index: int, port: int) -> Settings:
-    """One worker's share: the reserved port, its metrics port, its run threads."""
+def worker_settings(
+    settings: Settings, index: int, port: int, http_port: int | None = None
+) -> Settings:
+    """One worker's share: the reserved ports, its private metrics port, its run threads."""
     metrics = settings.metrics_port
     return dataclasses.replace(
         settings,
         workers=1,
         port=port,
-        metrics_port=metrics + index if metrics > 0 else metrics,
+        http_port=settings.http_port if http_port is None else http_port,
+        metrics_port=metrics + 1 + index if metrics > 0 else metrics,
         inference_workers=max(1, settings.inference_workers // settings.workers),
     )
 
@@ -137,11 +143,15 @@ def _worker(
 class _Pool:
     """The worker processes, each started in its slot; the supervisor's bookkeeping."""
 
-    def __init__(self, settings: Settings, serve: Serve, run: RunLoop, port: int) -> None:
-        self._settings, self._serve, self._run, self._port = settings, serve, run, port
+    def __init__(
+        self, settings: Settings, serve: Serve, run: RunLoop, port: int, http_port: int
+    ) -> None:
+        self._settings, self._serve, self._run = settings, serve, run
+        self._port, self._http_port = port, http_port
         self._context = get_context("spawn")  # a fresh interpreter: no gRPC or ORT state forked
         self.count, self.restarts = settings.workers, settings.worker_restarts
         self.workers: list[SpawnProcess | None] = [None] * self.count
+        self.metrics_ports: list[int | None] = [None] * self.count  # each worker's own
         self.stopping = False
         self._signalled: set[int] = set()  # pids already told to stop
 
@@ -151,9 +161,8 @@ class _Pool:
     def start(self, index: int) -> Connection:
         """Start slot `index`; its pipe reports the port once serving, or EOF if it dies."""
         receive, send = self._context.Pipe(duplex=False)
-        args = (self._serve, self._run, worker_settings(self._settings, index, self._port),
-                self.name(index),
-                send, _log_setup())  # fmt: skip
+        share = worker_settings(self._settings, index, self._port, self._http_port)
+        args = (self._serve, self._run, share, self.name(index), send, _log_setup())
         worker = self._context.Process(target=_worker, args=args, name=self.name(index))
         worker.start()
         send.close()  # the worker holds the other end
@@ -180,7 +189,7 @@ class _Pool:
                 assert isinstance(ready, Connection)
                 index = pipes.pop(ready)
                 try:
-                    ready.recv()
+                    _, self.metrics_ports[index] = ready.recv()
                 except EOFError:  # it is exiting before it served: stop the others
                     worker = self.workers[index]
                     assert worker is not None
@@ -194,6 +203,17 @@ class _Pool:
                 self.stop_all()
                 return False
         return not self.stopping
+
+    def metrics_sources(self) -> list[tuple[str, str]]:
+        """(worker label, /metrics URL) of each worker serving metrics now."""
+        host = self._settings.host
+        local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, host)
+        local = f"[{local}]" if ":" in local and not local.startswith("[") else local
+        return [
+            (str(i + 1), f"http://{local}:{port}/metrics")
+            for i, port in enumerate(self.metrics_ports)
+            if port
+        ]
 
     def join_all(self) -> list[int | None]:
         for worker in self.workers:
@@ -241,19 +261,34 @@ def run_workers(
     """Start settings.workers servers on one port, each running `serve` on the loop `run` makes
     (server.serve and server.run_loop, passed in so this module never imports the server);
     returns the exit code for `stablemlp serve`."""
-    hold, port = reserve_port(settings.host, settings.port)
-    pool = _Pool(settings, serve, run, port)
+    grpc_hold, port = reserve_port(settings.host, settings.port)
+    http_hold, http_port = (
+        reserve_port(settings.host, settings.http_port) if settings.http_port >= 0 else (None, -1)
+    )
+    holds = [h for h in (grpc_hold, http_hold) if h is not None]
+    pool = _Pool(settings, serve, run, port, http_port)
     previous = {signum: signal.signal(signum, pool.stop_all) for signum in STOP_SIGNALS}
-    healthy = False
+    healthy, stops = False, []
     try:
+        if settings.metrics_port >= 0:
+            metrics, stop_metrics = serve_worker_metrics(
+                settings.host, settings.metrics_port, pool.metrics_sources
+            )
+            stops.append(stop_metrics)
+            log.info("metrics: http://%s/metrics (every worker's, labelled worker)",
+                     address(metrics))  # fmt: skip
         pipes = {pool.start(index): index for index in range(pool.count)}
         started = pool.wait_serving(pipes, time.monotonic() + START_S)
-        hold.close()  # every worker has bound the port (or we are stopping)
+        for hold in holds:  # every worker has bound the ports (or we are stopping)
+            hold.close()
         if started:
             log.info("ready: listening on %s (%s, %d workers)", address(port), scheme, pool.count)
             healthy = _supervise(pool)
     finally:
-        hold.close()
+        for hold in holds:
+            hold.close()
+        for stop in stops:
+            stop()
         pool.stop_all()
         codes = pool.join_all()
         for signum, handler in previous.items():

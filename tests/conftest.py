@@ -11,9 +11,10 @@ Session fixtures
                        in-process ONNX Runtime on the exported model.onnx.
     start_server       `with start_server(repository, "--device", "cpu", ...) as srv:` a real
                        `stablemlp serve` subprocess on 127.0.0.1, port 0 (metrics on any free
-                       port, repository polling off unless the flags say otherwise);
-                       `srv.address` is "127.0.0.1:PORT" once health says SERVING,
-                       `srv.metrics_url` its /metrics URL; `srv.log()` its output so far;
+                       port, REST on any free port, repository polling off unless the flags
+                       say otherwise); `srv.address` is "127.0.0.1:PORT" once health says
+                       SERVING, `srv.rest_url` its REST base URL, `srv.metrics_url` its
+                       /metrics URL; `srv.log()` its output so far;
                        `srv.wait_for_log(text, count)` waits (bounded) for log lines;
                        `srv.stop()` sends SIGTERM and returns the exit code. Keywords: `env`
                        (extra variables), `credentials` and `metadata` for the health wait.
@@ -60,6 +61,7 @@ START_TIMEOUT_S = 60.0  # import + load + warm-up on a busy 2-core machine
 STOP_TIMEOUT_S = 20.0
 _READY = re.compile(r"ready: listening on (\S+)")
 _METRICS = re.compile(r"metrics: (http://\S+)")
+_REST = re.compile(r"rest: (https?://\S+?)/v2")
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +160,7 @@ class ServerProcess:
             str(repository),
         ]
         command += ["--host", "127.0.0.1", "--port", "0", "--warmup-runs", "1"]
-        command += ["--metrics-port", "0", "--repository-poll-s", "0", *args]
+        command += ["--metrics-port", "0", "--http-port", "0", "--repository-poll-s", "0", *args]
         self.process = subprocess.Popen(
             command, env=child_env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
@@ -187,6 +189,13 @@ class ServerProcess:
             assert time.monotonic() < deadline, f"{text!r} not {count}x in the log:\n{self.log()}"
             time.sleep(0.01)  # polling the log reader thread, bounded by the deadline
         return self.log()
+
+    @property
+    def rest_url(self) -> str:
+        """The REST front's base URL, e.g. http://127.0.0.1:PORT (no trailing /v2)."""
+        found = _REST.findall(self.log())
+        assert found, "no REST line in the server log"
+        return str(found[0]).rstrip('",')
 
     @property
     def metrics_url(self) -> str:

@@ -1,4 +1,5 @@
-"""Drive a KServe v2 server with the stock `tritonclient` gRPC client; print one JSON report.
+"""Drive a KServe v2 server with the stock `tritonclient` clients (gRPC, or HTTP with --http);
+print one JSON report.
 
 Run with the Triton environment's interpreter (scripts/setup_triton_venv.sh), never inside the
 test process: tritonclient registers its own `inference.*` protobuf messages, which clash with
@@ -7,6 +8,7 @@ module itself (no `test_` prefix), so pytest does not collect it.
 
     python tests/interop_client.py --url 127.0.0.1:PORT --model NAME --features-json FILE
     python tests/interop_client.py --url 127.0.0.1:PORT --model NAME --columns-json FILE
+    python tests/interop_client.py --http --url 127.0.0.1:PORT --model NAME --features-json FILE
     python tests/interop_client.py --dump-descriptors
 
 --features-json FILE holds a JSON array of rows (floats; NaN allowed as Python's json writes
@@ -140,6 +142,40 @@ def infer_columns(url: str, model: str, columns: dict[str, Any]) -> dict[str, An
         client.close()
 
 
+def check_http(url: str, model: str, rows: np.ndarray) -> dict[str, Any]:
+    """The same calls through tritonclient.http: JSON and binary tensors, and the extensions."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=url, network_timeout=TIMEOUT_S)
+    try:
+        results = {}
+        for binary in (True, False):  # binary tensor data extension, then plain JSON
+            features = httpclient.InferInput("features", list(rows.shape), "FP32")
+            features.set_data_from_numpy(rows, binary_data=binary)
+            requested = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in OUTPUTS]
+            result = client.infer(model, [features], outputs=requested, request_id="http-1")
+            results["binary" if binary else "json"] = {
+                "id": result.get_response()["id"],
+                "outputs": {n: _json_safe(result.as_numpy(n)) for n in OUTPUTS},
+            }
+        everything = client.infer(model, [features])  # no outputs named: all, binary
+        return {
+            "server_live": client.is_server_live(),
+            "server_ready": client.is_server_ready(),
+            "model_ready": client.is_model_ready(model),
+            "server_metadata": client.get_server_metadata(),
+            "model_metadata": client.get_model_metadata(model),
+            "model_config": client.get_model_config(model),
+            "infer": results,
+            "default_outputs": sorted(o["name"] for o in everything.get_response()["outputs"]),
+            "statistics": client.get_inference_statistics(model),
+            "index": client.get_model_repository_index(),
+            "unknown_model_error": _error_of(lambda: client.get_model_metadata("no_such_model")),
+        }
+    finally:
+        client.close()
+
+
 def _is_repeated(field: Any) -> bool:
     # `is_repeated` replaces the deprecated `label` in newer protobuf releases.
     if hasattr(field, "is_repeated"):
@@ -187,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features-json", help="JSON file with a list of feature rows")
     parser.add_argument("--columns-json", help="JSON file: numeric rows and text columns")
     parser.add_argument("--dump-descriptors", action="store_true", help="print stub fields; exit")
+    parser.add_argument("--http", action="store_true", help="tritonclient.http (REST) instead")
     args = parser.parse_args(argv)
     if args.dump_descriptors:
         report = dump_descriptors()
@@ -198,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--url, --model and --features-json are required")
         with open(args.features_json, encoding="utf-8") as file:
             rows = np.asarray(json.load(file), dtype=np.float32)
-        report = check(args.url, args.model, rows)
+        report = (check_http if args.http else check)(args.url, args.model, rows)
     json.dump(report, sys.stdout)
     return 0
 

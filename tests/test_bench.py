@@ -21,7 +21,6 @@ import pytest
 
 from stablemlp.bench import stats
 from stablemlp.bench.cells import Cell, build_grid, is_peer_cell
-from stablemlp.bench.cli import is_loopback
 from stablemlp.bench.cli import main as bench_main
 from stablemlp.bench.loadgen import LoadGenerator, LoadSpec, inband_error
 from stablemlp.bench.markdown import markdown
@@ -36,7 +35,7 @@ from stablemlp.bench.peers import (
 from stablemlp.bench.perfanalyzer import find_wrapper, parse_csv, run_perf_analyzer
 from stablemlp.bench.report import targets
 from stablemlp.bench.scaling import parse_counts, placement
-from stablemlp.bench.servers import child_env, floor_server_command, start_server
+from stablemlp.bench.servers import child_env, floor_server_command, is_loopback, start_server
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -331,7 +330,7 @@ def bench_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.mark.slow
 def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    argv = ["--model-repository", str(bench_repository), "--smoke", "--output", str(out)]
+    argv = ["--model-repository", str(bench_repository), "--smoke", "--output", str(out), "--rest"]
     assert bench_main(argv) == 0
 
     doc = json.loads((out / "bench.json").read_text())
@@ -381,7 +380,16 @@ def test_smoke_run_writes_a_complete_report(bench_repository: Path, tmp_path: Pa
     assert doc["command"] == ["stablemlp", "bench", *argv]
     assert doc["settings"]["pinned"] is None  # --pin not given
 
+    rest = {(c["batch"], c["protocol"], c["form"]): c for c in doc["rest"]["cells"]}
+    for batch in (1, 64):  # our REST (JSON, binary) beside our gRPC, in the same run
+        for key in (("http", "json"), ("http", "binary"), ("grpc", "raw")):
+            assert rest[(batch, *key)]["requests_per_s"] > 0, (batch, key)
+            assert (
+                rest[(batch, *key)]["concurrency"] == 8 and rest[(batch, *key)]["target"] == "ours"
+            )
+
     text = (out / "bench.md").read_text()
+    assert "## REST beside gRPC" in text
     assert "Placement: unpinned" in text and "## The model floor" in text
     assert "## Targets (issues 5 and 14)" in text and "| breast_cancer_wide | raw | 1 | 8 |" in text
     assert "## Streaming lane" in text and "| breast_cancer | raw, 8 streams x 1 | 1 | 8 |" in text

@@ -28,10 +28,13 @@ import referencing
 import yaml
 
 from stablemlp.protos import grpc_service_pb2 as pb
+from stablemlp.serving.flags import KSERVE_MOUNT
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
-KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"  # REST, KServe's default
+KSERVE_GRPC = ROOT / "deploy" / "kserve" / "inferenceservice-grpc.yaml"
+KSERVE_FILES = (KSERVE, KSERVE_GRPC)
 DOCKERFILE = ROOT / "Dockerfile"
 
 # gRPC probes are GA since 1.27 and preStop `sleep` exists since 1.30: the oldest version claimed.
@@ -148,7 +151,12 @@ def test_probes_ask_the_grpc_health_service_on_the_image_port() -> None:
     deployment = manifests()["Deployment"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     grpc_port = int(image_env()["STABLEMLP_PORT"])
-    assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == grpc_port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == grpc_port
+    assert ports["http"] == int(image_env()["STABLEMLP_HTTP_PORT"])  # REST, in the Service too
+    assert {p["name"] for p in manifests()["Service"]["spec"]["ports"]} == set(ports)
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == ports["metrics"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == grpc_port, probe
     # Liveness asks for the whole server (""), readiness for the inference service.
@@ -254,9 +262,10 @@ def inference_service_validator(version: str) -> jsonschema.Draft202012Validator
     return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
+@pytest.mark.parametrize("path", KSERVE_FILES, ids=lambda p: p.name)
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_inference_service_matches_the_v1beta1_shape(version: str) -> None:
-    (isvc,) = load_documents(KSERVE)
+def test_inference_service_matches_the_v1beta1_shape(version: str, path: Path) -> None:
+    (isvc,) = load_documents(path)
     errors = sorted(inference_service_validator(version).iter_errors(isvc), key=str)
     assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
 
@@ -280,16 +289,29 @@ def test_inference_service_shape_rejects_mistakes() -> None:
     assert not validator.is_valid(broken)
 
 
-def test_inference_service_is_a_v2_grpc_custom_predictor() -> None:
-    (isvc,) = load_documents(KSERVE)
+@pytest.mark.parametrize(
+    ("path", "port_name", "variable"),
+    [(KSERVE, "http1", "STABLEMLP_HTTP_PORT"), (KSERVE_GRPC, "h2c", "STABLEMLP_PORT")],
+    ids=["rest", "grpc"],
+)
+def test_inference_service_is_a_v2_custom_predictor(
+    path: Path, port_name: str, variable: str
+) -> None:
+    (isvc,) = load_documents(path)
     predictor = isvc["spec"]["predictor"]
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["PROTOCOL"] == "v2"
-    # Knative: one port, named h2c for HTTP/2 cleartext (gRPC), the image's gRPC port.
+    assert "STABLEMLP_MODEL_REPOSITORY" not in env  # the image's /mnt/models, or storageUri's
+    # Knative: one port; REST as http1 (HTTP/1.1), gRPC as h2c (HTTP/2 cleartext).
     (port,) = container["ports"]
-    assert (port["name"], port["containerPort"]) == ("h2c", int(image_env()["STABLEMLP_PORT"]))
+    assert (port["name"], port["containerPort"]) == (port_name, int(image_env()[variable]))
+    # KServe's own Prometheus scrape annotations, on the image's metrics port.
+    annotations = isvc["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert annotations["prometheus.kserve.io/port"] == image_env()["STABLEMLP_METRICS_PORT"]
+    assert annotations["prometheus.kserve.io/path"] == "/metrics"
     assert predictor["securityContext"]["runAsUser"] == image_user()[0]
     assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
     deployment = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
@@ -306,7 +328,12 @@ def test_runtime_images_declare_ports_user_stop_and_health() -> None:
         env = image_env(target)
         assert env["STABLEMLP_DEVICE"] == device
         exposed = {int(p) for line in lines if line.startswith("EXPOSE ") for p in line.split()[1:]}
-        assert {int(env["STABLEMLP_PORT"]), int(env["STABLEMLP_METRICS_PORT"])} <= exposed
+        ports = ("STABLEMLP_PORT", "STABLEMLP_HTTP_PORT", "STABLEMLP_METRICS_PORT")
+        assert {int(env[name]) for name in ports} == exposed
+        assert int(env["STABLEMLP_HTTP_PORT"]) == 8000  # Triton's REST port
+        # The models where KServe mounts storageUri, served with no repository setting.
+        assert "STABLEMLP_MODEL_REPOSITORY" not in env
+        assert f"COPY --from=models /models {KSERVE_MOUNT}" in lines
         assert image_user(target)[0] >= 10000, "numeric non-root user"
         assert "STOPSIGNAL SIGTERM" in lines
         assert any(line.startswith("HEALTHCHECK ") and '"python"' in line for line in lines)

@@ -1,4 +1,5 @@
-"""Stock clients nobody here wrote, against a real server: tritonclient (gRPC) and perf_analyzer.
+"""Stock clients nobody here wrote, against a real server: tritonclient (gRPC and HTTP) and
+perf_analyzer (both protocols).
 
 Both run in their own environment (scripts/setup_triton_venv.sh; `$STABLEMLP_TRITON_VENV` or
 `.venv-triton`) and their own process: tritonclient registers the same `inference.*` protobuf
@@ -196,3 +197,52 @@ def test_perf_analyzer(server: Any, tmp_path: Path) -> None:
     assert sorted(int(row["Concurrency"]) for row in rows) == [1, 2]  # CSV order varies
     assert all(float(row["Inferences/Second"]) > 0 for row in rows)
     assert all(int(row["Server Compute Infer"]) >= 0 for row in rows)
+
+
+@pytest.fixture(scope="module")
+def http_report(server: Any, test_split: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    rows = tmp_path_factory.mktemp("interop-http") / "features.json"
+    rows.write_text(json.dumps(test_split.features.tolist()))
+    url = server.rest_url.removeprefix("http://")
+    return _client("--http", "--url", url, "--model", MODEL_NAME, "--features-json", str(rows))
+
+
+def test_tritonclient_http_calls_every_endpoint(http_report: Any, test_split: Any) -> None:
+    report = http_report
+    assert report["server_live"] and report["server_ready"] and report["model_ready"]
+    assert "statistics" in report["server_metadata"]["extensions"]
+    assert report["model_metadata"]["inputs"] == [
+        {"name": "features", "datatype": "FP32", "shape": [-1, test_split.features.shape[1]]}
+    ]
+    assert report["model_config"]["max_batch_size"] > 0
+    assert report["default_outputs"] == ["label", "probability"]
+    assert [m["state"] for m in report["index"]] == ["READY"]
+    stats = report["statistics"]["model_stats"][0]
+    assert stats["inference_count"] >= 3 * len(test_split.features)
+    assert report["unknown_model_error"]["status"] == "404"
+    for form in ("binary", "json"):  # the binary tensor data extension, then plain JSON
+        infer = report["infer"][form]
+        assert infer["id"] == "http-1"
+        probability = np.array(infer["outputs"]["probability"], dtype=np.float32)
+        np.testing.assert_allclose(probability, test_split.probability, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(np.array(infer["outputs"]["label"]), test_split.label)
+
+
+def test_perf_analyzer_over_http(server: Any, tmp_path: Path) -> None:
+    """perf_analyzer -i http: metadata, config, statistics and infer with binary tensors."""
+    report = tmp_path / "perf-http.csv"
+    done = _run(
+        [
+            str(PERF_ANALYZER),
+            *("-m", MODEL_NAME, "-u", server.rest_url.removeprefix("http://"), "-i", "http"),
+            *("-b", "1", "--concurrency-range", "1:2", "-p", "300", "-s", "100", "-r", "10"),
+            *("-f", str(report), "--verbose-csv"),
+        ],
+        PERF_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Server: " in done.stdout, done.stdout
+    with report.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert sorted(int(row["Concurrency"]) for row in rows) == [1, 2]
+    assert all(float(row["Inferences/Second"]) > 0 for row in rows)

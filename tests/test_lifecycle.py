@@ -51,7 +51,7 @@ def repo_copy(model_repository: Path, tmp_path: Path) -> Path:
 def _argv(repository: Path) -> list[str]:
     return [
         "--model-repository", str(repository), "--host", "127.0.0.1", "--port", "0",
-        "--metrics-port", "-1", "--warmup-runs", "1",
+        "--metrics-port", "-1", "--http-port", "0", "--warmup-runs", "1",
     ]  # fmt: skip
 
 

@@ -152,7 +152,7 @@ def test_logs_are_json_lines_with_one_line_per_failed_call(
     assert len(lines) == before + 3  # every line parsed as JSON above; one per failed call
     assert {k: lines[-1][k] for k in ("level", "logger", "rpc", "code")} == {
         "level": "INFO",
-        "logger": "stablemlp.serving.grpc_boundary",
+        "logger": "stablemlp.serving.failures",
         "rpc": "ModelInfer",
         "code": "INVALID_ARGUMENT",
     }

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import http.client
 import ipaddress
 import re
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rest_client import call as rest_call
+from rest_client import infer_body, reply_outputs
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
@@ -25,6 +29,7 @@ from stablemlp.serving import client, predict_cli
 from stablemlp.serving.auth import TokenInterceptor, authorized
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
+REST_INFER = f"/v2/models/{MODEL_NAME}/infer"
 TIMEOUT = 10.0
 TOKEN = "s3cret-token-for-tests"
 
@@ -120,6 +125,16 @@ def test_tls_serves_only_clients_that_trust_its_certificate(
         security = client.Security(ca=pki / "ca.pem")
         results = client.predict(srv.address, rows, MODEL_NAME, security=security)
         assert [label for _, label in results] == test_split.label[:5, 0].tolist()
+        # The REST port serves HTTPS with the same certificate, to clients that trust it.
+        assert srv.rest_url.startswith("https://")
+        trusting = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        reply = rest_call(srv.rest_url, "POST", REST_INFER, infer_body(rows), context=trusting)
+        np.testing.assert_array_equal(reply_outputs(reply)["label"], test_split.label[:5])
+        other = ssl.create_default_context(cafile=str(pki / "other-ca.pem"))
+        with pytest.raises(ssl.SSLError):
+            rest_call(srv.rest_url, "GET", "/v2/health/live", context=other)
+        with pytest.raises((OSError, http.client.HTTPException)):  # plaintext HTTP: no answer
+            rest_call(srv.rest_url.replace("https", "http"), "GET", "/v2/health/live")
     assert re.search(r"ready: listening on \S+ \(TLS\)", srv.log())
 
 
@@ -161,6 +176,16 @@ def test_mutual_tls_and_a_token_file_with_closed_health(
         argv += ["--tls-key", str(pki / "client.key"), "--token-file", str(tmp_path / "token")]
         assert predict_cli.main(argv) == 1  # reached the model: refused for its 2 features
         assert "expected [N, 30]" in capsys.readouterr().err
+        # REST: the same client certificate and token; health closed too.
+        mutual = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        mutual.load_cert_chain(pki / "client.pem", pki / "client.key")
+        reply = rest_call(srv.rest_url, "POST", REST_INFER, infer_body(rows), token=TOKEN,
+                          context=mutual)  # fmt: skip
+        np.testing.assert_array_equal(reply_outputs(reply)["label"], test_split.label[:3])
+        assert rest_call(srv.rest_url, "GET", "/v2/health/ready", context=mutual).status == 401
+        anonymous_tls = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
+            rest_call(srv.rest_url, "GET", "/v2/health/live", token=TOKEN, context=anonymous_tls)
     log = srv.log()
     assert re.search(r"ready: listening on \S+ \(mTLS\)", log)
     assert "ModelInfer failed: UNAUTHENTICATED" in log and "Check failed: UNAUTHENTICATED" in log

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +44,13 @@ def test_two_workers_share_a_port_answer_and_stop_cleanly(
         log = srv.wait_for_log("serving on", count=2)
         workers = {int(i): (int(pid), address) for i, pid, address in _WORKER.findall(log)}
         assert set(workers) == {1, 2} and {a for _, a in workers.values()} == {srv.address}
-        assert len(re.findall(r"metrics: (http://\S+)", log)) == 2  # one /metrics per worker
+        # A /metrics per worker, and the supervisor's with all of theirs, labelled by worker.
+        assert len(re.findall(r"metrics: (http://\S+)", log)) == 3
+        scraped = urllib.request.urlopen(srv.metrics_url, timeout=TIMEOUT).read().decode()
+        assert 'worker="1"' in scraped and 'worker="2"' in scraped
+        assert "stablemlp_models_loaded" in scraped
+        rest = json.loads(urllib.request.urlopen(srv.rest_url + "/v2/health/ready").read())
+        assert rest == {"ready": True}  # the REST port is shared too
         rows = test_split.features[:5]
         options = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel
         for _ in range(8):  # connections land on either worker; every one answers the same
@@ -90,7 +98,7 @@ def test_a_port_in_use_fails_before_any_worker_starts(model_repository: Path) ->
         taken.listen()
         port = taken.getsockname()[1]
         argv = ["--model-repository", str(model_repository), "--host", "127.0.0.1"]
-        argv += ["--port", str(port), "--workers", "2", "--metrics-port", "-1"]
+        argv += ["--port", str(port), "--workers", "2", "--metrics-port", "-1", "--http-port", "0"]
         assert server_module.main(argv) == 1
         with pytest.raises(OSError):
             reserve_port("127.0.0.1", port)
@@ -99,6 +107,7 @@ def test_a_port_in_use_fails_before_any_worker_starts(model_repository: Path) ->
 def test_workers_that_cannot_start_make_the_supervisor_exit_nonzero(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "stablemlp", "serve", "--model-repository", str(tmp_path)]
     command += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--workers", "2"]
+    command += ["--http-port", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
@@ -113,8 +122,9 @@ def test_each_worker_gets_its_share_of_threads_and_its_own_metrics_port() -> Non
     settings = load_settings(
         {"model_repository": Path("m"), "workers": 2, "inference_workers": 4, "metrics_port": 9100}
     )
-    shares = [worker_settings(settings, i, 8001) for i in range(2)]
-    assert [s.metrics_port for s in shares] == [9100, 9101]
+    shares = [worker_settings(settings, i, 8001, 8000) for i in range(2)]
+    assert [s.metrics_port for s in shares] == [9101, 9102]  # the supervisor's is 9100
+    assert {s.http_port for s in shares} == {8000}
     assert {(s.workers, s.port, s.inference_workers) for s in shares} == {(1, 8001, 2)}
     for metrics in (0, -1):  # any free port each, or none: unchanged
         one = worker_settings(load_settings({"model_repository": Path("m"), "workers": 2,

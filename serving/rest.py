@@ -1,0 +1,268 @@
+"""The REST front: the KServe v2 / Open Inference Protocol over HTTP, with Triton's extensions.
+
+Runs on the gRPC server's asyncio loop (aiohttp, chosen by measurement: bench/httplibs.py) and
+calls the same dataplane, so admission, batching, version pinning, statistics and metrics are
+shared. Each handler turns its request into a dataplane call and the answer into JSON; the guard
+(rest_boundary.py) checks tokens and sizes first and maps every failure. Triton's ModelConfig and
+ModelStatistics are the gRPC front's messages (replies.py) as JSON, 64-bit integers as numbers
+(Triton's REST writes them so, and perf_analyzer reads them so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from .batcher import BatchingOptions
+from .dataplane import DataPlane
+from .errors import CANCELLED, InvalidRequestError, clip
+from .manifest import PLATFORM, TensorSpec
+from .openapi import openapi_document
+from .policy import VersionPolicy
+from .replies import model_config, model_statistics
+from .rest_boundary import Guard
+from .rest_wire import (
+    BINARY_CONTENT_TYPE,
+    JSON_CONTENT_TYPE,
+    WIRE,
+    RestReply,
+    dump_json,
+    load_json,
+    parse_infer,
+)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
+MODEL = "/v2/models/{name}"
+VERSION = "/v2/models/{name}/versions/{version}"
+OPENAPI_PATH = "/v2/openapi.json"
+# (method, path, handler method, route name): the guard knows the health and control routes by name.
+ROUTES = [
+    ("GET", "/v2/health/live", "live", "live"),
+    ("GET", "/v2/health/ready", "ready", "ready"),
+    ("GET", "/v2", "server_metadata", ""),
+    ("GET", OPENAPI_PATH, "openapi", ""),
+    ("GET", "/v2/models/stats", "statistics", ""),
+    ("POST", "/v2/repository/index", "index", ""),
+    ("POST", "/v2/repository/models/{name}/load", "load", "load"),
+    ("POST", "/v2/repository/models/{name}/unload", "unload", "unload"),
+] + [
+    (method, base + suffix, handler, "")
+    for base in (MODEL, VERSION)
+    for method, suffix, handler in (
+        ("GET", "", "model_metadata"),
+        ("GET", "/ready", "model_ready"),
+        ("GET", "/config", "config"),
+        ("GET", "/stats", "statistics"),
+        ("POST", "/infer", "infer"),
+    )
+]
+
+
+def _json(document: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=dump_json(document), content_type=JSON_CONTENT_TYPE)
+
+
+def message_json(message: Message, defaults: bool = False) -> dict[str, Any]:
+    """A protobuf message as Triton's REST writes it: proto field names, enums by name, 64-bit
+    integers as JSON numbers (not the strings of protobuf's JSON mapping); fields left at their
+    defaults only with `defaults` (statistics: every counter, zeros too)."""
+    document: dict[str, Any] = {}
+    fields: Sequence[tuple[Any, Any]] = (
+        [(f, getattr(message, f.name)) for f in message.DESCRIPTOR.fields]
+        if defaults
+        else message.ListFields()
+    )
+    for descriptor, value in fields:
+        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            entry = descriptor.message_type.fields_by_name["value"]
+            document[descriptor.name] = {k: _value(entry, v, defaults) for k, v in value.items()}
+        elif descriptor.is_repeated:
+            document[descriptor.name] = [_value(descriptor, v, defaults) for v in value]
+        else:
+            document[descriptor.name] = _value(descriptor, value, defaults)
+    return document
+
+
+def _value(descriptor: FieldDescriptor, value: Any, defaults: bool) -> Any:
+    if descriptor.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_json(value, defaults)
+    if descriptor.type == FieldDescriptor.TYPE_ENUM and descriptor.enum_type is not None:
+        return descriptor.enum_type.values_by_number[value].name
+    if descriptor.type == FieldDescriptor.TYPE_BYTES:
+        return value.decode("latin-1")
+    return value
+
+
+def _tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
+
+
+class RestFront:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        guard: Guard,
+        *,
+        version_policy: VersionPolicy,
+        batching: BatchingOptions | None,
+        server_version: str,
+        extensions: tuple[str, ...],
+    ) -> None:
+        self._dataplane, self._guard = dataplane, guard
+        self._policy, self._batching = version_policy, batching
+        self._metadata = {"name": "stablemlp", "version": server_version, "extensions": extensions}
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._guard.middleware],
+            client_max_size=self._guard.max_body_bytes,
+            # aiohttp's defaults, said here: header lines and fields bounded before routing.
+            handler_args={"max_line_size": 8190, "max_field_size": 8190, "max_headers": 128},
+        )
+        for method, path, handler, name in ROUTES:
+            app.router.add_route(method, path, getattr(self, handler), name=name or None)
+        return app
+
+    async def live(self, request: web.Request) -> web.Response:
+        return _json({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = self._dataplane.server_ready()
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        providers = "providers=" + ",".join(self._dataplane.repository.providers())
+        extensions = [*self._metadata["extensions"], providers]
+        return _json({**self._metadata, "extensions": extensions})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _json(openapi_document(str(self._metadata["version"])))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        facts = self._dataplane.metadata(*_model(request))
+        return _json({
+            "name": facts.name, "versions": facts.versions, "platform": PLATFORM,
+            "inputs": _tensors(facts.manifest.inputs), "outputs": _tensors(facts.manifest.outputs),
+        })  # fmt: skip
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        ready = self._dataplane.model_ready(name, version)
+        return _json({"name": name, "ready": ready}, 200 if ready else 503)
+
+    async def config(self, request: web.Request) -> web.Response:
+        loaded = self._dataplane.resolve(*_model(request))
+        return _json(message_json(model_config(loaded, self._policy, self._batching)))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        rows = self._dataplane.statistics(*_model(request))
+        stats = [message_json(model_statistics(*row), defaults=True) for row in rows]
+        return _json({"model_stats": stats})
+
+    async def index(self, request: web.Request) -> web.Response:
+        body = await _body_object(request)
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidRequestError(f"ready: got {clip(repr(ready))}, expected true or false")
+        rows = await self._dataplane.index(ready)
+        keys = ("name", "version", "state", "reason")
+        return _json([dict(zip(keys, row, strict=True)) for row in rows])
+
+    async def load(self, request: web.Request) -> web.Response:
+        parameters = (await _body_object(request)).get("parameters") or {}
+        if parameters:  # Triton's `config` / `file:` overrides: files come from disk only
+            keys = sorted(parameters)[:4] if isinstance(parameters, dict) else parameters
+            raise InvalidRequestError(
+                f"parameters: got {clip(str(keys))}, expected none (models load from the "
+                "repository folder only)"
+            )
+        await self._dataplane.load(request.match_info["name"])
+        return _json({})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await _body_object(request)
+        await self._dataplane.unload(request.match_info["name"])
+        return _json({})
+
+    async def infer(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        header = request.headers.get(HEADER_LENGTH)
+        try:
+            header_length = None if header is None else int(header)
+        except ValueError:
+            raise InvalidRequestError(
+                f"{HEADER_LENGTH}: got '{clip(header or '')}', expected a byte count"
+            ) from None
+        inference = parse_infer(await request.read(), header_length)
+        reply: RestReply = await self._dataplane.infer(
+            name, version, inference, WIRE, _cancelled, request.headers.items
+        )
+        if reply.header_length is None:
+            return web.Response(body=reply.body, content_type=JSON_CONTENT_TYPE)
+        return web.Response(
+            body=reply.body,
+            content_type=BINARY_CONTENT_TYPE,
+            headers={HEADER_LENGTH: str(reply.header_length)},
+        )
+
+
+def _model(request: web.Request) -> tuple[str, str]:
+    return request.match_info.get("name", ""), request.match_info.get("version", "")
+
+
+def _cancelled() -> str:
+    return CANCELLED  # HTTP has no deadline: a cancelled handler's client went away
+
+
+async def _body_object(request: web.Request) -> dict[str, Any]:
+    """An optional JSON object body (repository endpoints): empty means `{}`."""
+    data = await request.read()
+    if not data.strip():
+        return {}
+    document = load_json(data)
+    if not isinstance(document, dict):
+        raise InvalidRequestError("request: expected a JSON object")
+    return document
+
+
+async def start_rest(
+    front: RestFront,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    reuse_port: bool,
+    grace_s: float,
+) -> tuple[web.AppRunner, int]:
+    """Bind and start the REST port; returns the runner (to stop it) and the bound port."""
+    runner = web.AppRunner(front.app(), access_log=None, shutdown_timeout=grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        raise OSError(f"REST: cannot listen on port {port}: {err}") from None
+    address = runner.addresses[0]
+    return runner, int(address[1])
+
+
+async def stop_rest(runner: web.AppRunner) -> None:
+    """Stop taking connections; requests in flight get the grace period given at start."""
+    await asyncio.shield(runner.cleanup())
+
+
+__all__ = [
+    "HEADER_LENGTH",
+    "OPENAPI_PATH",
+    "ROUTES",
+    "RestFront",
+    "message_json",
+    "start_rest",
+    "stop_rest",
+]

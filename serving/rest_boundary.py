@@ -1,0 +1,172 @@
+"""The REST boundary: HTTP statuses for errors.py's statuses, and the checks every request passes
+before a handler reads its body (one aiohttp middleware).
+
+In order: the bearer token (the control token for load/unload; health open when asked), a cap on
+requests being handled at once (health exempt), and the declared body size (413 at once; a
+chunked body is counted as it arrives by aiohttp's `client_max_size`, the same limit). A failure
+is answered `{"error": "..."}` with its status and logged once (failures.py, shared with gRPC);
+anything unexpected is 500 with a fixed message. aiohttp's own refusals (no such route, wrong
+method, body too large) get the same JSON shape.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from .auth import bearer_matches
+from .errors import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    OK,
+    AuthenticationError,
+    OverloadedError,
+    clip,
+)
+from .failures import failure, log_failure
+from .rest_wire import JSON_CONTENT_TYPE, dump_json
+
+# errors.py's statuses as HTTP statuses: Google's API design guide's mapping of the gRPC codes
+# (google.rpc.Code), which KServe's and Triton's HTTP fronts follow where they overlap.
+HTTP_STATUS = {
+    OK: 200,
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "NOT_FOUND": 404,
+    "UNAUTHENTICATED": 401,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    CANCELLED: 499,
+    DEADLINE_EXCEEDED: 504,
+    INTERNAL: 500,
+}
+HTTP_NAMES = {413: "RESOURCE_EXHAUSTED", 404: "NOT_FOUND", 405: "INVALID_ARGUMENT"}
+CONTROL_ROUTES = frozenset({"load", "unload"})  # route names that need the control token
+HEALTH_ROUTES = frozenset({"live", "ready"})
+RETRY_AFTER_S = "1"  # for 429 and 503: come back soon, or go to another replica
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str) -> web.Response:
+    headers = {}
+    if status in (429, 503):
+        headers["Retry-After"] = RETRY_AFTER_S
+    elif status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="stablemlp"'
+    body = dump_json({"error": message})
+    return web.Response(status=status, body=body, content_type=JSON_CONTENT_TYPE, headers=headers)
+
+
+def operation(request: web.Request) -> str:
+    """`METHOD /route/{template}` for logs: bounded, whatever path the client sent."""
+    route = request.match_info.route
+    template = route.resource.canonical if route.resource is not None else clip(request.path)
+    return f"{request.method} {template}"
+
+
+def peer(request: web.Request) -> str:
+    address = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else ""
+
+
+@dataclass
+class Guard:
+    """What every request must pass before its handler runs (aiohttp middleware)."""
+
+    token: bytes | None
+    control_token: bytes | None
+    exempt_health: bool
+    max_body_bytes: int
+    max_requests: int  # handled at once, health excepted
+    on_refused: Callable[[], None] = lambda: None
+    active: int = field(default=0, init=False)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        name = request.match_info.route.name or ""
+        try:
+            self._authorize(request, name)
+            if name in HEALTH_ROUTES:
+                return await handler(request)
+            if self.active >= self.max_requests:
+                raise OverloadedError(
+                    f"server busy: {self.active} HTTP requests being handled, the limit is "
+                    f"{self.max_requests}; retry with backoff"
+                )
+            length = request.content_length
+            if length is not None and length > self.max_body_bytes:
+                raise web.HTTPRequestEntityTooLarge(
+                    max_size=self.max_body_bytes, actual_size=length
+                )
+            self.active += 1
+            try:
+                return await handler(request)
+            finally:
+                self.active -= 1
+        except web.HTTPException as err:  # aiohttp's: no route, wrong method, body too large
+            return self._refused(request, err)
+        except Exception as err:  # the boundary: every failure is mapped, none escapes raw
+            status, message = failure(err, operation(request), peer(request))
+            return error_response(HTTP_STATUS[status], message)
+
+    def _authorize(self, request: web.Request, name: str) -> None:
+        if name in CONTROL_ROUTES:
+            token, what = self.control_token, "control token"
+        elif name in HEALTH_ROUTES and self.exempt_health:
+            return
+        else:
+            token, what = self.token, "token"
+        if token is None:
+            return
+        values = request.headers.getall("Authorization", [])
+        if len(values) == 1 and bearer_matches(values[0], token):
+            return
+        self.on_refused()
+        raise AuthenticationError(f"missing or wrong {what}: send 'Authorization: Bearer <{what}>'")
+
+    def _refused(self, request: web.Request, err: web.HTTPException) -> web.Response:
+        if err.status == 413:
+            message = (
+                f"request body: larger than {self.max_body_bytes} bytes, the limit (send "
+                "fewer rows per request, or binary tensor data)"
+            )
+        elif err.status == 404:
+            message = f"no such endpoint: {request.method} '{clip(request.path)}'"
+        elif err.status == 405:
+            message = f"method {clip(request.method)} not allowed on '{clip(request.path)}'"
+        else:
+            message = clip(err.reason, 200)
+        log_failure(operation(request), HTTP_NAMES.get(err.status, str(err.status)), message,
+                    peer(request))  # fmt: skip
+        return error_response(err.status, message)
+
+
+def ssl_context(
+    cert: Path | None, key: Path | None, client_ca: Path | None
+) -> ssl.SSLContext | None:
+    """TLS for the REST port with the gRPC port's certificate; a client CA makes it mutual."""
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+__all__ = [
+    "CONTROL_ROUTES",
+    "HEALTH_ROUTES",
+    "HTTP_STATUS",
+    "Guard",
+    "error_response",
+    "operation",
+    "peer",
+    "ssl_context",
+]
