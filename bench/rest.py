@@ -46,14 +46,16 @@ def http_request(address: str, model: str, input_name: str, rows: np.ndarray, fo
     if form == "binary":
         raw = np.ascontiguousarray(rows, "<f4").tobytes()
         tensor["parameters"] = {"binary_data_size": len(raw)}
-        doc = {"inputs": [tensor], "parameters": {"binary_data_output": True}}
+        doc = {"id": "bench", "inputs": [tensor], "parameters": {"binary_data_output": True}}
         header = json.dumps(doc).encode()
         body = header + raw
         extra = f"Inference-Header-Content-Length: {len(header)}\r\n"
         kind = "application/octet-stream"
     else:
         tensor["data"] = rows.ravel().tolist()
-        body, kind = json.dumps({"inputs": [tensor]}).encode(), "application/json"
+        # An id: KServe's REST (0.21) answers 500 to a request without one.
+        body = json.dumps({"id": "bench", "inputs": [tensor]}).encode()
+        kind = "application/json"
     head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {address}\r\n"
             f"Content-Type: {kind}\r\n{extra}Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
     return head.encode() + body

@@ -583,3 +583,28 @@ def test_payloads_carry_numbers_and_text_both_ways(form: str) -> None:
     back = feeds_of(build_request("penguins", manifest, feeds, form))
     np.testing.assert_array_equal(back["features"], feeds["features"])
     assert back["island"].tolist() == feeds["island"].tolist()
+
+
+def test_versus_runs_an_earlier_checkout_as_it_was(tmp_path: Path) -> None:
+    from stablemlp.bench.versus import earlier_command
+
+    (tmp_path / "serving").mkdir()
+    (tmp_path / "serving" / "__main__.py").write_text("")  # a release before the package
+    command, env = earlier_command(tmp_path, Path("repo"))
+    assert command[1:5] == ["-P", "-m", "serving", "serve"] and env == {"PYTHONPATH": str(tmp_path)}
+    assert earlier_command(ROOT, Path("repo"))[0][3] == "stablemlp"
+
+
+@pytest.mark.slow
+def test_versus_interleaves_two_builds_and_the_floor(
+    model_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stablemlp.bench.versus import CELLS
+    from stablemlp.bench.versus import main as versus_main
+
+    argv = ["--model-repository", str(model_repository), "--before", str(ROOT), "--repeats", "1",
+            "--warmup-s", "0.05", "--window-s", "0.2"]  # fmt: skip
+    assert versus_main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| raw")]
+    assert len(rows) == len([c for c in CELLS if c[0] == "raw"])
+    assert all(len(row.split("|")) == 7 for row in rows)

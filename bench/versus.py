@@ -1,0 +1,112 @@
+"""Two builds of the server in one run: an earlier checkout's, this one's, and the transport floor,
+interleaved repeat by repeat on the same payloads, so a change's speed is judged within one run's
+noise (issue 11: the redesign must not cost speed).
+
+    git worktree add ../before <commit>
+    python -m stablemlp.bench.versus --model-repository REPO --before ../before [--repeats 7]
+
+The earlier checkout runs as it did then, on its own sources (`python -P -m serving serve` for
+releases before the `stablemlp` package, `python -P -m stablemlp serve` after), under this
+interpreter. Printed: each build's req/s over the floor's, this one's over the earlier one's
+(medians of per-repeat ratios, ranges), and server CPU per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..protos import grpc_service_pb2 as pb
+from .loadgen import LoadGenerator, LoadSpec
+from .servers import cpu_seconds, floor_server_command, our_server_command, start_server
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+CELLS = (("raw", 1, 1), ("raw", 1, 8), ("raw", 64, 8), ("fp32", 1, 1), ("fp32", 1, 8),
+         ("fp32", 64, 8))  # fmt: skip
+
+
+def earlier_command(checkout: Path, repository: Path) -> tuple[list[str], dict[str, str]]:
+    """How the earlier checkout serves: its own package layout, its sources first on the path."""
+    module = "serving" if (checkout / "serving" / "__main__.py").is_file() else "stablemlp"
+    command = [sys.executable, "-P", "-m", module, "serve", "--model-repository", str(repository),
+               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]  # fmt: skip
+    return command, {"PYTHONPATH": str(checkout)}
+
+
+def payload(model: str, rows: int, width: int, form: str) -> bytes:
+    request = pb.ModelInferRequest(model_name=model, id="bench")
+    x = np.random.default_rng(0).normal(size=(rows, width)).astype("<f4")
+    tensor = request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
+    if form == "raw":
+        request.raw_input_contents.append(x.tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    return request.SerializeToString()
+
+
+def _range(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}..{max(values):.2f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stablemlp.bench.versus", description=__doc__)
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--before", type=Path, required=True, help="an earlier checkout")
+    parser.add_argument("--model", default="breast_cancer")
+    parser.add_argument("--width", type=int, default=30, help="the model's FP32 columns")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup-s", type=float, default=0.5)
+    parser.add_argument("--window-s", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    command, env = earlier_command(args.before, args.model_repository)
+    ours = our_server_command(args.model_repository, ["--metrics-port", "-1"])
+    floor = floor_server_command(args.model_repository)
+    servers = {
+        "before": start_server("before", command, env=env),
+        "after": start_server("after", ours),
+        "floor": start_server("floor", floor),
+    }
+    rps: dict[tuple[str, tuple[str, int, int]], list[float]] = {}
+    cpu: dict[tuple[str, tuple[str, int, int]], list[float]] = {}
+    try:
+        with LoadGenerator(1) as generator:
+            for repeat in range(args.repeats):
+                for cell in CELLS:
+                    data = payload(args.model, cell[1], args.width, cell[0])
+                    names = list(servers) if repeat % 2 == 0 else list(reversed(servers))
+                    for name in names:  # back to back, the order alternating per repeat
+                        server = servers[name]
+                        spec = LoadSpec(server.address, METHOD, data, cell[2], 1, args.warmup_s,
+                                        args.window_s, 10**7)  # fmt: skip
+                        before = cpu_seconds(server.pid)
+                        result = generator.run(spec)
+                        used = cpu_seconds(server.pid) - before
+                        calls = result.requests_per_s * (args.warmup_s + args.window_s)
+                        rps.setdefault((name, cell), []).append(result.requests_per_s)
+                        cpu.setdefault((name, cell), []).append(1e6 * used / max(calls, 1.0))
+    finally:
+        for server in servers.values():
+            server.stop()
+    print("| cell | before / floor | after / floor | after / before "
+          "| CPU µs/req before / after / floor |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- |")
+    for cell in CELLS:
+        pair = {n: rps[(n, cell)] for n in servers}
+        ratios = [
+            [b / f for b, f in zip(pair["before"], pair["floor"], strict=True)],
+            [a / f for a, f in zip(pair["after"], pair["floor"], strict=True)],
+            [a / b for a, b in zip(pair["after"], pair["before"], strict=True)],
+        ]
+        costs = " / ".join(f"{statistics.median(cpu[(n, cell)]):.0f}" for n in servers)
+        print(f"| {cell[0]} b{cell[1]} c{cell[2]} | " + " | ".join(map(_range, ratios))
+              + f" | {costs} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
