@@ -71,6 +71,7 @@ class Soak:
         self.address, self.model, self.rows, self.expected = address, model, rows, expected
         self.calls = 0
         self.errors: collections.Counter[str] = collections.Counter()
+        self.details: dict[str, str] = {}  # the first message of each failing code
         self.wrong = 0
         self.versions: collections.Counter[str] = collections.Counter()
         self.stop = asyncio.Event()
@@ -90,6 +91,7 @@ class Soak:
                 reply = await stub.ModelInfer(self.request(index), timeout=30)
             except grpc.aio.AioRpcError as err:
                 self.errors[err.code().name] += 1
+                self.details.setdefault(err.code().name, (err.details() or "")[:300])
                 continue
             self.calls += 1
             self.versions[reply.model_version] += 1
@@ -156,6 +158,7 @@ async def run(args: argparse.Namespace, repository: Path, pid: int, address: str
         "calls": soak.calls,
         "calls_per_s": round(soak.calls / elapsed, 1),
         "errors": dict(soak.errors),
+        "first_error": soak.details,
         "wrong_replies": soak.wrong,
         "reloads": counts,
         "versions_served": dict(sorted(soak.versions.items(), key=lambda kv: int(kv[0]))),

@@ -166,10 +166,12 @@ class Settings:
     max_connections: int = field(
         default=128, metadata=_meta("most client connections open at once", int, "N")
     )
-    # Twice the benchmark's highest concurrency (32) on one connection: a client may open streams
-    # before it has heard this limit, and those beyond it are refused (RST_STREAM).
+    # A client's calls on one connection beyond this are refused (RST_STREAM, UNAVAILABLE); gRPC
+    # frees a finished stream's slot a moment after the client sees it end, so a client running
+    # N calls on one connection needs headroom over N: twice the highest concurrency clients
+    # here use (64, the soak). 128 x 128 connections x a 16 KiB window bounds what waits unread.
     max_streams_per_connection: int = field(
-        default=64, metadata=_meta("HTTP/2 streams (calls) one connection may open", int, "N")
+        default=128, metadata=_meta("HTTP/2 streams (calls) one connection may open", int, "N")
     )
     # New versions show up within seconds; a scan is a few stat() calls per version folder.
     repository_poll_s: float = field(
