@@ -44,11 +44,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # u
         last = None
         while True:
             changed = self._changed  # before reading: a change after this read wakes us
+            # Read together: shutdown may come while the yield below is suspended, and the
+            # stream must not end before this watcher has been told NOT_SERVING.
+            stopping = self._stopping
             status = self._status.get(request.service, Status.SERVICE_UNKNOWN)
             if status != last:
                 yield Status(status=status)
                 last = status
-            if self._stopping:
+            if stopping:
                 return  # NOT_SERVING was said for good: end the stream, let the server stop
             await changed.wait()
 

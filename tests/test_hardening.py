@@ -158,6 +158,24 @@ def test_every_health_watcher_hears_the_shutdown_after_one_leaves(
     assert "shutting down: NOT_SERVING" in srv.log()
 
 
+def test_a_watcher_hears_a_shutdown_that_comes_while_its_last_reply_is_being_sent() -> None:
+    """The race behind a flaky shutdown test: SIGTERM landed while Watch was suspended in the yield
+    of SERVING, and on resuming it saw the stop flag and ended the stream (OK, no NOT_SERVING).
+    Driven on the servicer itself, so the interleaving is exact rather than left to chance."""
+    import asyncio
+
+    from stablemlp.serving.health import HealthServicer
+
+    async def interleave() -> list[int]:
+        health = HealthServicer()
+        stream = health.Watch(health_pb2.HealthCheckRequest(service=""), context=None)
+        first = await anext(stream)  # the handler is now suspended inside its yield
+        health.enter_graceful_shutdown()
+        return [first.status] + [reply.status async for reply in stream]
+
+    assert asyncio.run(interleave()) == [SERVING, NOT_SERVING]
+
+
 def _manifest_edit(text: str) -> Callable[[Path], None]:
     def edit(folder: Path) -> None:
         manifest = (folder / "manifest.json").read_text()
