@@ -20,6 +20,11 @@ class Admission:
         self._closed = False
         self._idle = asyncio.Event()
 
+    @property
+    def closed(self) -> bool:
+        """Draining: new requests are refused."""
+        return self._closed
+
     def admit(self) -> Admission:
         """`with admission.admit():` holds one of the `limit` places until the block ends."""
         return self

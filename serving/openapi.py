@@ -27,9 +27,13 @@ def _reply(description: str, schema: str, status: str = "200") -> dict[str, Any]
 def _errors(*statuses: int) -> dict[str, Any]:
     words = {400: "bad request (the message names the field, got, expected)",
              401: "missing or wrong bearer token", 404: "unknown model or version",
-             413: "request body over the size limit", 429: "over --max-inflight: retry later",
+             408: "request body not received within --http-timeout-s",
+             413: "request body over the size limit",
+             429: "over --max-inflight, or over the requests or body bytes handled at once: "
+                  "retry later",
              500: "unexpected error (fixed message; details in the server log)",
-             503: "not ready, or draining for shutdown: retry elsewhere"}  # fmt: skip
+             503: "not ready, draining for shutdown, or over --max-connections: retry "
+                  "elsewhere"}  # fmt: skip
     return {
         str(s): {"description": words[s], "content": {JSON: {"schema": _ref("Error")}}}
         for s in statuses
@@ -225,7 +229,7 @@ def _model_paths(base: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
         base + "/infer": {
             "parameters": parameters,
             "post": {"summary": "inference", "requestBody": infer_body,
-                     "responses": {**infer_ok, **_errors(400, 401, 404, 413, 429, 500, 503)}},
+                     "responses": {**infer_ok, **_errors(400, 401, 404, 408, 413, 429, 500, 503)}},
         },
     }  # fmt: skip
 

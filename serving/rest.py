@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from .openapi import openapi_document
 from .policy import VersionPolicy
 from .replies import model_config, model_statistics
 from .rest_boundary import Guard
+from .rest_connections import Connections
 from .rest_wire import (
     BINARY_CONTENT_TYPE,
     JSON_CONTENT_TYPE,
@@ -123,7 +125,7 @@ class RestFront:
             middlewares=[self._guard.middleware],
             client_max_size=self._guard.max_body_bytes,
             # aiohttp's defaults, said here: header lines and fields bounded before routing.
-            handler_args={"max_line_size": 8190, "max_field_size": 8190, "max_headers": 128},
+            handler_args={"max_line_size": 8190, "max_field_size": 8190, "max_headers": 32},
         )
         for method, path, handler, name in ROUTES:
             app.router.add_route(method, path, getattr(self, handler), name=name or None)
@@ -238,23 +240,40 @@ async def start_rest(
     ssl_context: ssl.SSLContext | None,
     reuse_port: bool,
     grace_s: float,
-) -> tuple[web.AppRunner, int]:
-    """Bind and start the REST port; returns the runner (to stop it) and the bound port."""
-    runner = web.AppRunner(front.app(), access_log=None, shutdown_timeout=grace_s)
+    connections: Connections,
+) -> tuple[RestServer, int]:
+    """Bind and start the REST port behind `connections`; returns what stops it, and the port."""
+    app = front.app()
+    app.middlewares.insert(0, connections.middleware)  # outermost: it times every request
+    # A refused request's unsent body is drained 2 s at most, not aiohttp's 10 s: until then it
+    # keeps one of the connections.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace_s, lingering_time=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None)
-    try:
-        await site.start()
+    assert runner.server is not None
+    factory = connections.serve(runner.server)
+    try:  # what aiohttp's TCPSite does, with the capped factory in front of its server
+        listener = await asyncio.get_running_loop().create_server(
+            factory, host, port, ssl=ssl_context, backlog=128, reuse_port=reuse_port or None
+        )
     except OSError as err:
         await runner.cleanup()
         raise OSError(f"REST: cannot listen on port {port}: {err}") from None
-    address = runner.addresses[0]
-    return runner, int(address[1])
+    bound = int(listener.sockets[0].getsockname()[1])
+    return RestServer(runner, listener, connections), bound
 
 
-async def stop_rest(runner: web.AppRunner) -> None:
+@dataclass(frozen=True)
+class RestServer:
+    runner: web.AppRunner
+    listener: asyncio.Server
+    connections: Connections
+
+
+async def stop_rest(rest: RestServer) -> None:
     """Stop taking connections; requests in flight get the grace period given at start."""
-    await asyncio.shield(runner.cleanup())
+    rest.listener.close()
+    rest.connections.close()
+    await asyncio.shield(rest.runner.cleanup())
 
 
 __all__ = [
@@ -262,6 +281,7 @@ __all__ = [
     "OPENAPI_PATH",
     "ROUTES",
     "RestFront",
+    "RestServer",
     "message_json",
     "start_rest",
     "stop_rest",

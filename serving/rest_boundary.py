@@ -11,6 +11,7 @@ method, body too large) get the same JSON shape.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ HTTP_STATUS = {
     DEADLINE_EXCEEDED: 504,
     INTERNAL: 500,
 }
-HTTP_NAMES = {413: "RESOURCE_EXHAUSTED", 404: "NOT_FOUND", 405: "INVALID_ARGUMENT"}
+HTTP_NAMES = {
+    413: "RESOURCE_EXHAUSTED", 404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 408: DEADLINE_EXCEEDED
+}  # fmt: skip
 CONTROL_ROUTES = frozenset({"load", "unload"})  # route names that need the control token
 HEALTH_ROUTES = frozenset({"live", "ready"})
 RETRY_AFTER_S = "1"  # for 429 and 503: come back soon, or go to another replica
@@ -83,8 +86,13 @@ class Guard:
     exempt_health: bool
     max_body_bytes: int
     max_requests: int  # handled at once, health excepted
+    # Bodies (declared lengths; the limit for a chunked one) read or handled at once: what
+    # slow or large senders can make the server hold, whatever the count of requests.
+    max_bytes_held: int
+    body_timeout_s: float  # the whole body within this, or 408 (a slow sender holds a slot)
     on_refused: Callable[[], None] = lambda: None
     active: int = field(default=0, init=False)
+    bytes_held: int = field(default=0, init=False)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -93,26 +101,45 @@ class Guard:
             self._authorize(request, name)
             if name in HEALTH_ROUTES:
                 return await handler(request)
-            if self.active >= self.max_requests:
-                raise OverloadedError(
-                    f"server busy: {self.active} HTTP requests being handled, the limit is "
-                    f"{self.max_requests}; retry with backoff"
-                )
-            length = request.content_length
-            if length is not None and length > self.max_body_bytes:
-                raise web.HTTPRequestEntityTooLarge(
-                    max_size=self.max_body_bytes, actual_size=length
-                )
-            self.active += 1
+            held = self._admit(request)
+            self.active, self.bytes_held = self.active + 1, self.bytes_held + held
             try:
+                await self._read_body(request)
                 return await handler(request)
             finally:
-                self.active -= 1
+                self.active, self.bytes_held = self.active - 1, self.bytes_held - held
         except web.HTTPException as err:  # aiohttp's: no route, wrong method, body too large
             return self._refused(request, err)
+        except ConnectionError:  # the client went away mid-request: nobody to answer, no bug
+            message = "the client closed the connection before its request was answered"
+            log_failure(operation(request), CANCELLED, message, peer(request))
+            return error_response(HTTP_STATUS[CANCELLED], message)
         except Exception as err:  # the boundary: every failure is mapped, none escapes raw
             status, message = failure(err, operation(request), peer(request))
             return error_response(HTTP_STATUS[status], message)
+
+    def _admit(self, request: web.Request) -> int:
+        """The body bytes this request will hold, if it may start now; else refused at once."""
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=length)
+        held = (self.max_body_bytes if length is None else length) if request.body_exists else 0
+        if self.active >= self.max_requests or self.bytes_held + held > self.max_bytes_held:
+            raise OverloadedError(
+                f"server busy: {self.active} HTTP requests holding {self.bytes_held} body bytes, "
+                f"the limits are {self.max_requests} and {self.max_bytes_held}; retry with backoff"
+            )
+        return held
+
+    async def _read_body(self, request: web.Request) -> None:
+        """The whole body, under the deadline; handlers then get it from aiohttp's cache."""
+        if not request.body_exists:
+            return
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout() from None
 
     def _authorize(self, request: web.Request, name: str) -> None:
         if name in CONTROL_ROUTES:
@@ -135,6 +162,8 @@ class Guard:
                 f"request body: larger than {self.max_body_bytes} bytes, the limit (send "
                 "fewer rows per request, or binary tensor data)"
             )
+        elif err.status == 408:
+            message = f"request body: not received within {self.body_timeout_s:g} s"
         elif err.status == 404:
             message = f"no such endpoint: {request.method} '{clip(request.path)}'"
         elif err.status == 405:

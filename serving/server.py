@@ -45,6 +45,7 @@ from .observe import build_hook
 from .repository import ModelRepository
 from .rest import RestFront, start_rest, stop_rest
 from .rest_boundary import Guard, ssl_context
+from .rest_connections import Connections
 from .runtime import ModelRuntime, RuntimeOptions
 from .scheduler import Scheduler
 from .servicer import EXTENSIONS, InferenceServicer, add_inference_service
@@ -215,14 +216,17 @@ async def build_server(
         raise OSError(f"cannot listen on {address}: {err}") from None
     rest = None
     if settings.http_port >= 0:
+        # REST bodies held at once: the bytes gRPC's calls at once may hold (messages x size).
         guard = Guard(token, control, settings.auth_exempt_health,
                       message_bytes * JSON_EXPANSION, settings.max_concurrent_rpcs,
+                      message_bytes * settings.max_concurrent_rpcs, settings.http_timeout_s,
                       telemetry.count_auth_failure)  # fmt: skip
         front = RestFront(dataplane, guard, version_policy=settings.version_policy,
                           batching=batching, server_version=server_version(),
                           extensions=EXTENSIONS)  # fmt: skip
+        connections = Connections(settings.max_connections, settings.http_timeout_s)
         rest = await start_rest(front, settings.host, settings.http_port, tls, reuse_port,
-                                settings.grace_period_s)  # fmt: skip
+                                settings.grace_period_s, connections)  # fmt: skip
         scheme = "https" if tls else "http"
         log.info("rest: %s://%s/v2", scheme, _address(settings.host, rest[1]))
     metrics_port, stop_metrics = _start_metrics(settings, telemetry)

@@ -163,8 +163,19 @@ class Settings:
     max_concurrent_rpcs: int = field(
         default=128, metadata=_meta("most calls (any RPC, streams too) handled at once", int, "N")
     )
+    # Per port: gRPC refuses in its core (UNAVAILABLE), REST with a 503 (rest_connections.py).
     max_connections: int = field(
-        default=128, metadata=_meta("most client connections open at once", int, "N")
+        default=128, metadata=_meta("most client connections open at once, per port", int, "N")
+    )
+    # nginx's client_header_timeout and client_body_timeout are 60 s; a REST connection that
+    # sends nothing holds one of the max_connections until this ends it.
+    http_timeout_s: float = field(
+        default=30.0,
+        metadata=_meta(
+            "seconds a REST connection may wait on its client (idle, or sending a request)",
+            float,
+            "SECONDS",
+        ),
     )
     # A client's calls on one connection beyond this are refused (RST_STREAM, UNAVAILABLE); gRPC
     # frees a finished stream's slot a moment after the client sees it end, so a client running
@@ -327,6 +338,8 @@ class Settings:
             )
         if self.cuda_device_id < 0 or self.cuda_memory_limit < 0 or self.warmup_runs < 0:
             raise ValueError("cuda_device_id, cuda_memory_limit and warmup_runs must be >= 0")
+        if not self.http_timeout_s > 0:
+            raise ValueError(f"http_timeout_s: got {self.http_timeout_s}, expected > 0")
         if self.grace_period_s < 0 or self.repository_poll_s < 0:
             raise ValueError("grace_period_s and repository_poll_s must be >= 0")
         for name in ("metrics_port", "http_port"):

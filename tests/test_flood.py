@@ -82,3 +82,70 @@ def test_a_client_with_64_calls_on_one_connection_is_never_refused_a_stream(
         return codes
 
     assert asyncio.run(run()) == {"OK": 64 * 60}
+
+
+REST_LIMITS = [*LIMITS, "--http-timeout-s", "2"]
+
+
+def _rest_args(repository: Path, attack: str, body_bytes: int, **values: object) -> Any:
+    from stablemlp.bench import rest_flood
+
+    argv = ["--model-repository", str(repository), "--model", MODEL_NAME, "--attack", attack,
+            "--body-bytes", str(body_bytes), "--deadline-s", "20"]  # fmt: skip
+    for name, value in values.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return rest_flood.parser().parse_args(argv)
+
+
+def test_rest_floods_are_refused_early_and_memory_stays_bounded(
+    model_repository: Path, start_server: StartServer
+) -> None:
+    """REST had no cap on connections, pipelined requests or bodies held: 200 connections
+    pipelining large headers took a server to 2.8 GB, 3,000 maximum bodies to 4.2 GB."""
+    from stablemlp.bench import rest_flood
+
+    with start_server(model_repository, *REST_LIMITS) as srv:
+        port = int(srv.rest_url.rsplit(":", 1)[1])
+        limit = int(srv.log().split("messages up to ")[1].split()[0])
+        body_bytes = limit * rest_flood.JSON_EXPANSION
+        pid = srv.process.pid
+        headers = rest_flood.run(
+            _rest_args(model_repository, "headers", body_bytes, connections=40, hold_s=1),
+            port, pid,
+        )  # fmt: skip
+        outcomes = headers["outcomes"]
+        assert outcomes.get("HTTP/1.1 200 OK", 0) == 16, headers  # 16 connections, the limit
+        assert set(outcomes) <= {"HTTP/1.1 200 OK", "HTTP/1.1 503 Service Unavailable",
+                                 "BrokenPipeError", "ConnectionResetError"}, headers  # fmt: skip
+        bodies = rest_flood.run(
+            _rest_args(model_repository, "bodies", body_bytes, connections=40), port, pid
+        )
+        assert "HTTP/1.1 400 Bad Request" in bodies["outcomes"], bodies  # the padding: no inputs
+        assert "HTTP/1.1 429 Too Many Requests" in bodies["outcomes"], bodies  # bytes held
+        slow = rest_flood.run(
+            _rest_args(model_repository, "slow", body_bytes, connections=8, hold_s=3), port, pid
+        )
+        assert "HTTP/1.1 408 Request Timeout" in slow["outcomes"], slow
+        assert "not received within 2 s" in srv.log()
+        for report in (headers, bodies, slow):
+            assert report["rss_mb_peak"] - report["rss_mb_idle"] < GROWTH_MB, report
+            assert report["answers_afterwards"], report
+
+
+def test_rest_connections_that_send_nothing_are_closed(
+    model_repository: Path, start_server: StartServer
+) -> None:
+    """With connections capped, ones that never send a request would hold the slots for good."""
+    with start_server(model_repository, *REST_LIMITS) as srv:
+        port = int(srv.rest_url.rsplit(":", 1)[1])
+        args = _rest_args(model_repository, "idle", 1, connections=20)
+        report = rest_flood_run(args, port, srv.process.pid)
+        closed = [o for o in report["outcomes"] if o.startswith("closed after")]
+        assert closed and all(int(o.split()[2]) <= 4 for o in closed), report  # 2 s + a sweep
+        assert report["answers_afterwards"], report
+
+
+def rest_flood_run(args: Any, port: int, pid: int) -> dict[str, Any]:
+    from stablemlp.bench import rest_flood
+
+    return rest_flood.run(args, port, pid)

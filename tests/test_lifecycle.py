@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import re
 import shutil
 import signal
@@ -303,6 +304,16 @@ def test_versions_reload_under_load_with_no_failed_or_mixed_call(
         np.testing.assert_array_equal(label, want_label)
 
 
+def _seconds_between(log: str, first: str, second: str) -> float:
+    """Seconds between the log lines holding `first` and `second` (their timestamps)."""
+    stamps = []
+    for text in (first, second):
+        line = re.search(rf"^(\S+ \S+) .*{re.escape(text)}", log, re.M)
+        assert line, f"no {text!r} in the log"
+        stamps.append(datetime.datetime.strptime(line[1], "%Y-%m-%d %H:%M:%S,%f"))
+    return (stamps[1] - stamps[0]).total_seconds()
+
+
 @pytest.mark.slow
 def test_shutdown_under_load_fails_no_accepted_call(
     model_repository: Path, start_server: StartServer, test_split: HeldOutSplit
@@ -331,8 +342,10 @@ def test_shutdown_under_load_fails_no_accepted_call(
             load.stop()
     assert code == 0
     log = srv.log()
-    assert stopped < grace, log[-4000:]  # the calls in flight finished well within the grace
-    assert log.index("shutting down: NOT_SERVING") < log.index("stopped: ")
+    # The calls in flight finished well within the grace, by the server's own clock; the exit
+    # after it (interpreter teardown on a loaded 2-core machine) once took 0.4 s more.
+    assert _seconds_between(log, "shutting down: NOT_SERVING", "stopped: ") < grace, log[-4000:]
+    assert stopped < grace + 5, log[-4000:]
     answered, cut_off = map(
         int, re.findall(r"stopped: (\d+) .* (\d+) in-flight calls cut off", log)[0]
     )

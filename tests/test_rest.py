@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import re
 import shutil
 import socket
 import threading
@@ -311,3 +312,62 @@ def test_a_taken_rest_port_stops_the_server(
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert f"REST: cannot listen on port {port}" in done.stderr
+
+
+def test_pipelined_requests_are_answered_in_order(
+    srv: ServerProcess, test_split: HeldOutSplit
+) -> None:
+    """The server takes pipelined requests one at a time (what a connection may make it hold is
+    bounded); they must still all be answered, in order."""
+    body = json.dumps(infer_body(test_split.features[:2])).encode()
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    infer = (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: t\r\n" + auth
+             + b"Content-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+    live = b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n"
+    missing = b"GET /v2/models/absent HTTP/1.1\r\nHost: t\r\n" + auth + b"\r\n"
+    host, port = srv.rest_url.split("//")[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(live + infer + missing + infer + live)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 5:  # bounded by the socket timeout
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", received)  # bodies end without a newline
+    assert statuses == [b"200", b"200", b"404", b"200", b"200"]
+
+
+def test_draining_answers_503_until_the_calls_in_flight_finish(
+    model_repository: Path, test_split: HeldOutSplit
+) -> None:
+    """Between SIGTERM and the port closing, REST callers are told to go elsewhere (503 with
+    Retry-After), as gRPC callers get UNAVAILABLE; readiness says not ready."""
+    import asyncio
+
+    from stablemlp.serving.server import build_server
+
+    settings = load_settings(
+        {"model_repository": model_repository, "host": "127.0.0.1", "port": 0, "http_port": 0,
+         "metrics_port": -1, "warmup_runs": 1}, env={},
+    )  # fmt: skip
+    body = json.dumps(infer_body(test_split.features[:1])).encode()
+
+    async def drain() -> tuple[Any, Any, Any, int]:
+        built = await build_server(settings)
+        await built.server.start()
+        url = f"http://127.0.0.1:{built.http_port}"
+        before = await asyncio.to_thread(call, url, "POST", INFER, body)
+        with built.dataplane.admission.admit():  # a call in flight: the drain waits for it
+            stopping = asyncio.create_task(built.stop(30.0))
+            while not built.dataplane.admission.closed:  # bounded: the task closes it at once
+                await asyncio.sleep(0.01)
+            during = await asyncio.to_thread(call, url, "POST", INFER, body)
+            ready = await asyncio.to_thread(call, url, "GET", "/v2/health/ready")
+        return before, during, ready, await asyncio.wait_for(stopping, 30)
+
+    before, during, ready, cut_off = asyncio.run(drain())
+    assert before.status == 200
+    assert during.status == 503 and during.headers["retry-after"] == "1"
+    assert "shutting down" in during.json()["error"]
+    assert ready.status == 503
+    assert cut_off == 0
