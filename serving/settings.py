@@ -364,6 +364,12 @@ class Settings:
                 f"model_control_mode: got {self.model_control_mode!r}, expected none, poll or "
                 "explicit"
             )
+        if self.model_control_mode == "explicit" and self.workers > 1:
+            raise ValueError(
+                f"model_control_mode explicit: got workers {self.workers}, expected 1 (a load or "
+                "unload would reach the one worker that took the call; poll mode has every "
+                "worker scan the repository)"
+            )
         has_control_token = bool(self.control_token) or self.control_token_file is not None
         if self.model_control_mode == "explicit" and not has_control_token:
             raise ValueError(

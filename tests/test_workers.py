@@ -130,3 +130,17 @@ def test_each_worker_gets_its_share_of_threads_and_its_own_metrics_port() -> Non
         one = worker_settings(load_settings({"model_repository": Path("m"), "workers": 2,
                                              "metrics_port": metrics}), 1, 8001)  # fmt: skip
         assert one.metrics_port == metrics and one.inference_workers >= 1
+
+
+def test_explicit_model_control_is_refused_with_several_workers() -> None:
+    """A RepositoryModelLoad reaches the one worker that took the call: the others would go on
+    answering without the model, so clients would see it appear and vanish call by call."""
+    with pytest.raises(ValueError, match="model_control_mode explicit: got workers 2, expected 1"):
+        explicit = {"model_control_mode": "explicit", "control_token": "t0123456789"}
+        load_settings({"model_repository": Path("m"), "workers": 2, **explicit})
+    assert (
+        load_settings(
+            {"model_repository": Path("m"), "workers": 2, "model_control_mode": "poll"}
+        ).workers
+        == 2
+    )
