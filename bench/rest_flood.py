@@ -10,7 +10,7 @@ Attacks, each from `--connections` raw sockets at once (no HTTP library in the w
 - `slow`: headers and all but the last bytes of a maximum body, then nothing for `--hold-s` s;
 - `idle`: connects and sends nothing; reports how long the server kept the connection open.
 The server's resident memory is sampled every 20 ms; reported: idle, peak and after, the first
-status line each connection got (or what happened instead), and whether the server answers a
+status line each connection got (or what happened instead), and how soon the server answers a
 normal REST inference afterwards. Starts `stablemlp serve` itself unless `--server` is given.
 """
 
@@ -80,17 +80,23 @@ async def flood(port: int, attack: str, args: argparse.Namespace) -> dict[str, A
     }
 
 
-def answers_normally(port: int, model: str, width: int) -> bool:
+def answers_normally(port: int, model: str, width: int, within_s: float = 10.0) -> float | None:
+    """Seconds until a normal inference is answered after the flood (the flood's connections
+    are let go over up to 2 s, the server's lingering close); None if not within `within_s`."""
     body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, width],
                         "data": [0.0] * width}]}  # fmt: skip
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{INFER.format(model=model)}", data=json.dumps(body).encode()
     )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return bool(reply.status == 200)
-    except OSError:
-        return False
+    started = time.monotonic()
+    while time.monotonic() - started < within_s:
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                if reply.status == 200:
+                    return round(time.monotonic() - started, 2)
+        except OSError:  # 503 while the flood's connections close; refused
+            time.sleep(0.1)
+    return None
 
 
 def run(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
         "rss_mb_idle": round(idle, 1),
         "rss_mb_peak": round(peak, 1),
         "rss_mb_after": round(memory_mb(pid)["rss_mb"], 1),
-        "answers_afterwards": answers_normally(port, args.model, args.width),
+        "answers_after_s": answers_normally(port, args.model, args.width),
     }
 
 

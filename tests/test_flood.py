@@ -129,7 +129,7 @@ def test_rest_floods_are_refused_early_and_memory_stays_bounded(
         assert "not received within 2 s" in srv.log()
         for report in (headers, bodies, slow):
             assert report["rss_mb_peak"] - report["rss_mb_idle"] < GROWTH_MB, report
-            assert report["answers_afterwards"], report
+            assert report["answers_after_s"] is not None, report  # its slots freed in ~2 s
 
 
 def test_rest_connections_that_send_nothing_are_closed(
@@ -142,7 +142,7 @@ def test_rest_connections_that_send_nothing_are_closed(
         report = rest_flood_run(args, port, srv.process.pid)
         closed = [o for o in report["outcomes"] if o.startswith("closed after")]
         assert closed and all(int(o.split()[2]) <= 4 for o in closed), report  # 2 s + a sweep
-        assert report["answers_afterwards"], report
+        assert report["answers_after_s"] is not None, report
 
 
 def rest_flood_run(args: Any, port: int, pid: int) -> dict[str, Any]:
