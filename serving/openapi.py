@@ -27,7 +27,7 @@ def _reply(description: str, schema: str, status: str = "200") -> dict[str, Any]
 def _errors(*statuses: int) -> dict[str, Any]:
     words = {400: "bad request (the message names the field, got, expected)",
              401: "missing or wrong bearer token", 404: "unknown model or version",
-             408: "request body not received within --http-timeout-s",
+             408: "request body not received within --client-timeout-s",
              413: "request body over the size limit",
              429: "over --max-inflight, or over the requests or body bytes handled at once: "
                   "retry later",

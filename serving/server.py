@@ -130,6 +130,9 @@ def _grpc_server(
             ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
             ("grpc.max_allowed_incoming_connections", settings.max_connections),
             ("grpc.http2.bdp_probe", 0),
+            # Connections that send nothing (no handshake, or no call) give back their slot.
+            ("grpc.server_handshake_timeout_ms", int(settings.client_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(settings.client_timeout_s * 1000)),
             ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
             # A taken port must fail, not be silently shared; workers share theirs on purpose.
             ("grpc.so_reuseport", int(reuse_port)),
@@ -219,12 +222,12 @@ async def build_server(
         # REST bodies held at once: the bytes gRPC's calls at once may hold (messages x size).
         guard = Guard(token, control, settings.auth_exempt_health,
                       message_bytes * JSON_EXPANSION, settings.max_concurrent_rpcs,
-                      message_bytes * settings.max_concurrent_rpcs, settings.http_timeout_s,
+                      message_bytes * settings.max_concurrent_rpcs, settings.client_timeout_s,
                       telemetry.count_auth_failure)  # fmt: skip
         front = RestFront(dataplane, guard, version_policy=settings.version_policy,
                           batching=batching, server_version=server_version(),
                           extensions=EXTENSIONS)  # fmt: skip
-        connections = Connections(settings.max_connections, settings.http_timeout_s)
+        connections = Connections(settings.max_connections, settings.client_timeout_s)
         rest = await start_rest(front, settings.host, settings.http_port, tls, reuse_port,
                                 settings.grace_period_s, connections)  # fmt: skip
         scheme = "https" if tls else "http"

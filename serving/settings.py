@@ -167,12 +167,15 @@ class Settings:
     max_connections: int = field(
         default=128, metadata=_meta("most client connections open at once, per port", int, "N")
     )
-    # nginx's client_header_timeout and client_body_timeout are 60 s; a REST connection that
-    # sends nothing holds one of the max_connections until this ends it.
-    http_timeout_s: float = field(
+    # A connection that sends nothing would hold one of the max_connections for good: 128 silent
+    # sockets from one client took the gRPC port down for everyone. gRPC closes an idle one with
+    # GOAWAY (a client's channel reconnects on its next call); nginx's client_header_timeout and
+    # client_body_timeout are 60 s.
+    client_timeout_s: float = field(
         default=30.0,
         metadata=_meta(
-            "seconds a REST connection may wait on its client (idle, or sending a request)",
+            "seconds a connection may wait on its client: with no call in flight it is closed "
+            "(both ports); a REST body not received within it gets 408",
             float,
             "SECONDS",
         ),
@@ -338,8 +341,8 @@ class Settings:
             )
         if self.cuda_device_id < 0 or self.cuda_memory_limit < 0 or self.warmup_runs < 0:
             raise ValueError("cuda_device_id, cuda_memory_limit and warmup_runs must be >= 0")
-        if not self.http_timeout_s > 0:
-            raise ValueError(f"http_timeout_s: got {self.http_timeout_s}, expected > 0")
+        if not self.client_timeout_s > 0:
+            raise ValueError(f"client_timeout_s: got {self.client_timeout_s}, expected > 0")
         if self.grace_period_s < 0 or self.repository_poll_s < 0:
             raise ValueError("grace_period_s and repository_poll_s must be >= 0")
         for name in ("metrics_port", "http_port"):

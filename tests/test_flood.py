@@ -84,7 +84,7 @@ def test_a_client_with_64_calls_on_one_connection_is_never_refused_a_stream(
     assert asyncio.run(run()) == {"OK": 64 * 60}
 
 
-REST_LIMITS = [*LIMITS, "--http-timeout-s", "2"]
+REST_LIMITS = [*LIMITS, "--client-timeout-s", "2"]
 
 
 def _rest_args(repository: Path, attack: str, body_bytes: int, **values: object) -> Any:
@@ -149,3 +149,47 @@ def rest_flood_run(args: Any, port: int, pid: int) -> dict[str, Any]:
     from stablemlp.bench import rest_flood
 
     return rest_flood.run(args, port, pid)
+
+
+def test_silent_grpc_connections_give_back_their_slots(
+    model_repository: Path, start_server: StartServer
+) -> None:
+    """With connections capped, 128 sockets that never sent a byte took the gRPC port down for
+    every client, for good. Now each is closed after --client-timeout-s."""
+    import socket
+    import time
+
+    import grpc
+
+    from stablemlp.protos import grpc_service_pb2 as pb
+    from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
+
+    args = ["--max-connections", "4", "--client-timeout-s", "2"]
+    with start_server(model_repository, *args) as srv:
+        host, port = srv.address.rsplit(":", 1)
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+        silent = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+        silent[0].sendall(preface)  # one says hello (HTTP/2 preface and SETTINGS), then nothing
+
+        def ready() -> grpc.StatusCode:
+            with grpc.insecure_channel(srv.address) as channel:
+                try:
+                    pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(
+                        pb.ServerReadyRequest(), timeout=5
+                    )
+                except grpc.RpcError as err:
+                    return err.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+
+        try:
+            assert ready() == grpc.StatusCode.UNAVAILABLE  # the 4 slots are taken
+            for sock in silent:  # the server closes each: recv sees the end (bounded: timeout)
+                while sock.recv(65536):
+                    pass
+            deadline = time.monotonic() + 10
+            while ready() != grpc.StatusCode.OK:
+                assert time.monotonic() < deadline, "the port never came back"
+                time.sleep(0.1)
+        finally:
+            for sock in silent:
+                sock.close()
