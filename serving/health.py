@@ -25,10 +25,13 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # untyped stubs
-    def __init__(self) -> None:
+    def __init__(self, max_watchers: int = 32) -> None:
         self._status: dict[str, int] = {"": Status.SERVING}
         self._changed = asyncio.Event()  # replaced by a fresh one at every change
         self._stopping = False
+        # Each open Watch holds one of the server's calls at once for its life, and health needs
+        # no token: without a cap, idle watchers could take every call slot from inference.
+        self._max_watchers, self._watchers = max_watchers, 0
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
         status = self._status.get(request.service)
@@ -41,13 +44,27 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # u
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: Any
     ) -> AsyncIterator[Any]:
+        if self._watchers >= self._max_watchers:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"health Watch: {self._watchers} streams open, the limit; use Check, or retry "
+                "later",
+            )
+        self._watchers += 1
+        try:
+            async for reply in self._watch(request.service):
+                yield reply
+        finally:
+            self._watchers -= 1
+
+    async def _watch(self, service: str) -> AsyncIterator[Any]:
         last = None
         while True:
             changed = self._changed  # before reading: a change after this read wakes us
             # Read together: shutdown may come while the yield below is suspended, and the
             # stream must not end before this watcher has been told NOT_SERVING.
             stopping = self._stopping
-            status = self._status.get(request.service, Status.SERVICE_UNKNOWN)
+            status = self._status.get(service, Status.SERVICE_UNKNOWN)
             if status != last:
                 yield Status(status=status)
                 last = status

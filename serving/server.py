@@ -198,7 +198,7 @@ async def build_server(
     server = _grpc_server(settings, interceptors, message_bytes, reuse_port)
     dataplane = DataPlane(repository, admission, telemetry, settings.model_control_mode)
     dataplane.hook = hook
-    health = HealthServicer()
+    health = HealthServicer(max_watchers=max(1, settings.max_concurrent_rpcs // 4))
     on_change = dataplane.on_change = functools.partial(publish_health, health, dataplane)
     servicer = InferenceServicer(
         dataplane,

@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,40 @@ def test_every_health_watcher_hears_the_shutdown_after_one_leaves(
         channel.close()
     assert seen[:1] == [NOT_SERVING]
     assert "shutting down: NOT_SERVING" in srv.log()
+
+
+def test_health_watchers_cannot_take_every_call_slot(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit
+) -> None:
+    """Health needs no token and each Watch holds a call slot for its life: 8 idle watchers took
+    all 8 slots of a server started with --max-concurrent-rpcs 8, and inference got nothing."""
+    with start_server(model_repository, "--max-concurrent-rpcs", "8") as srv:
+        channel = grpc.insecure_channel(srv.address)
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        watches = [health.Watch(request, timeout=30) for _ in range(2)]  # the cap: 8 // 4
+        assert [next(w).status for w in watches] == [SERVING, SERVING]
+        with pytest.raises(grpc.RpcError) as raised:
+            next(health.Watch(request, timeout=30))
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "health Watch: 2 streams open, the limit; use Check" in str(raised.value.details())
+        assert health.Check(request, timeout=10).status == SERVING
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelInfer(infer_request(test_split.features[:1]), timeout=10).outputs
+        watches[0].cancel()
+        deadline = time.monotonic() + 10
+        while True:  # the slot comes back once the server has seen the cancel (bounded)
+            try:
+                again = health.Watch(request, timeout=30)
+                watches.append(again)
+                assert next(again).status == SERVING
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        for watch in watches[1:]:
+            watch.cancel()
+        channel.close()
 
 
 def test_a_watcher_hears_a_shutdown_that_comes_while_its_last_reply_is_being_sent() -> None:
