@@ -17,17 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import cast
 
 from aiohttp import web
 
+from .rest_boundary import RETRY_AFTER_S, Handler
 from .rest_wire import JSON_CONTENT_TYPE, dump_json
 
 log = logging.getLogger(__name__)
 SWEEP_S = 1.0  # how often quiet connections are looked for: idle_s is met within this
-RETRY_AFTER_S = 1
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _refusal(limit: int) -> bytes:
@@ -63,7 +61,7 @@ class Connections:
         self.limit, self.idle_s = limit, idle_s
         self._server: web.Server | None = None
         self._quiet_since: dict[web.RequestHandler, float] = {}  # when it last went quiet
-        self._busy: dict[web.RequestHandler, int] = {}  # requests being handled on it
+        self._busy: set[web.RequestHandler] = set()  # handling a request (one at a time each)
         self._reply = _refusal(limit)
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -90,13 +88,11 @@ class Connections:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         connection = request.protocol
-        self._busy[connection] = self._busy.get(connection, 0) + 1
+        self._busy.add(connection)
         try:
             return await handler(request)
         finally:
-            left = self._busy.pop(connection, 1) - 1
-            if left:
-                self._busy[connection] = left
+            self._busy.discard(connection)
             self._quiet_since[connection] = time.monotonic()
 
     def close(self) -> None:
@@ -112,7 +108,7 @@ class Connections:
         open_now = set(self._server.connections)
         for gone in [c for c in self._quiet_since if c not in open_now]:
             del self._quiet_since[gone]
-            self._busy.pop(gone, None)
+            self._busy.discard(gone)
         cutoff = time.monotonic() - self.idle_s
         idle = [c for c, t in self._quiet_since.items() if t < cutoff and c not in self._busy]
         for connection in idle:
