@@ -251,10 +251,13 @@ async def start_rest(
     await runner.setup()
     assert runner.server is not None
     factory = connections.serve(runner.server)
+    # A TLS handshake counts as waiting on the client too (asyncio's default allows 60 s).
+    handshake_s = connections.idle_s if ssl_context else None
     try:  # what aiohttp's TCPSite does, with the capped factory in front of its server
         listener = await asyncio.get_running_loop().create_server(
-            factory, host, port, ssl=ssl_context, backlog=128, reuse_port=reuse_port or None
-        )
+            factory, host, port, ssl=ssl_context, backlog=128, reuse_port=reuse_port or None,
+            ssl_handshake_timeout=handshake_s,
+        )  # fmt: skip
     except OSError as err:
         await runner.cleanup()
         raise OSError(f"REST: cannot listen on port {port}: {err}") from None

@@ -109,7 +109,10 @@ class Connections:
         for gone in [c for c in self._quiet_since if c not in open_now]:
             del self._quiet_since[gone]
             self._busy.discard(gone)
-        cutoff = time.monotonic() - self.idle_s
+        now = time.monotonic()
+        for connection in open_now:  # a TLS one joins once its handshake is done
+            self._quiet_since.setdefault(connection, now)
+        cutoff = now - self.idle_s
         idle = [c for c, t in self._quiet_since.items() if t < cutoff and c not in self._busy]
         for connection in idle:
             del self._quiet_since[connection]

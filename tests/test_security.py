@@ -286,3 +286,32 @@ def test_serving_code_never_unpickles_or_evaluates() -> None:
     root = Path(__file__).resolve().parents[1] / "serving"  # the serving subpackage
     for path in sorted(root.glob("*.py")):
         assert not banned.search(path.read_text()), path.name
+
+
+def test_silent_tls_connections_to_the_rest_port_are_closed(
+    model_repository: Path, start_server: StartServer, pki: Path
+) -> None:
+    """One that never starts its handshake, and one that finishes it and then sends nothing:
+    the connection cap counts TLS connections once their handshake is done, so the idle sweep
+    must see those too, and a stalled handshake must not wait asyncio's 60 s."""
+    import socket
+    import time
+
+    tls = ("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"))
+    args = (*tls, "--client-timeout-s", "2")
+    with start_server(model_repository, *args, credentials=_credentials(pki)) as srv:
+        host, port = srv.rest_url.split("//")[1].rsplit(":", 1)
+        trusting = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        started = time.monotonic()
+        stalled = socket.create_connection((host, int(port)), timeout=15)
+        shaken = trusting.wrap_socket(
+            socket.create_connection((host, int(port)), timeout=15), server_hostname="localhost"
+        )
+        try:
+            assert stalled.recv(1024) == b""  # closed by the server (bounded by the timeout)
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                assert shaken.recv(1024) == b""
+            assert time.monotonic() - started < 10  # 2 s and a sweep, not 60 s or never
+        finally:
+            stalled.close()
+            shaken.close()
