@@ -25,12 +25,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ..serving.ports import JSON_EXPANSION  # the REST body limit over the gRPC message limit
 from .flood import Sampler
 from .servers import memory_mb, our_server_command, start_server
 
 ATTACKS = ("headers", "bodies", "slow", "idle")
 HEADER_FIELDS, FIELD_BYTES = 31, 8100  # under the server's 32 fields of 8,190 bytes
-JSON_EXPANSION = 6  # the REST body limit over the gRPC message limit (serving/server.py)
 INFER = "/v2/models/{model}/infer"
 
 

@@ -6,11 +6,11 @@ repository (what is loaded; readiness) -> dataplane (protocol-neutral: admit, re
 encode, count; its optional hook, observe.py: tracing and request_log) -> the fronts: servicer
 (gRPC; grpc_boundary maps failures, replies builds Triton's messages) and rest (KServe v2 over
 HTTP; rest_wire reads and writes its tensors, rest_boundary checks and maps, rest_connections caps
-connections, openapi documents) -> server (assembly, health, signals). Beside them: errors (the
-exception tree), failures (the one log line of a failed call), metrics, limits (admission), auth
-(TLS, tokens), watcher (polling), workers (several processes on one port; worker_metrics merges
-their /metrics). client.py talks to a running server. The server and client are imported on
-first use.
+connections, openapi documents) -> ports (each port and its bounds) -> server (assembly, health,
+signals). Beside them: errors (the exception tree), failures (the one log line of a failed call),
+metrics, limits (admission), auth (TLS, tokens), watcher (polling), workers (several processes on
+one port; worker_metrics merges their /metrics). client.py talks to a running server. The server
+and client are imported on first use.
 """
 
 from typing import Any

@@ -5,8 +5,8 @@ Assembly only: the repository and its versions' schedulers, the dataplane and it
 (tracing, request logs), the gRPC front (servicer, health, reflection) with TLS or mTLS and a token
 interceptor, the REST front with the same certificate and tokens, /metrics on its own HTTP port,
 and a repository poller in `poll` mode. Memory is bounded before admission: the message size is
-fitted to the models (REST bodies to a multiple of it), and gRPC caps the calls handled at once and
-the streams per connection (the REST guard caps its requests). Shutdown on
+fitted to the models (REST bodies to a multiple of it), and each port caps what clients can make
+it hold (ports.py). Shutdown on
 SIGTERM, SIGINT or SIGHUP: readiness and health go NOT_SERVING first (so load balancers stop
 sending), then the ports stop taking calls (new ones get UNAVAILABLE / 503) while those in flight
 get `grace_period_s` to finish; the process exits 0.
@@ -40,12 +40,12 @@ from .errors import ServingError
 from .flags import add_arguments, load_settings
 from .health import INFERENCE_SERVICE, HealthServicer, publish_health
 from .limits import Admission
-from .metrics import Telemetry, serve_metrics
+from .metrics import Telemetry
 from .observe import build_hook
+from .ports import address, bind_grpc, grpc_server, rest_guard, start_metrics, start_rest_port
 from .repository import ModelRepository
-from .rest import RestFront, start_rest, stop_rest
-from .rest_boundary import Guard, ssl_context
-from .rest_connections import Connections
+from .rest import RestFront, stop_rest
+from .rest_boundary import ssl_context
 from .runtime import ModelRuntime, RuntimeOptions
 from .scheduler import Scheduler
 from .servicer import EXTENSIONS, InferenceServicer, add_inference_service
@@ -63,10 +63,6 @@ SERVICE_NAMES = (
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Room in a message beyond its tensor data: names, shapes, parameters, the outputs asked for.
 MESSAGE_HEADROOM_BYTES = 64 * 1024
-STREAM_WINDOW_BYTES = 16 * 1024  # what each stream may send ahead of the server reading it
-# JSON spells a 4-byte float in up to ~24 characters ("-1.1754943508222875e-38,"): REST bodies
-# may be this many times the gRPC message limit (the binary extension needs only 1x).
-JSON_EXPANSION = 6
 
 
 class Built(NamedTuple):
@@ -85,10 +81,6 @@ def server_version() -> str:
         return importlib.metadata.version("stablemlp")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def _runtime_options(settings: Settings) -> RuntimeOptions:
@@ -110,47 +102,6 @@ def _batching(settings: Settings) -> BatchingOptions | None:
     return BatchingOptions(
         settings.max_batch_size, settings.max_queue_delay_us, settings.preferred_batch_sizes
     )
-
-
-def _grpc_server(
-    settings: Settings, interceptors: list[Any], message_bytes: int, reuse_port: bool
-) -> grpc.aio.Server:
-    """gRPC reads a call's whole message before any handler runs, so what a flood can make the
-    server hold is bounded here, in gRPC itself: connections x streams per connection x the
-    per-stream receive window, plus the calls handled at once x the message size. BDP probing
-    would grow the window to megabytes per stream; a fixed 16 KiB costs loopback and LAN clients
-    nothing measurable (the window opens as each message is read). Measured by bench/flood.py."""
-    return grpc.aio.server(
-        interceptors=interceptors,
-        # Calls beyond this get RESOURCE_EXHAUSTED before their handler runs.
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        options=[
-            ("grpc.max_receive_message_length", message_bytes),
-            ("grpc.max_send_message_length", message_bytes),
-            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
-            ("grpc.max_allowed_incoming_connections", settings.max_connections),
-            ("grpc.http2.bdp_probe", 0),
-            # Connections that send nothing (no handshake, or no call) give back their slot.
-            ("grpc.server_handshake_timeout_ms", int(settings.client_timeout_s * 1000)),
-            ("grpc.max_connection_idle_ms", int(settings.client_timeout_s * 1000)),
-            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
-            # A taken port must fail, not be silently shared; workers share theirs on purpose.
-            ("grpc.so_reuseport", int(reuse_port)),
-        ],
-    )
-
-
-def _start_metrics(
-    settings: Settings, telemetry: Telemetry
-) -> tuple[int | None, Callable[[], None]]:
-    if settings.metrics_port < 0:
-        return None, lambda: None
-    try:
-        port, stop = serve_metrics(settings.host, settings.metrics_port, telemetry)
-    except OSError as err:
-        raise OSError(f"metrics: cannot listen on port {settings.metrics_port}: {err}") from None
-    log.info("metrics: http://%s/metrics", _address(settings.host, port))
-    return port, stop
 
 
 async def build_server(
@@ -195,7 +146,7 @@ async def build_server(
     message_bytes = settings.max_message_bytes or (
         repository.largest_request_bytes() + MESSAGE_HEADROOM_BYTES
     )
-    server = _grpc_server(settings, interceptors, message_bytes, reuse_port)
+    server = grpc_server(settings, interceptors, message_bytes, reuse_port)
     dataplane = DataPlane(repository, admission, telemetry, settings.model_control_mode)
     dataplane.hook = hook
     health = HealthServicer(max_watchers=max(1, settings.max_concurrent_rpcs // 4))
@@ -209,30 +160,15 @@ async def build_server(
     add_inference_service(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(SERVICE_NAMES, server)
-    address = _address(settings.host, settings.port)
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError as err:  # grpc reports a failed bind this way
-        raise OSError(f"cannot listen on {address}: {err}") from None
+    port = bind_grpc(server, settings, credentials)
     rest = None
     if settings.http_port >= 0:
-        # REST bodies held at once: the bytes gRPC's calls at once may hold (messages x size).
-        guard = Guard(token, control, settings.auth_exempt_health,
-                      message_bytes * JSON_EXPANSION, settings.max_concurrent_rpcs,
-                      message_bytes * settings.max_concurrent_rpcs, settings.client_timeout_s,
-                      telemetry.count_auth_failure)  # fmt: skip
-        front = RestFront(dataplane, guard, version_policy=settings.version_policy,
-                          batching=batching, server_version=server_version(),
-                          extensions=EXTENSIONS)  # fmt: skip
-        connections = Connections(settings.max_connections, settings.client_timeout_s)
-        rest = await start_rest(front, settings.host, settings.http_port, tls, reuse_port,
-                                settings.grace_period_s, connections)  # fmt: skip
-        scheme = "https" if tls else "http"
-        log.info("rest: %s://%s/v2", scheme, _address(settings.host, rest[1]))
-    metrics_port, stop_metrics = _start_metrics(settings, telemetry)
+        front = RestFront(dataplane, rest_guard(settings, token, control, message_bytes,
+                                                telemetry.count_auth_failure),
+                          version_policy=settings.version_policy, batching=batching,
+                          server_version=server_version(), extensions=EXTENSIONS)  # fmt: skip
+        rest = await start_rest_port(settings, front, tls, reuse_port)
+    metrics_port, stop_metrics = start_metrics(settings, telemetry)
     await publish_health(health, dataplane)
     log.info(
         "limits: messages up to %d bytes, %d calls at once, %d connections x %d streams, %d "
@@ -284,13 +220,13 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stopping.set)
-    address = _address(settings.host, built.port)
+    listening = address(settings.host, built.port)
     log.info("event loop: %s", type(loop).__module__.split(".")[0])
     if worker is None:
-        log.info("ready: listening on %s (%s)", address, _scheme(settings))
+        log.info("ready: listening on %s (%s)", listening, _scheme(settings))
         await stopping.wait()
     else:
-        log.info("%s (pid %d): serving on %s", worker.name, os.getpid(), address)
+        log.info("%s (pid %d): serving on %s", worker.name, os.getpid(), listening)
         worker.serving(built.port, built.metrics_port)
         await worker.watch_supervisor(stopping)
     log.info(
@@ -338,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if settings.workers > 1:
             return run_workers(
-                settings, serve, run_loop, functools.partial(_address, settings.host),
+                settings, serve, run_loop, functools.partial(address, settings.host),
                 _scheme(settings),
             )  # fmt: skip
         return run_loop(serve(settings), settings.event_loop)
