@@ -3,7 +3,7 @@
 aiohttp holds what a connection sends (headers being parsed, pipelined requests, a body being read)
 in memory and sets no cap on connections or on time before the first request: 200 connections
 pipelining large headers took a server to 2.8 GB. gRPC bounds its side in its core
-(server.py); here the same bound is kept by the protocol factory aiohttp's server is run behind:
+(ports.py); here the same bound is kept by the protocol factory aiohttp's server is run behind:
 
 - at most `limit` connections; one beyond them is answered 503 (`Retry-After`) and closed before
   a byte of it is parsed;

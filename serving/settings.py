@@ -156,7 +156,7 @@ class Settings:
         default=128, metadata=_meta("most inference requests queued or running", int, "N")
     )
     # gRPC reads a call's message before any handler runs: these bound how much it holds at
-    # once, whatever clients send (server.py). Excess calls get RESOURCE_EXHAUSTED, excess
+    # once, whatever clients send (ports.py). Excess calls get RESOURCE_EXHAUSTED, excess
     # connections UNAVAILABLE, both at once. Measured with bench/flood.py: peak RSS ~260 MB
     # under 2,000 maximum-size calls from 200 connections (README); a long-lived stream (health
     # Watch, ModelStreamInfer) holds one call for its life.
