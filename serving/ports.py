@@ -89,10 +89,15 @@ def rest_guard(
 
 
 async def start_rest_port(
-    settings: Settings, front: RestFront, tls: ssl.SSLContext | None, reuse_port: bool
+    settings: Settings,
+    front: RestFront,
+    guard: Guard,
+    tls: ssl.SSLContext | None,
+    reuse_port: bool,
 ) -> tuple[RestServer, int]:
     """Bind the REST port behind its connection caps; returns what stops it, and the port."""
-    connections = Connections(settings.max_connections, settings.client_timeout_s)
+    connections = Connections(settings.max_connections, settings.client_timeout_s,
+                              guard.quiet_since)  # fmt: skip
     rest = await start_rest(front, settings.host, settings.http_port, tls, reuse_port,
                             settings.grace_period_s, connections)  # fmt: skip
     log.info("rest: %s://%s/v2", "https" if tls else "http", address(settings.host, rest[1]))

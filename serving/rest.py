@@ -244,7 +244,6 @@ async def start_rest(
 ) -> tuple[RestServer, int]:
     """Bind and start the REST port behind `connections`; returns what stops it, and the port."""
     app = front.app()
-    app.middlewares.insert(0, connections.middleware)  # outermost: it times every request
     # A refused request's unsent body is drained 2 s at most, not aiohttp's 10 s: until then it
     # keeps one of the connections.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace_s, lingering_time=2.0)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -93,9 +95,20 @@ class Guard:
     on_refused: Callable[[], None] = lambda: None
     active: int = field(default=0, init=False)
     bytes_held: int = field(default=0, init=False)
+    # Per connection (aiohttp's RequestHandler): when it last finished a request, None while it
+    # handles one. rest_connections.py closes the ones quiet for too long.
+    quiet_since: dict[Any, float | None] = field(default_factory=dict, init=False)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        connection = request.protocol
+        self.quiet_since[connection] = None  # busy, however long the request takes
+        try:
+            return await self._guarded(request, handler)
+        finally:
+            self.quiet_since[connection] = time.monotonic()
+
+    async def _guarded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         name = request.match_info.route.name or ""
         try:
             self._authorize(request, name)
@@ -134,6 +147,9 @@ class Guard:
     async def _read_body(self, request: web.Request) -> None:
         """The whole body, under the deadline; handlers then get it from aiohttp's cache."""
         if not request.body_exists:
+            return
+        if request.content.is_eof():  # all of it arrived with the headers: no deadline needed
+            await request.read()
             return
         try:
             async with asyncio.timeout(self.body_timeout_s):

@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 
-from .rest_boundary import RETRY_AFTER_S, Handler
+from .rest_boundary import RETRY_AFTER_S
 from .rest_wire import JSON_CONTENT_TYPE, dump_json
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,15 @@ class _Refuse(asyncio.Protocol):
 
 
 class Connections:
-    """The REST port's protocol factory (aiohttp's server behind a cap and an idle deadline), and
-    the middleware that tells it when a connection is handling a request."""
+    """The REST port's protocol factory: aiohttp's server behind a cap and an idle deadline.
 
-    def __init__(self, limit: int, idle_s: float) -> None:
+    `quiet_since` is the guard's (rest_boundary.py): per connection, when it last finished a
+    request, None while it handles one; its middleware keeps it, as it runs for every request."""
+
+    def __init__(self, limit: int, idle_s: float, quiet_since: dict[Any, float | None]) -> None:
         self.limit, self.idle_s = limit, idle_s
         self._server: web.Server | None = None
-        self._quiet_since: dict[web.RequestHandler, float] = {}  # when it last went quiet
-        self._busy: set[web.RequestHandler] = set()  # handling a request (one at a time each)
+        self._quiet_since = quiet_since
         self._reply = _refusal(limit)
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -85,16 +86,6 @@ class Connections:
             self._schedule()
         return handler
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        connection = request.protocol
-        self._busy.add(connection)
-        try:
-            return await handler(request)
-        finally:
-            self._busy.discard(connection)
-            self._quiet_since[connection] = time.monotonic()
-
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -108,12 +99,11 @@ class Connections:
         open_now = set(self._server.connections)
         for gone in [c for c in self._quiet_since if c not in open_now]:
             del self._quiet_since[gone]
-            self._busy.discard(gone)
         now = time.monotonic()
         for connection in open_now:  # a TLS one joins once its handshake is done
             self._quiet_since.setdefault(connection, now)
         cutoff = now - self.idle_s
-        idle = [c for c, t in self._quiet_since.items() if t < cutoff and c not in self._busy]
+        idle = [c for c, t in self._quiet_since.items() if t is not None and t < cutoff]
         for connection in idle:
             del self._quiet_since[connection]
             connection.force_close()

@@ -163,11 +163,11 @@ async def build_server(
     port = bind_grpc(server, settings, credentials)
     rest = None
     if settings.http_port >= 0:
-        front = RestFront(dataplane, rest_guard(settings, token, control, message_bytes,
-                                                telemetry.count_auth_failure),
-                          version_policy=settings.version_policy, batching=batching,
-                          server_version=server_version(), extensions=EXTENSIONS)  # fmt: skip
-        rest = await start_rest_port(settings, front, tls, reuse_port)
+        guard = rest_guard(settings, token, control, message_bytes, telemetry.count_auth_failure)
+        front = RestFront(dataplane, guard, version_policy=settings.version_policy,
+                          batching=batching, server_version=server_version(),
+                          extensions=EXTENSIONS)  # fmt: skip
+        rest = await start_rest_port(settings, front, guard, tls, reuse_port)
     metrics_port, stop_metrics = start_metrics(settings, telemetry)
     await publish_health(health, dataplane)
     log.info(
