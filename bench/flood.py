@@ -137,6 +137,20 @@ def run(args: argparse.Namespace, address: str, pid: int, limit: int) -> dict[st
     }
 
 
+def message_limit(log: str) -> int:
+    """The server's message limit, from its start-up log line."""
+    return int(log.split("messages up to ")[1].split()[0])
+
+
+def publish(report: dict[str, Any], output: Path | None) -> int:
+    """Print the report (JSON), also write it to `output`; the exit code."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if output:
+        output.write_text(text + "\n")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stablemlp.bench.flood", description=__doc__)
     parser.add_argument("--model-repository", type=Path, required=True)
@@ -167,15 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         server = start_server("ours", command, env=env, timeout_s=120)
         try:
-            limit = int(server.log().split("messages up to ")[1].split()[0])
-            report = run(args, server.address, server.pid, limit)
+            report = run(args, server.address, server.pid, message_limit(server.log()))
         finally:
             report["server_exit_code"] = server.stop()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
-    return 0
+    return publish(report, args.output)
 
 
 if __name__ == "__main__":

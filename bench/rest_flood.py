@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..serving.ports import JSON_EXPANSION  # the REST body limit over the gRPC message limit
-from .flood import Sampler
+from .flood import Sampler, message_limit, publish
 from .servers import memory_mb, our_server_command, start_server
 
 ATTACKS = ("headers", "bodies", "slow", "idle")
@@ -149,17 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server("ours", command, timeout_s=120)
         try:
             log = server.log()
-            limit = int(log.split("messages up to ")[1].split()[0])
-            args.body_bytes = args.body_bytes or limit * JSON_EXPANSION
+            args.body_bytes = args.body_bytes or message_limit(log) * JSON_EXPANSION
             port = int(log.split("rest: http://")[1].split("/v2")[0].rsplit(":", 1)[1])
             report = run(args, port, server.pid)
         finally:
             report["server_exit_code"] = server.stop()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
-    return 0
+    return publish(report, args.output)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_a_flood_of_maximum_size_calls_is_refused_early_and_memory_stays_bounded
     model_repository: Path, start_server: StartServer
 ) -> None:
     with start_server(model_repository, *LIMITS) as srv:
-        limit = int(srv.log().split("messages up to ")[1].split()[0])
+        limit = flood.message_limit(srv.log())
         assert limit < 300_000  # sized to the model (1024 x 30 x 4 B + headroom), not 4 MiB
         pid = srv.process.pid
         report = flood.run(_args(model_repository), srv.address, pid, limit)
@@ -106,7 +106,7 @@ def test_rest_floods_are_refused_early_and_memory_stays_bounded(
 
     with start_server(model_repository, *REST_LIMITS) as srv:
         port = int(srv.rest_url.rsplit(":", 1)[1])
-        limit = int(srv.log().split("messages up to ")[1].split()[0])
+        limit = flood.message_limit(srv.log())
         body_bytes = limit * rest_flood.JSON_EXPANSION
         pid = srv.process.pid
         headers = rest_flood.run(
