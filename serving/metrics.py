@@ -263,10 +263,11 @@ class Telemetry(Collector):
         )  # fmt: skip
 
 
-def serve_metrics(host: str, port: int, telemetry: Telemetry) -> tuple[int, Callable[[], None]]:
-    """Start the /metrics HTTP server on its own thread; returns the bound port and a stop."""
+def serve_metrics(host: str, port: int, collector: Collector) -> tuple[int, Callable[[], None]]:
+    """Serve `collector` (a server's Telemetry, or the workers' merged metrics) at /metrics on
+    its own thread; returns the bound port and a stop."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(telemetry)
+    registry.register(collector)
     httpd, thread = start_http_server(port, addr=host, registry=registry)
 
     def stop() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import urllib.request
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -47,18 +46,4 @@ class WorkerMetrics(Collector):
         yield from families.values()
 
 
-def serve_worker_metrics(host: str, port: int, sources: Sources) -> tuple[int, Callable[[], None]]:
-    """The merged /metrics on its own thread; returns the bound port and a stop."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(WorkerMetrics(sources))
-    httpd, thread = start_http_server(port, addr=host, registry=registry)
-
-    def stop() -> None:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
-
-    return int(httpd.server_port), stop
-
-
-__all__ = ["WorkerMetrics", "serve_worker_metrics"]
+__all__ = ["WorkerMetrics"]

@@ -41,8 +41,9 @@ from multiprocessing.context import SpawnProcess
 from typing import Any
 
 from .errors import ServingError
+from .metrics import serve_metrics
 from .settings import Settings
-from .worker_metrics import serve_worker_metrics
+from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +272,8 @@ def run_workers(
     healthy, stops = False, []
     try:
         if settings.metrics_port >= 0:
-            metrics, stop_metrics = serve_worker_metrics(
-                settings.host, settings.metrics_port, pool.metrics_sources
+            metrics, stop_metrics = serve_metrics(
+                settings.host, settings.metrics_port, WorkerMetrics(pool.metrics_sources)
             )
             stops.append(stop_metrics)
             log.info("metrics: http://%s/metrics (every worker's, labelled worker)",

@@ -213,6 +213,23 @@ class ServerProcess:
             return self.process.wait(timeout=STOP_TIMEOUT_S)
 
 
+def run_isolated(code: str, cwd: Path) -> str:
+    """`code` in a fresh interpreter that cannot see the project (-I: neither the cwd nor
+    PYTHONPATH nor user site on sys.path); its stdout. It must exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-I", "-W", "ignore", "-c", code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def channel_to(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
     """A plaintext channel, or a TLS one checking the server against the test CA's `localhost`."""
     if credentials is None:

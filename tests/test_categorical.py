@@ -13,9 +13,6 @@ import csv
 import io
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import run_isolated
 from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -246,18 +244,7 @@ def test_torchscript_takes_text_in_a_fresh_process(mixed_repository: Path, tmp_p
         "assert 'stablemlp' not in sys.modules\n"
         "print(json.dumps([p.flatten().tolist(), l.flatten().tolist()]))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run(
-        [sys.executable, "-I", "-W", "ignore", "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    probability, label = json.loads(done.stdout)
+    probability, label = json.loads(run_isolated(code, tmp_path))
     expected, expected_label = _session(mixed_repository).run(None, _feeds(rows))
     np.testing.assert_allclose(probability, expected[:, 0], atol=1e-5)
     assert label == expected_label[:, 0].tolist()

@@ -6,8 +6,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import run_isolated
 from google.protobuf import text_format
 from torch import nn
 
@@ -192,19 +191,7 @@ def test_torchscript_loads_in_fresh_process_without_project(
         "assert not any(n.split('.')[0] in ('model', 'export') for n in sys.modules), 'project'\n"
         "print(json.dumps([p.flatten().tolist(), l.flatten().tolist(), str(l.dtype)]))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    # -I: isolated mode, neither the cwd nor PYTHONPATH nor user site on sys.path.
-    done = subprocess.run(
-        [sys.executable, "-I", "-W", "ignore", "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    probability, label, dtype = json.loads(done.stdout)
+    probability, label, dtype = json.loads(run_isolated(code, tmp_path))
     means, stds = _stats()
     folded = build_classifier(
         fold_batchnorm(_tiny_net()), torch.tensor(means), torch.tensor(stds), 0.5
