@@ -64,6 +64,17 @@ _METRICS = re.compile(r"metrics: (http://\S+)")
 _REST = re.compile(r"rest: (https?://\S+?)/v2")
 
 
+def pytest_report_header() -> str:
+    """The CPU kernels in use (`make test-kernels` runs the numeric modules at each level)."""
+    try:
+        import torch
+    except ImportError:
+        return "torch: not installed"
+    level = os.environ.get("ATEN_CPU_CAPABILITY", "unset")
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"torch CPU capability: {capability} (ATEN_CPU_CAPABILITY={level})"
+
+
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch", reason="training needs the train extra")

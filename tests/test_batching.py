@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import MODEL_NAME, HeldOutSplit, ServerProcess, infer_request, outputs, publish_onnx
+from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
@@ -192,7 +193,9 @@ def test_concurrent_requests_merge_and_each_gets_its_rows(
                     "probability": np.array(got["probability"].fp32_contents).reshape(-1, 1),
                     "label": np.array(got["label"].int64_contents).reshape(-1, 1),
                 }
-            np.testing.assert_allclose(got["probability"], test_split.probability[a:b], atol=1e-6)
+            np.testing.assert_allclose(
+                got["probability"], test_split.probability[a:b], atol=PROBABILITY
+            )
             np.testing.assert_array_equal(got["label"], test_split.label[a:b])
         assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT  # failed alone, at decode
         stats = _stats(stub)

@@ -24,6 +24,7 @@ from conftest import run_isolated
 from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import PROBABILITY
 
 from stablemlp.export.cli import export_main, verify_main
 from stablemlp.export.documents import config_pbtxt
@@ -246,7 +247,7 @@ def test_torchscript_takes_text_in_a_fresh_process(mixed_repository: Path, tmp_p
     )
     probability, label = json.loads(run_isolated(code, tmp_path))
     expected, expected_label = _session(mixed_repository).run(None, _feeds(rows))
-    np.testing.assert_allclose(probability, expected[:, 0], atol=1e-5)
+    np.testing.assert_allclose(probability, expected[:, 0], atol=PROBABILITY)
     assert label == expected_label[:, 0].tolist()
 
 
@@ -255,7 +256,7 @@ def test_parity_covers_held_out_unseen_missing_and_extremes(mixed_repository: Pa
     assert parity["passed"] and parity["labels_identical"]
     assert set(parity["max_abs_diff"]) == {"folded", "torchscript", "onnxruntime"}
     assert {"test", "random_1", "random_7", "random_1024", "extreme_16"} == set(parity["batches"])
-    assert max(parity["max_abs_diff"].values()) <= 1e-5
+    assert max(parity["max_abs_diff"].values()) <= PROBABILITY
 
 
 def test_verify_regenerates_text_rows(

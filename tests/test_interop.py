@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from google.protobuf.descriptor import Descriptor
+from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2, model_config_pb2
 
@@ -148,15 +149,15 @@ def test_tritonclient_infer_matches_onnxruntime(client_report: Any, test_split: 
     probability = np.array(infer["outputs"]["probability"]["values"], dtype=np.float32)
     label = np.array(infer["outputs"]["label"]["values"], dtype=np.int64)
     assert infer["outputs"]["probability"]["shape"] == list(test_split.probability.shape)
-    np.testing.assert_allclose(probability, test_split.probability, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(probability, test_split.probability, rtol=0, atol=PROBABILITY)
     np.testing.assert_array_equal(label, test_split.label)
     stream = client_report["stream_infer"]
     assert stream["ids"] == [f"stream-{i}" for i in range(len(test_split.features))]
     np.testing.assert_allclose(
         np.array(stream["probability"], dtype=np.float32),
         test_split.probability[:, 0],
-        rtol=1e-6,
-        atol=1e-7,
+        rtol=0,
+        atol=PROBABILITY,
     )
 
 
@@ -224,7 +225,7 @@ def test_tritonclient_http_calls_every_endpoint(http_report: Any, test_split: An
         infer = report["infer"][form]
         assert infer["id"] == "http-1"
         probability = np.array(infer["outputs"]["probability"], dtype=np.float32)
-        np.testing.assert_allclose(probability, test_split.probability, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(probability, test_split.probability, rtol=0, atol=PROBABILITY)
         np.testing.assert_array_equal(np.array(infer["outputs"]["label"]), test_split.label)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import HeldOutSplit, ServerProcess, infer_request, outputs
 from rest_client import MODEL_NAME, call, infer_body
+from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving.flags import load_settings
@@ -155,7 +156,10 @@ def test_request_log_writes_one_line_per_sampled_inference(
     features = np.array(grpc_line["inputs"]["features"], dtype=np.float64)  # null -> nan
     np.testing.assert_array_equal(np.isnan(features), np.isnan(test_split.features[:2]))
     np.testing.assert_allclose(
-        np.array(grpc_line["outputs"]["probability"]), test_split.probability[:2], rtol=1e-6
+        np.array(grpc_line["outputs"]["probability"]),
+        test_split.probability[:2],
+        rtol=0,
+        atol=PROBABILITY,
     )
     assert grpc_line["time"].endswith("Z") and grpc_line["duration_us"] > 0
     big_line = by_id["r-big"]

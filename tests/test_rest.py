@@ -21,6 +21,7 @@ import pytest
 import referencing
 from conftest import HeldOutSplit, ServerProcess, infer_request
 from rest_client import MODEL_NAME, binary_body, call, connect, infer_body, reply_outputs
+from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
@@ -128,7 +129,9 @@ def test_json_and_binary_infer_match_onnxruntime(
     for index, reply in enumerate(replies):
         assert reply.status == 200, (index, reply)
         got = reply_outputs(reply)
-        np.testing.assert_allclose(got["probability"], want["probability"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            got["probability"], want["probability"], rtol=0, atol=PROBABILITY
+        )
         np.testing.assert_array_equal(got["label"], want["label"])
     assert replies[0].json()["id"] == "flat-1" and replies[1].json()["id"] == "nested-1"
     assert replies[0].json()["model_version"] == "1"

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
@@ -504,7 +505,9 @@ def test_predict_function_and_cli(
     rows = test_split.features[:4]
     results = client.predict(server.address, rows, model=MODEL_NAME)
     assert [label for _, label in results] == test_split.label[:4, 0].tolist()
-    assert np.allclose([p for p, _ in results], test_split.probability[:4, 0], rtol=0, atol=0)
+    assert np.allclose(
+        [p for p, _ in results], test_split.probability[:4, 0], rtol=0, atol=PROBABILITY
+    )
     assert client.predict(server.address, rows.tolist()) == results  # the only model is picked
 
     features = ",".join("" if math.isnan(v) else repr(float(v)) for v in rows[0])
@@ -631,7 +634,7 @@ def test_cuda_serving_matches_cpu(
     assert config.parameters["providers"].string_value.startswith(CUDA)
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     probability = np.array([p for p, _ in results], dtype=np.float32)
-    np.testing.assert_allclose(probability, test_split.probability[:, 0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(probability, test_split.probability[:, 0], atol=PROBABILITY, rtol=0)
 
 
 def test_served_outputs_match_the_torch_model_computed_independently(
@@ -650,7 +653,7 @@ def test_served_outputs_match_the_torch_model_computed_independently(
     results = client.predict(server.address, test_split.features, model=MODEL_NAME)
     probability = np.array([[p] for p, _ in results], dtype=np.float32)
     label = np.array([[lab] for _, lab in results])
-    np.testing.assert_allclose(probability, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(probability, expected, atol=PROBABILITY, rtol=0)
     decided = np.abs(expected - checkpoint.threshold) > 1e-5  # rows not on the threshold itself
     assert decided.all() or decided.mean() > 0.9
     np.testing.assert_array_equal(label[decided], (expected >= checkpoint.threshold)[decided])

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from conftest import MODEL_NAME, HeldOutSplit, ServerProcess, infer_request, outputs
+from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
@@ -50,7 +51,9 @@ def test_one_stream_many_in_flight_in_order_batched_and_failures_in_band(
             continue
         assert not reply.error_message
         got = outputs(reply.infer_response)
-        np.testing.assert_allclose(got["probability"], test_split.probability[i : i + 1], atol=1e-6)
+        np.testing.assert_allclose(
+            got["probability"], test_split.probability[i : i + 1], atol=PROBABILITY
+        )
         np.testing.assert_array_equal(got["label"], test_split.label[i : i + 1])
     (old,), (new,) = before.model_stats, after.model_stats
     served = new.inference_stats.success.count - old.inference_stats.success.count

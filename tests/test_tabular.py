@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import ServerProcess
+from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
@@ -107,7 +108,7 @@ def test_records_by_name_unseen_and_missing_categories(
     rows = records(penguins[0])
     results = client.predict(server.address, rows, model=MODEL, stream=stream)
     probability, label = expected(penguins[1], rows)
-    np.testing.assert_allclose([p for p, _ in results], probability, atol=1e-6, rtol=0)
+    np.testing.assert_allclose([p for p, _ in results], probability, atol=PROBABILITY, rtol=0)
     np.testing.assert_array_equal([lab for _, lab in results], label)
 
 
@@ -117,7 +118,7 @@ def test_a_dataframe_works_as_records(server: ServerProcess, penguins: tuple[Pat
     frame = pd.read_csv(penguins[0]).head(20)  # NaN cells, columns in the file's order
     from_frame = client.predict(server.address, frame, model=MODEL)
     from_records = client.predict(server.address, records(penguins[0])[:20], model=MODEL)
-    np.testing.assert_allclose(from_frame, from_records, atol=1e-6)
+    np.testing.assert_allclose(from_frame, from_records, atol=PROBABILITY)
 
 
 def test_predict_csv_by_header_any_order_and_missing_columns_named(
@@ -140,7 +141,7 @@ def test_predict_csv_by_header_any_order_and_missing_columns_named(
     probability, label = expected(penguins[1], rows)
     assert [line.split(",")[2] for line in lines] == [str(v) for v in label]
     np.testing.assert_allclose(
-        [float(line.split(",")[1]) for line in lines], probability, atol=1e-6
+        [float(line.split(",")[1]) for line in lines], probability, atol=PROBABILITY
     )
     assert f"{len(rows)} rows in" in out.err and "rows/s" in out.err
     (tmp_path / "short.csv").write_text("species,bill_depth_mm\nAdelie,18\n")
@@ -247,7 +248,7 @@ def test_tritonclient_sends_text_columns_as_object_arrays(
     path.write_text(json.dumps(columns).replace("null", "NaN"))
     report = _client("--url", server.address, "--model", MODEL, "--columns-json", str(path))
     probability, label = expected(penguins[1], rows)
-    np.testing.assert_allclose(np.array(report["probability"])[:, 0], probability, atol=1e-6)
+    np.testing.assert_allclose(np.array(report["probability"])[:, 0], probability, atol=PROBABILITY)
     np.testing.assert_array_equal(np.array(report["label"])[:, 0], label)
 
 

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import ROOT, HeldOutSplit, ServerProcess, infer_request, outputs
+from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving import server as server_module
@@ -57,7 +58,9 @@ def test_two_workers_share_a_port_answer_and_stop_cleanly(
             with grpc.insecure_channel(srv.address, options=options) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 got = outputs(stub.ModelInfer(infer_request(rows), timeout=TIMEOUT))
-            np.testing.assert_allclose(got["probability"], test_split.probability[:5], atol=1e-6)
+            np.testing.assert_allclose(
+                got["probability"], test_split.probability[:5], atol=PROBABILITY
+            )
             np.testing.assert_array_equal(got["label"], test_split.label[:5])
         assert srv.stop() == 0
         assert all(_gone(pid) for pid, _ in workers.values())
