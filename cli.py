@@ -32,7 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "stablemlp.serving.predict_cli:main",
         "send rows to a running server and print predictions",
     ),
-    "bench": ("stablemlp.bench.cli:main", "measure serving throughput/latency against floors"),
+    "bench": (
+        "stablemlp.bench.cli:main",
+        "measure serving against floors; `bench quality`: the model against baselines",
+    ),
 }
 
 # Extras a subcommand needs beyond the serving base install.

@@ -5,6 +5,7 @@ Starts (or targets) our server and the floors on 127.0.0.1, checks every server 
 payload correctly, times the grid (unary and streaming cells) from separate load processes, adds
 perf_analyzer's figures when its environment exists, and writes OUT/bench.json, OUT/bench.md and
 OUT/bench.png. `--workers-scaling` measures `--workers N` instead (bench/scaling.py).
+`stablemlp bench quality ...` runs the model-quality suite instead (bench/quality.py).
 """
 
 from __future__ import annotations
@@ -253,6 +254,10 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["quality"]:  # the model-quality suite (bench/quality.py); needs [train]
+        from .quality import main as quality_main
+
+        return quality_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = list(argv)  # recorded in bench.json: the command that made the figures
     if args.server and not args.model_repository:

@@ -11,9 +11,11 @@ import logging
 import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from ..model.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
 from ..model.cli import TEST_SPLIT_NAME
@@ -35,25 +37,38 @@ log = logging.getLogger(__name__)
 FALLBACK_ROWS = 256
 
 
-def parity_batches(run_dir: Path, checkpoint: Checkpoint) -> dict[str, Feeds]:
-    """The saved test split (raw: NaNs, text as read) plus random batches of 1, 7 and 1024 rows
-    (text with unseen values and missing markers) and a batch of extreme finite values."""
+def parity_batches(
+    checkpoint: Checkpoint, heldout: tuple[NDArray[Any], NDArray[Any], list[str]] | None
+) -> dict[str, Feeds]:
+    """The held-out rows (raw: NaNs, text as read) plus random batches of 1, 7 and 1024 rows
+    (text with unseen values and missing markers) and a batch of extreme finite values; without
+    held-out rows, FALLBACK_ROWS random rows in their place."""
     schema = checkpoint.schema
     batches = parity_feeds(schema.means, schema.stds, schema.categorical, seed=checkpoint.seed)
-    path = run_dir / TEST_SPLIT_NAME
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as saved:
-            test = np.asarray(saved["features"], dtype=np.float32)
-            text = saved["text"] if "text" in saved else np.empty((len(test), 0), dtype=str)
-            names = [str(n) for n in saved["text_names"]] if "text_names" in saved else []
-        if test.ndim != 2 or test.shape[1] != len(schema.names) or names != [*schema.text_names]:
-            raise ExportError(f"{path}: columns {test.shape}, {names} do not match the checkpoint")
-        return {"test": split_feeds(test, text, names), **batches}
-    log.warning("%s not found: parity uses %d random rows instead", path, FALLBACK_ROWS)
+    if heldout is not None:
+        features, text, names = heldout
+        if features.ndim != 2 or features.shape[1] != len(schema.names):
+            raise ExportError(f"held-out rows {features.shape} do not match the checkpoint")
+        if names != [*schema.text_names]:
+            raise ExportError(f"held-out text columns {names} do not match the checkpoint")
+        return {"test": split_feeds(features, text, names), **batches}
     fallback = parity_feeds(
         schema.means, schema.stds, schema.categorical, checkpoint.seed + 1, (FALLBACK_ROWS,)
     )
     return {f"random_{FALLBACK_ROWS}": fallback[f"random_{FALLBACK_ROWS}"], **batches}
+
+
+def read_heldout(run_dir: Path) -> tuple[NDArray[Any], NDArray[Any], list[str]] | None:
+    """The held-out rows `stablemlp train` saved in RUN_DIR, or None (with a warning)."""
+    path = run_dir / TEST_SPLIT_NAME
+    if not path.is_file():
+        log.warning("%s not found: parity uses %d random rows instead", path, FALLBACK_ROWS)
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        features = np.asarray(saved["features"], dtype=np.float32)
+        text = saved["text"] if "text" in saved else np.empty((len(features), 0), dtype=str)
+        names = [str(n) for n in saved["text_names"]] if "text_names" in saved else []
+    return features, text, names
 
 
 def build_release(checkpoint: Checkpoint, name: str, batches: dict[str, Feeds]) -> Release:
@@ -61,8 +76,9 @@ def build_release(checkpoint: Checkpoint, name: str, batches: dict[str, Feeds]) 
     schema = checkpoint.schema
     mean, std = torch.tensor(schema.means), torch.tensor(schema.stds)
     net = checkpoint.build_model()
-    reference = build_classifier(net, mean, std, checkpoint.threshold).eval()
-    folded = build_classifier(fold_batchnorm(net), mean, std, checkpoint.threshold).eval()
+    threshold, numeric = checkpoint.threshold, checkpoint.numeric
+    reference = build_classifier(net, mean, std, threshold, numeric).eval()
+    folded = build_classifier(fold_batchnorm(net), mean, std, threshold, numeric).eval()
     example = _example(checkpoint)
     columns, text = schema.categorical, schema.text_names
     torchscript = to_torchscript(folded, example, columns)
@@ -122,14 +138,24 @@ def read_checkpoint(path: Path) -> Checkpoint:
         ) from err
 
 
+def export_checkpoint(
+    checkpoint: Checkpoint,
+    heldout: tuple[NDArray[Any], NDArray[Any], list[str]] | None,
+    repository: Path,
+    model_name: str | None = None,
+) -> tuple[Path, ParityReport]:
+    """Publish `checkpoint` as a new version of REPO/<model>; returns (dir, parity report)."""
+    name = check_model_name(model_name or checkpoint.model_name)
+    release = build_release(checkpoint, name, parity_batches(checkpoint, heldout))
+    return publish(repository, release), release.parity
+
+
 def export_run(
     run_dir: Path, repository: Path, model_name: str | None = None
 ) -> tuple[Path, ParityReport]:
     """Export RUN_DIR/checkpoint.pt into a new version of REPO/<model>; returns (dir, report)."""
     checkpoint = read_checkpoint(run_dir / CHECKPOINT_NAME)
-    name = check_model_name(model_name or checkpoint.model_name)
-    release = build_release(checkpoint, name, parity_batches(run_dir, checkpoint))
-    return publish(repository, release), release.parity
+    return export_checkpoint(checkpoint, read_heldout(run_dir), repository, model_name)
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -210,6 +236,7 @@ def _fail(command: str, err: object) -> int:
 __all__ = [
     "FALLBACK_ROWS",
     "build_release",
+    "export_checkpoint",
     "export_main",
     "export_parser",
     "export_run",

@@ -5,10 +5,11 @@ from .checkpoint import Checkpoint, FeatureSchema, load_checkpoint, save_checkpo
 from .csvdata import load_csv, load_dataset
 from .data import DataError, Dataset, Splits, split_dataset
 from .encoding import CategoryEncoder, EncoderConfig, TabularNet
+from .estimator import StableMLPClassifier
 from .gradients import GradientMonitor, NonFiniteGradientError
 from .lookup import TextClassifier, TextLookup, TextOnlyClassifier, with_lookup
 from .network import MLPConfig, StabilizedMLP
-from .preprocess import Classifier, Standardize, build_classifier
+from .preprocess import Classifier, NumericEncoder, NumericEncoding, Standardize, build_classifier
 from .train import NonFiniteLossError, TrainConfig, evaluate, fit
 
 __all__ = [
@@ -25,8 +26,11 @@ __all__ = [
     "MLPConfig",
     "NonFiniteGradientError",
     "NonFiniteLossError",
+    "NumericEncoder",
+    "NumericEncoding",
     "Splits",
     "StabilizedMLP",
+    "StableMLPClassifier",
     "Standardize",
     "TabularNet",
     "TextClassifier",

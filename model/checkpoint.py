@@ -3,7 +3,7 @@
 Saved with torch.save but holding only tensors and plain Python values, so loading uses
 `weights_only=True` (no pickle code execution). Written atomically: temp file, fsync, rename.
 Format /2 adds text columns (vocabularies, encoder config), the target and its positive class;
-/1 checkpoints (all-numeric models) still load.
+/3 the numeric encoding (bins, missing indicators). /1 and /2 checkpoints still load.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from ..files import atomic_write_bytes
 from .categories import CategoricalColumn
 from .encoding import CategoryEncoder, EncoderConfig, TabularNet
 from .network import MLPConfig, StabilizedMLP
-from .preprocess import Classifier, build_classifier
+from .preprocess import Classifier, NumericEncoding, build_classifier
 
-FORMAT = "stablemlp.checkpoint/2"
-READABLE_FORMATS = ("stablemlp.checkpoint/1", FORMAT)
+FORMAT = "stablemlp.checkpoint/3"
+READABLE_FORMATS = ("stablemlp.checkpoint/1", "stablemlp.checkpoint/2", FORMAT)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -98,6 +98,7 @@ class Checkpoint:
     model_name: str
     seed: int
     encoder: EncoderConfig | None = None  # set when the schema has text columns
+    numeric: NumericEncoding | None = None  # bins and indicators; None: plain standardization
 
     def build_model(self) -> StabilizedMLP | TabularNet:
         """The trained network in eval mode, rebuilt from the stored config (no flags repeated)."""
@@ -115,6 +116,7 @@ class Checkpoint:
             torch.tensor(self.schema.means),
             torch.tensor(self.schema.stds),
             self.threshold,
+            self.numeric,
         ).eval()
 
 
@@ -132,6 +134,8 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
     }
     if checkpoint.encoder is not None:
         payload["encoder"] = checkpoint.encoder.to_dict()
+    if checkpoint.numeric is not None:
+        payload["numeric"] = checkpoint.numeric.to_dict()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -141,7 +145,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: not a stablemlp checkpoint (format {payload.get('format')!r})")
-    encoder = payload.get("encoder")
+    encoder, numeric = payload.get("encoder"), payload.get("numeric")
     return Checkpoint(
         config=MLPConfig.from_dict(payload["config"]),
         state_dict=payload["state_dict"],
@@ -151,6 +155,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         model_name=str(payload["model_name"]),
         seed=int(payload["seed"]),
         encoder=EncoderConfig.from_dict(encoder) if encoder is not None else None,
+        numeric=NumericEncoding.from_dict(numeric) if numeric is not None else None,
     )
 
 

@@ -7,38 +7,25 @@ import io
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..files import atomic_write_bytes
-from .categories import MAX_CATEGORIES, MIN_CATEGORY_COUNT, CategoricalColumn
-from .checkpoint import (
-    CHECKPOINT_NAME,
-    Checkpoint,
-    FeatureSchema,
-    save_checkpoint,
-)
+from .categories import MAX_CATEGORIES, MIN_CATEGORY_COUNT
+from .checkpoint import CHECKPOINT_NAME, FeatureSchema
 from .csvdata import load_dataset
-from .data import DataError, Dataset, category_stats, feature_stats, split_dataset
-from .encoding import (
-    DEFAULT_ENCODING,
-    ENCODINGS,
-    CategoryEncoder,
-    EncoderConfig,
-    TabularNet,
-    fill_unseen_codes,
-)
+from .data import DataError, Dataset
+from .encoding import DEFAULT_ENCODING, ENCODINGS
+from .estimator import DEFAULT_HIDDEN, StableMLPClassifier
 from .gradients import NonFiniteGradientError
-from .network import MLPConfig, StabilizedMLP, count_parameters
 from .plots import plot_training
-from .preprocess import Standardize
-from .train import NonFiniteLossError, TrainConfig, evaluate, fit, history_to_dict, tensors
+from .preprocess import DEFAULT_BINS
+from .train import NonFiniteLossError, TrainConfig, history_to_dict
 
 log = logging.getLogger(__name__)
-TEST_SPLIT_NAME = "test_split.npz"  # raw test rows, for the export's parity proof
+# The raw validation rows (early stopping's), for the export's parity proof. Named so since /1.
+TEST_SPLIT_NAME = "test_split.npz"
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -84,13 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep at most this many categories per column (the most frequent)",
     )
     parser.add_argument("--encoding", choices=ENCODINGS, default=DEFAULT_ENCODING)
+    parser.add_argument(
+        "--bins",
+        type=int,
+        default=DEFAULT_BINS,
+        help="quantile bins of the piecewise-linear encoding per numeric column (0: none)",
+    )
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="max epochs")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--hidden", type=_hidden, default=MLPConfig.hidden, help="e.g. 64,32,16")
-    parser.add_argument("--dropout", type=float, default=MLPConfig.dropout)
+    parser.add_argument("--hidden", type=_hidden, default=DEFAULT_HIDDEN, help="e.g. 128,128")
+    parser.add_argument("--dropout", type=float, default=StableMLPClassifier().dropout)
     parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument(
+        "--batch-size", type=int, default=TrainConfig.batch_size, help="0: by the row count"
+    )
     parser.add_argument("--patience", type=int, default=TrainConfig.patience)
+    parser.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="keep the early-stopped model instead of training again on every row",
+    )
     parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (off)")
     parser.add_argument("--threshold", type=float, default=0.5, help="decision threshold")
     parser.add_argument("--name", help="model name (default: the data set's name)")
@@ -121,80 +121,55 @@ def describe(data: Dataset, schema: FeatureSchema) -> str:
     return "\n".join(lines)
 
 
-def _network(
-    n_numeric: int, columns: tuple[CategoricalColumn, ...], args: argparse.Namespace
-) -> tuple[StabilizedMLP | TabularNet, EncoderConfig | None]:
-    torch.manual_seed(args.seed)  # the initial weights depend on the seed too
-    if not columns:
-        config = MLPConfig(n_numeric, hidden=args.hidden, dropout=args.dropout)
-        return StabilizedMLP(config), None
-    encoder = CategoryEncoder(EncoderConfig.build(args.encoding, columns))
-    config = MLPConfig(n_numeric + encoder.config.width, hidden=args.hidden, dropout=args.dropout)
-    return TabularNet(encoder, StabilizedMLP(config), n_numeric), encoder.config
-
-
-def run(args: argparse.Namespace) -> dict[str, object]:
-    """Train and write the run folder; returns the metrics written to metrics.json."""
-    started = time.perf_counter()
-    # Fails before anything is written.
-    data = load_dataset(args.csv, args.target, args.categorical, args.drop)
-    splits = split_dataset(data, seed=args.seed)
-    mean, std = feature_stats(splits.train)
-    columns = category_stats(splits.train, args.min_category_count, args.max_categories)
-    schema = FeatureSchema(
-        tuple(data.feature_names),
-        tuple(map(float, mean)),
-        tuple(map(float, std)),
-        columns,
-        data.columns,
-        data.target,
-        data.positive_class,
-    )
-    print(describe(data, schema))
-    standardize = Standardize(torch.from_numpy(mean), torch.from_numpy(std))
-    train_config = TrainConfig(
+def estimator_from(args: argparse.Namespace) -> StableMLPClassifier:
+    """The estimator the flags describe; its parameters are checked before any data is read."""
+    estimator = StableMLPClassifier(
+        hidden=args.hidden,
+        dropout=args.dropout,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         patience=args.patience,
         grad_clip=args.grad_clip,
-        seed=args.seed,
+        bins=args.bins,
+        encoding=args.encoding,
+        min_category_count=args.min_category_count,
+        max_categories=args.max_categories,
+        refit=not args.no_refit,
+        threshold=args.threshold,
+        random_state=args.seed,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
-    model, encoder = _network(len(data.feature_names), columns, args)
-    history = fit(model, splits.train, splits.val, standardize, train_config, columns)
-    if isinstance(model, TabularNet):
-        fill_unseen_codes(model, columns)
-    scores = {
-        name: evaluate(model, *tensors(part, standardize, columns))
-        for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test))
-    }
-    metrics: dict[str, object] = {
-        **scores,
-        "best_epoch": history.best_epoch,
-        "epochs_run": len(history.epochs),
-        "train_seconds": round(time.perf_counter() - started, 2),
-        "rows": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "parameters": count_parameters(model),
-        "data": data.name,
-        "train_config": {k: v for k, v in vars(train_config).items() if k != "progress"},
-    }
+    try:
+        estimator.check_params()
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    return estimator
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """Train and write the run folder; returns the metrics written to metrics.json."""
     out: Path = args.output
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--output {str(out)!r} exists and is not a folder")
+    estimator = estimator_from(args)
+    # Fails before anything is written.
+    data = load_dataset(args.csv, args.target, args.categorical, args.drop)
+    estimator.fit_dataset(data)
+    checkpoint = estimator.checkpoint_
+    if args.name:
+        checkpoint.model_name = args.name
+    print(describe(data, checkpoint.schema))
+    metrics = checkpoint.metrics
     out.mkdir(parents=True, exist_ok=True)
-    config = model.mlp.config if isinstance(model, TabularNet) else model.config
-    checkpoint = Checkpoint(
-        config=config,
-        state_dict=model.state_dict(),
-        schema=schema,
-        threshold=args.threshold,
-        metrics=metrics,
-        model_name=args.name or data.name,
-        seed=args.seed,
-        encoder=encoder,
-    )
-    save_checkpoint(checkpoint, out / CHECKPOINT_NAME)
-    _save_test_split(out / TEST_SPLIT_NAME, splits.test)
-    report = {**metrics, "schema": schema.describe(), "history": history_to_dict(history)}
+    estimator.save(out / CHECKPOINT_NAME)
+    _save_test_split(out / TEST_SPLIT_NAME, estimator.heldout_)
+    history = estimator.history_
+    report = {
+        **metrics,
+        "schema": checkpoint.schema.describe(),
+        "history": history_to_dict(history),
+    }
     atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=2).encode())
     plot_training(history, out)
     return metrics
@@ -216,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, NonFiniteLossError, NonFiniteGradientError) as err:
         print(f"stablemlp train: error: {err}", file=sys.stderr)
         return 1
-    test = metrics["test"]
-    assert isinstance(test, dict)
+    val = metrics["val"]
+    assert isinstance(val, dict)
+    refit = f", then {metrics['refit_epochs']} on every row" if metrics["refit_epochs"] else ""
     print(
-        f"trained {args.output}: test ROC AUC {test['roc_auc']:.4f},"
-        f" accuracy {test['accuracy']:.4f}"
-        f" (best epoch {metrics['best_epoch']}, {metrics['train_seconds']} s)"
+        f"trained {args.output}: validation ROC AUC {val['roc_auc']:.4f},"
+        f" accuracy {val['accuracy']:.4f}"
+        f" (best epoch {metrics['best_epoch']}{refit}; {metrics['train_seconds']} s)"
     )
     return 0
 

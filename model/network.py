@@ -1,4 +1,13 @@
-"""The stabilized MLP: Linear -> BatchNorm1d -> ELU blocks with Kaiming init and a sigmoid head."""
+"""The stabilized MLP: Linear -> BatchNorm1d -> ELU blocks with Kaiming init and a sigmoid head.
+
+With `members` k > 1 it is k such MLPs packed side by side in the same layers (an ensemble in one
+graph): the first Linear is every member's first Linear stacked, each later Linear and the head
+are block-diagonal (a member reads only its own units; the blocks off the diagonal are zero and
+their gradients are zeroed each step), and BatchNorm1d, being per unit, is per member. The members
+differ by their initial weights and are averaged at the output (mean of probabilities), as in the
+"MLP x k" ensembles that TabM (Gorishniy et al., ICLR 2025) measures. Packed, they cost one wide
+MLP's matrix products and export, fold and serve as plain Linear/BatchNorm1d/ELU layers.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +22,11 @@ from torch import nn
 class MLPConfig:
     """Everything needed to rebuild the network; stored in every checkpoint."""
 
-    in_features: int  # number of raw input features
+    in_features: int  # number of inputs (after the numeric and categorical encodings)
     hidden: tuple[int, ...] = (64, 32, 16)  # width of each Linear -> BatchNorm1d -> ELU block
     dropout: float = 0.0  # dropout after each block (0 disables it)
     bn_momentum: float = 0.1  # BatchNorm running-statistics momentum (PyTorch's default)
+    members: int = 1  # ensemble members packed in the layers; `hidden` is per member
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -30,6 +40,7 @@ class MLPConfig:
             hidden=tuple(int(h) for h in data["hidden"]),
             dropout=float(data.get("dropout", 0.0)),
             bn_momentum=float(data.get("bn_momentum", 0.1)),
+            members=int(data.get("members", 1)),
         )
 
 
@@ -52,23 +63,27 @@ class Block(nn.Sequential):
 
 
 class StabilizedMLP(nn.Module):
-    """Blocks of Linear -> BatchNorm1d -> ELU, then Linear -> one logit.
+    """Blocks of Linear -> BatchNorm1d -> ELU, then Linear -> one logit per member.
 
-    forward() returns logits (training uses BCE-with-logits for numerical stability);
-    predict_proba() applies the sigmoid that the exported graph carries.
+    forward() returns logits [N, members] (training uses BCE-with-logits for numerical
+    stability); predict_proba() the members' mean probability [N, 1], as the exported graph does.
     """
 
     def __init__(self, config: MLPConfig):
         super().__init__()
         self.config = config
-        widths = [config.in_features, *config.hidden]
+        k = config.members
+        widths = [config.in_features, *(k * h for h in config.hidden)]
         self.blocks = nn.Sequential(
             *(
                 Block(widths[i], widths[i + 1], config.dropout, config.bn_momentum)
                 for i in range(len(config.hidden))
             )
         )
-        self.head = nn.Linear(widths[-1], 1)
+        self.head = nn.Linear(widths[-1], k)
+        # 1 where a weight joins a member's units to the same member's: every Linear but the first.
+        for i, layer in enumerate(self._packed_layers()):
+            self.register_buffer(f"mask_{i}", _block_diagonal(layer, k), persistent=False)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,11 +91,36 @@ class StabilizedMLP(nn.Module):
         return logits
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.forward(x))
+        return mean_probability(self.forward(x))
 
     def linear_layers(self) -> list[tuple[str, nn.Linear]]:
         """Every Linear in forward order, with a readable name; used by the gradient monitor."""
         return [(name, m) for name, m in self.named_modules() if isinstance(m, nn.Linear)]
+
+    def _packed_layers(self) -> list[nn.Linear]:
+        """The Linears whose inputs are members' units (all but the first)."""
+        return [layer for _, layer in self.linear_layers()[1:]]
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients between members, so each stays its own MLP (no-op for k = 1)."""
+        if self.config.members == 1:
+            return
+        for i, layer in enumerate(self._packed_layers()):
+            if layer.weight.grad is not None:
+                layer.weight.grad.mul_(getattr(self, f"mask_{i}"))
+
+
+def _block_diagonal(layer: nn.Linear, members: int) -> torch.Tensor:
+    rows, cols = layer.out_features // members, layer.in_features // members
+    return torch.block_diag(*[torch.ones(rows, cols)] * members)
+
+
+def mean_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Logits [N, k] -> the members' mean probability [N, 1] (for k = 1 the sigmoid itself).
+
+    Always a mean, even of one column: a branch on the shape would be frozen by tracing."""
+    return torch.sigmoid(logits).mean(1, keepdim=True)
 
 
 def init_weights(model: StabilizedMLP) -> None:
@@ -90,13 +130,21 @@ def init_weights(model: StabilizedMLP) -> None:
     no ELU gain, and He et al. (2015) derive sqrt(2) for rectifiers; BatchNorm right after each
     Linear re-normalizes whatever small mismatch remains. The output Linear feeds a sigmoid, so it
     uses nonlinearity="sigmoid" (gain 1), which keeps initial logits near 0 and probabilities
-    near 0.5 instead of saturating the sigmoid.
+    near 0.5 instead of saturating the sigmoid. Packed members: each block of a block-diagonal
+    Linear gets its own Kaiming draw with the member's fan-in; the rest is zero.
     """
-    for _, layer in model.linear_layers():
-        is_head = layer is model.head
-        nn.init.kaiming_uniform_(
-            layer.weight, mode="fan_in", nonlinearity="sigmoid" if is_head else "relu"
-        )
+    k = model.config.members
+    for index, (_, layer) in enumerate(model.linear_layers()):
+        gain = "sigmoid" if layer is model.head else "relu"
+        if index == 0 or k == 1:
+            nn.init.kaiming_uniform_(layer.weight, mode="fan_in", nonlinearity=gain)
+        else:
+            rows, cols = layer.out_features // k, layer.in_features // k
+            blocks = [torch.empty(rows, cols) for _ in range(k)]
+            for block in blocks:
+                nn.init.kaiming_uniform_(block, mode="fan_in", nonlinearity=gain)
+            with torch.no_grad():
+                layer.weight.copy_(torch.block_diag(*blocks))
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
 
@@ -105,4 +153,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["Block", "MLPConfig", "StabilizedMLP", "count_parameters", "init_weights"]
+__all__ = [
+    "Block",
+    "MLPConfig",
+    "StabilizedMLP",
+    "count_parameters",
+    "init_weights",
+    "mean_probability",
+]

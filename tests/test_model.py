@@ -89,7 +89,7 @@ def test_checkpoint_round_trip_loads_weights_only(tmp_path: Path) -> None:
     save_checkpoint(checkpoint, path)
     assert list(tmp_path.iterdir()) == [path]  # no temp files left behind
     payload = torch.load(path, weights_only=True)  # raises if anything needs pickle code
-    assert payload["format"] == "stablemlp.checkpoint/2"
+    assert payload["format"] == "stablemlp.checkpoint/3"
     loaded = load_checkpoint(path)
     assert loaded.config == model.config and loaded.threshold == 0.4
     assert loaded.schema.names == ("a", "b", "c")
@@ -142,8 +142,8 @@ def test_train_cli_writes_run_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     assert checkpoint.model_name == "breast_cancer"
     assert len(checkpoint.schema.names) == 30
-    assert 0.5 < checkpoint.metrics["test"]["roc_auc"] <= 1.0
-    assert "test ROC AUC" in capsys.readouterr().out
+    assert 0.5 < checkpoint.metrics["val"]["roc_auc"] <= 1.0
+    assert "validation ROC AUC" in capsys.readouterr().out
 
 
 def test_train_cli_rejects_bad_hidden_sizes(tmp_path: Path) -> None:

@@ -35,8 +35,8 @@ TIMEOUT = 20.0
 @pytest.fixture(scope="module")
 def penguins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(the CSV without missing targets, a repository with the model trained on it)."""
+    from stablemlp.bench.quality import penguins_csv
     from stablemlp.export.cli import export_main
-    from stablemlp.model.baselines import penguins_csv
     from stablemlp.model.cli import main as train_main
 
     folder = tmp_path_factory.mktemp("penguins")

