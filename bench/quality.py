@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import importlib.util
 import json
 import statistics
@@ -315,6 +316,54 @@ def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+# The shape of the model before the quality work (issue 21): 64-32-16, one member, standardized
+# numbers only. Its session.run cost is the "today" that the served graph's cost is held to.
+PREVIOUS_DEFAULT = {"hidden": (64, 32, 16), "members": 1, "bins": 0, "dropout": 0.0}
+
+
+def serving_cost(table: Table, repeats: int = 2000) -> dict[str, dict[str, float]]:
+    """Median ONNX Runtime session.run microseconds (one thread) at batch 1 and 64 of the graph
+    export publishes, for the default model and the previous default shape, on `table`."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from ..model.estimator import StableMLPClassifier
+
+    X, y = load_table(table)
+    costs: dict[str, dict[str, float]] = {}
+    for name, params in (("default", OURS_PARAMS), ("previous_default", PREVIOUS_DEFAULT)):
+        model = StableMLPClassifier(epochs=2, **params).fit(X, y)
+        with tempfile.TemporaryDirectory() as folder:
+            version = model.export(Path(folder), model="cost")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            session = ort.InferenceSession(str(version / "model.onnx"), options)
+        schema = model.checkpoint_.schema
+        costs[name] = {}
+        for rows in (1, 64):
+            sample = X.iloc[np.arange(rows) % len(X)]
+            feeds: dict[str, np.ndarray] = {}
+            if schema.names:
+                feeds["features"] = sample[list(schema.names)].to_numpy(np.float32)
+            for column in schema.text_names:
+                feeds[column] = _as_text(sample, [column])[column].to_numpy(object).reshape(-1, 1)
+            run = functools.partial(session.run, None, feeds)
+            costs[name][f"batch_{rows}_us"] = _median_us(run, repeats)
+    return costs
+
+
+def _median_us(call: Callable[[], object], repeats: int) -> float:
+    for _ in range(100):
+        call()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        call()
+        samples.append(time.perf_counter_ns() - start)
+    return statistics.median(samples) / 1000
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stablemlp bench quality",
@@ -326,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument(
         "--ours-params", type=json.loads, default={}, help="e.g. '{\"hidden\": [128, 128]}'"
+    )
+    parser.add_argument(
+        "--serving-cost",
+        metavar="TABLE",
+        help="also time session.run at batch 1 and 64 on TABLE, default vs previous default",
     )
     parser.add_argument("--output", type=Path, required=True)
     return parser
@@ -350,14 +404,34 @@ def main(argv: list[str] | None = None) -> int:
     OURS_PARAMS.update(args.ours_params)
     runs = {t.item: [run_one(t, seed, methods) for seed in seeds] for t in tables}
     summary = summarize(runs, methods)
+    text = markdown(summary, methods, seeds)
+    if args.serving_cost:
+        (table,) = [t for t in SUITE if t.item == args.serving_cost]
+        summary["serving_cost"] = {"table": table.item, **serving_cost(table)}
+        text += cost_markdown(summary["serving_cost"])
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "quality.json").write_text(
         json.dumps({"seeds": seeds, "runs": runs, **summary}, indent=2)
     )
-    (args.output / "quality.md").write_text(markdown(summary, methods, seeds))
+    (args.output / "quality.md").write_text(text)
     plot(summary, methods, args.output / "quality.png")
-    print(markdown(summary, methods, seeds))
+    print(text)
     return 0
+
+
+def cost_markdown(cost: dict[str, Any]) -> str:
+    now, before = cost["default"], cost["previous_default"]
+    lines = [
+        "",
+        f"Served graph, ONNX Runtime session.run (1 thread, median) on {cost['table']}:",
+        "",
+        "| batch | default | previous default (64-32-16) | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for rows in (1, 64):
+        a, b = now[f"batch_{rows}_us"], before[f"batch_{rows}_us"]
+        lines.append(f"| {rows} | {a:.1f} us | {b:.1f} us | {a / b:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -110,9 +110,6 @@ class TabularNet(nn.Module):
         """The MLP's Linears, for the gradient monitor."""
         return self.mlp.linear_layers()
 
-    def mask_gradients(self) -> None:
-        self.mlp.mask_gradients()
-
 
 @torch.no_grad()
 def fill_unseen_codes(net: TabularNet, columns: Sequence[CategoricalColumn]) -> None:

@@ -138,7 +138,6 @@ def train_one_epoch(
                 f"training loss became {loss.item()}; lower --lr or check the data"
             )
         loss.backward()
-        model.mask_gradients()
         for name, value in monitor.observe().items():
             norm_sums[name] += value
         if config.grad_clip is not None:

@@ -121,7 +121,7 @@ def test_schema_is_inferred_printed_and_stored(mixed_run: tuple[Path, str]) -> N
         assert saved["text"].dtype.kind == "U" and saved["text"].shape[1] == 3
         assert [str(n) for n in saved["text_names"]] == list(TEXT)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test"]["roc_auc"] > 0.7
+    assert metrics["val"]["roc_auc"] > 0.7
     assert [c["name"] for c in metrics["schema"]] == list(schema.columns)
 
 
