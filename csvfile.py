@@ -145,7 +145,7 @@ def _reader(stream: IO[str], found: CsvFormat) -> Any:
     return csv.reader(stream, delimiter=found.delimiter, quotechar=found.quotechar)
 
 
-def _first_record(reader: Any) -> list[str]:
+def _first_record(reader: Iterator[list[str]]) -> list[str]:
     for row in reader:
         if any(cell.strip() for cell in row):
             return row
@@ -196,9 +196,10 @@ def _delimiter(lines: list[str], sep: str | None) -> tuple[str, str]:
     sample = "".join(lines)
     try:
         sniffed = csv.Sniffer().sniff(sample, delimiters=DELIMITERS)
-        share, width = _fit(lines, sniffed.delimiter, sniffed.quotechar)
+        quotechar = sniffed.quotechar or '"'
+        share, width = _fit(lines, sniffed.delimiter, quotechar)
         if share == 1.0 and width > 1:
-            return sniffed.delimiter, sniffed.quotechar
+            return sniffed.delimiter, quotechar
     except csv.Error:
         pass
     scores = {d: _fit(lines, d, '"') for d in DELIMITERS}

@@ -140,8 +140,10 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def describe(data: Dataset, schema: FeatureSchema) -> str:
     """The inferred schema, one line per column, as `train` prints it."""
-    lines = [f"  {note}" for note in data.notes]
-    lines.insert(0, f"target {data.target!r}: positive class {data.positive_class!r}; columns:")
+    lines = [
+        *data.notes,
+        f"target {data.target!r}: positive class {data.positive_class!r}; columns:",
+    ]
     width = max(len(name) for name in schema.columns)
     for column in schema.describe():
         if column["kind"] == "numeric":
