@@ -57,6 +57,22 @@ def _number(cell: str, missing: frozenset[str]) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class _Markers:
+    """Which cells are missing: `all` of them (built-in and the caller's), the caller's own
+    (`blank`, stored as "" in text), and those of the caller's that are numbers (-999)."""
+
+    all: frozenset[str]
+    blank: frozenset[str]
+    numbers: tuple[float, ...]
+
+    @classmethod
+    def build(cls, na_values: Sequence[str]) -> _Markers:
+        blank = frozenset(v.strip() for v in na_values) - {""}
+        numbers = tuple(n for n in (_number(v, frozenset()) for v in blank) if n is not None)
+        return cls(frozenset(MISSING_MARKERS) | blank, blank, numbers)
+
+
 @dataclass
 class _Column:
     """One column as it is read: float32 batches while every cell is a number, else codes into
@@ -69,20 +85,20 @@ class _Column:
     codes: list[np.ndarray] = field(default_factory=list)
     vocabulary: dict[str, int] = field(default_factory=dict)
 
-    def add(self, cells: np.ndarray, missing: frozenset[str], blank: frozenset[str]) -> bool:
+    def add(self, cells: np.ndarray, markers: _Markers) -> bool:
         """Parse one batch; False if this numeric column just met text after earlier batches
-        (the caller reads the file again with the column typed text from the start). Text in
-        `blank` (the caller's own missing markers) is stored as "", which every reader of the
-        data knows as missing; the built-in markers are kept as written."""
+        (the caller reads the file again with the column typed text from the start). The
+        caller's markers are stored as "" in text, which every reader of the data knows as
+        missing; the built-in markers are kept as written."""
         if not self.text:
-            values = _numbers(cells, missing)
+            values = _numbers(cells, markers)
             if values is not None:
                 self.numbers.append(values)
                 return True
             if self.numbers:
                 return False
             self.text = True
-        index = self.vocabulary
+        index, blank = self.vocabulary, markers.blank
         stripped = (cell.strip() for cell in cells)
         cleaned = ("" if cell in blank else cell for cell in stripped) if blank else stripped
         self.codes.append(
@@ -103,17 +119,24 @@ class _Column:
         counts = np.bincount(np.concatenate(self.codes), minlength=len(self.vocabulary))
         return sum(int(counts[code]) for word, code in self.vocabulary.items() if word in missing)
 
+    def release(self) -> None:
+        """Drop the batches once the column's values are copied out (or it is left out)."""
+        self.numbers, self.codes, self.vocabulary = [], [], {}
 
-def _numbers(cells: np.ndarray, missing: frozenset[str]) -> np.ndarray | None:
+
+def _numbers(cells: np.ndarray, markers: _Markers) -> np.ndarray | None:
     """float32 of a batch of cells, or None if one is text. The fast path is numpy's own
-    conversion (float() per cell, spaces allowed); markers take the slow path."""
+    conversion (float() per cell, spaces allowed); text markers take the slow path."""
     try:
-        return cells.astype(np.float64).astype(np.float32)
+        values = cells.astype(np.float64)
     except ValueError:
-        parsed = [_number(cell.strip(), missing) for cell in cells]
+        parsed = [_number(cell.strip(), markers.all) for cell in cells]
         if any(value is None for value in parsed):
             return None
-        return np.array(parsed, dtype=np.float32)
+        values = np.array(parsed, dtype=np.float64)
+    if markers.numbers:
+        values[np.isin(values, markers.numbers)] = np.nan
+    return values.astype(np.float32)
 
 
 def _check_header(
@@ -219,8 +242,7 @@ def _why_left_out(column: _Column, rows: int, missing: frozenset[str]) -> str | 
 def _read(
     found: CsvFile,
     columns: list[_Column],
-    missing: frozenset[str],
-    blank: frozenset[str],
+    markers: _Markers,
     progress: Callable[[int], None] | None,
 ) -> tuple[int, list[str]]:
     """(rows read, columns that met text after numbers): every batch into the columns."""
@@ -228,7 +250,7 @@ def _read(
     for batch in found.batches(progress=progress):
         cells = np.array(batch, dtype=object).reshape(len(batch), len(found.header))
         for column in columns:
-            if not column.add(cells[:, column.position], missing, blank):
+            if not column.add(cells[:, column.position], markers):
                 retype.append(column.name)
         if retype:
             return rows, retype
@@ -256,9 +278,9 @@ def load_csv(
         raise DataError(str(err)) from None
     header = found.header
     _check_header(header, target, categorical, drop, keep)
-    blank = frozenset(v.strip() for v in na_values) - {""}
-    missing = frozenset(MISSING_MARKERS) | blank
-    columns, rows = _read_all(found, target, categorical, drop, missing, blank, progress)
+    markers = _Markers.build(na_values)
+    missing = markers.all
+    columns, rows = _read_all(found, target, categorical, drop, markers, progress)
     if rows == 0:
         raise DataError(f"CSV {str(path)!r} has a header but no data rows")
     by_name = {column.name: column for column in columns}
@@ -275,8 +297,7 @@ def _read_all(
     target: str,
     categorical: Sequence[str],
     drop: Sequence[str],
-    missing: frozenset[str],
-    blank: frozenset[str],
+    markers: _Markers,
     progress: bool,
 ) -> tuple[list[_Column], int]:
     """Every column but the dropped ones, and the row count: one pass over the file, or two when
@@ -294,7 +315,7 @@ def _read_all(
                 for i, name in enumerate(found.header)
                 if name not in drop
             ]
-            rows, retype = _read(found, columns, missing, blank, bar.update if bar else None)
+            rows, retype = _read(found, columns, markers, bar.update if bar else None)
             if not retype:
                 return columns, rows
             log.info("columns %s hold text after numbers: reading the file again", retype)
@@ -335,6 +356,7 @@ def _usable(
     why = None if name in keep or name in categorical else _why_left_out(column, rows, missing)
     if why is not None:
         notes.append(f"left out {name!r}: {why}; --keep {name} uses it")
+        column.release()
     return why is None
 
 
@@ -352,10 +374,12 @@ def _dataset(
     features = np.empty((rows, len(numeric)), dtype=np.float32)
     for j, column in enumerate(numeric):
         features[:, j] = column.values()
+        column.release()
     width = max((len(word) for c in text for word in c.vocabulary), default=1)
     strings = np.empty((rows, len(text)), dtype=f"<U{max(width, 1)}")
     for j, column in enumerate(text):
         strings[:, j] = column.values()
+        column.release()
     return Dataset(
         features,
         labels,

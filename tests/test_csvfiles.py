@@ -221,13 +221,14 @@ def test_small_files_and_repeated_values_keep_their_columns(tmp_path: Path) -> N
 
 def test_na_values_add_missing_markers(tmp_path: Path) -> None:
     table = rows()
-    table[3][0], table[4][1] = "unknown", "unknown"
+    table[3][0], table[4][1], table[5][0] = "unknown", "unknown", "-999"
     path = write(tmp_path / "data.csv", table)
     plain = load_csv(path, "y")
     assert plain.text_names == ["age", "job"]  # "unknown" is text: age is not a number
-    data = load_csv(path, "y", na_values=["unknown"])
+    data = load_csv(path, "y", na_values=["unknown", "-999"])
     assert data.feature_names == ["age"] and math.isnan(data.features[2, 0])
-    assert data.text[3, 0] == ""  # the missing category
+    assert math.isnan(data.features[4, 0])  # a number as a marker: -999 means missing
+    assert data.text[3, 0] == "" and data.text[4, 0] == table[5][1]  # "": the missing category
 
 
 # ---------------------------------------------------------------- 3. target
