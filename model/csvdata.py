@@ -99,11 +99,13 @@ class _Column:
                 return False
             self.text = True
         index, blank = self.vocabulary, markers.blank
-        stripped = (cell.strip() for cell in cells)
-        cleaned = ("" if cell in blank else cell for cell in stripped) if blank else stripped
-        self.codes.append(
-            np.fromiter((index.setdefault(c, len(index)) for c in cleaned), np.int32, len(cells))
-        )
+        words = list(map(str.strip, cells))
+        if blank:
+            words = ["" if word in blank else word for word in words]
+        for word in dict.fromkeys(words):  # the batch's distinct words, new ones coded next
+            if word not in index:
+                index[word] = len(index)
+        self.codes.append(np.fromiter(map(index.__getitem__, words), np.int32, len(words)))
         return True
 
     def values(self) -> np.ndarray:
@@ -126,9 +128,10 @@ class _Column:
 
 def _numbers(cells: np.ndarray, markers: _Markers) -> np.ndarray | None:
     """float32 of a batch of cells, or None if one is text. The fast path is numpy's own
-    conversion (float() per cell, spaces allowed); text markers take the slow path."""
+    conversion (float() per cell, spaces allowed) with empty cells as "nan"; other markers
+    take the slow path."""
     try:
-        values = cells.astype(np.float64)
+        values = _empty_as_nan(cells).astype(np.float64)
     except ValueError:
         parsed = [_number(cell.strip(), markers.all) for cell in cells]
         if any(value is None for value in parsed):
@@ -137,6 +140,16 @@ def _numbers(cells: np.ndarray, markers: _Markers) -> np.ndarray | None:
     if markers.numbers:
         values[np.isin(values, markers.numbers)] = np.nan
     return values.astype(np.float32)
+
+
+def _empty_as_nan(cells: np.ndarray) -> np.ndarray:
+    """The cells with "" (the usual missing cell) written "nan", which float() reads as NaN."""
+    empty = cells == ""
+    if not empty.any():
+        return cells
+    cells = cells.copy()
+    cells[empty] = "nan"
+    return cells
 
 
 def _check_header(

@@ -174,8 +174,12 @@ def csv_batches(
 
 
 def _numbers(cells: np.ndarray, names: Sequence[str], first_row: int) -> np.ndarray:
-    """float32 [rows, columns]: numpy's conversion at once, else cell by cell (markers, errors
-    naming the row)."""
+    """float32 [rows, columns]: numpy's conversion at once (empty cells as NaN), else cell by
+    cell (other markers, errors naming the row)."""
+    empty = cells == ""  # the usual missing cell: "nan" for numpy's conversion
+    if empty.any():
+        cells = cells.copy()
+        cells[empty] = "nan"
     try:
         return cells.astype(np.float32)
     except ValueError:
