@@ -190,8 +190,9 @@ def _delimiter(lines: list[str], sep: str | None) -> tuple[str, str]:
     sampled line into the header's field count, else the candidate that does so for the most
     lines (ties: more fields)."""
     if sep:
+        sep = {"\\t": "\t", "tab": "\t"}.get(sep, sep)
         if len(sep) != 1:
-            raise CsvError(f"--sep: expected one character, got {sep!r} (a tab: --sep $'\\t')")
+            raise CsvError(f"--sep: expected one character or 'tab', got {sep!r}")
         return sep, '"'
     sample = "".join(lines)
     try:

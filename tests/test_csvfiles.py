@@ -94,8 +94,10 @@ def test_sep_overrides_detection(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"target column 'y' not in CSV header \['age;job;y'\]"):
         load_csv(path, "y", sep=",")
     assert load_csv(path, "y", sep=";").feature_names == ["age"]
-    with pytest.raises(DataError, match="--sep: expected one character"):
+    with pytest.raises(DataError, match="--sep: expected one character or 'tab', got ';;'"):
         load_csv(path, "y", sep=";;")
+    tabs = write(tmp_path / "tabs.csv", rows(), sep="\t")
+    assert load_csv(tabs, "y", sep="tab").columns == load_csv(tabs, "y", sep="\\t").columns
 
 
 def test_utf8_bom_crlf_and_utf16(tmp_path: Path) -> None:
@@ -152,6 +154,8 @@ def test_predict_reads_files_the_same_way(tmp_path: Path) -> None:
     assert batch.numeric[0, 0] == float(table[1][0]) and batch.text["job"][0] == "admin."
     with pytest.raises(ValueError, match="row 1 column 'age': got 'unknown', expected a number"):
         list(csv_batches(path, schema, 64))
+    with pytest.raises(ValueError, match=r"header lacks the model's columns \['age', 'job'\]"):
+        list(csv_batches(path, schema, 64, sep=","))  # --sep overrides detection here too
     with pytest.raises(CsvError, match="is empty"):
         open_csv(write(tmp_path / "empty.csv", []))
 
