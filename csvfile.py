@@ -1,12 +1,9 @@
 """CSV files as people download them, read the same way by `train` and `predict --csv`.
 
-The delimiter (`,` `;` tab `|`) and quote character are detected from the first lines (`--sep`
-overrides); a UTF-8 or UTF-16 byte-order mark is honoured, any other encoding is named by the
-caller (`--file-encoding`) and a byte it cannot decode is reported with its line. CRLF line ends
-are read as LF; empty fields at the end of a line beyond the header (a trailing delimiter, a common
-export artefact) are dropped. Rows come in batches of lists of strings, so a caller parses them
-into arrays a batch at a time and never holds the file as Python strings. Torch-free and
-numpy-free: the serving install reads files with it too.
+Detects the delimiter (`,` `;` tab `|`), quoting and a UTF-8/UTF-16 byte-order mark; reads CRLF,
+drops trailing delimiters, names the line of an undecodable byte or a row of the wrong width.
+Rows come in batches, so callers parse a batch into arrays at a time and never hold the file as
+Python strings. Standard library only, so `predict` in the serving install (no torch) uses it too.
 """
 
 from __future__ import annotations

@@ -158,12 +158,12 @@ def csv_batches(
     if missing:
         raise ClientError(f"{path}: header lacks the model's columns {missing}")
     where = [found.header.index(name) for name in schema.feature_names]
-    blank = {value.strip().lower() for value in na_values}
+    blank = [value.strip() for value in na_values]  # exact spellings, as `train` reads them
     done = 0
     for batch in found.batches(rows):
         cells = np.array(batch, dtype=object).reshape(len(batch), len(found.header))
         if blank:
-            cells[np.isin(np.char.lower(np.char.strip(cells.astype(str))), list(blank))] = ""
+            cells[np.isin(np.char.strip(cells.astype(str)), blank)] = ""
         numeric = _numbers(cells[:, where], schema.feature_names, done)
         text = {
             name: [label(v) for v in cells[:, found.header.index(name)]]

@@ -129,6 +129,16 @@ def test_a_file_that_is_not_utf8_names_the_line_and_reads_with_its_encoding(
         load_csv(path, "y", file_encoding="klingon")
 
 
+def test_a_bad_byte_past_the_sniffed_sample_names_its_line(tmp_path: Path) -> None:
+    table = rows(5000)  # ~78 KB: the first 64 KiB decode, the bad byte comes while reading
+    table[4900][1] = "caf\udce9"  # a lone 0xE9 byte once written with surrogateescape
+    path = tmp_path / "late.csv"
+    path.write_bytes("".join(",".join(r) + "\n" for r in table).encode("utf-8", "surrogateescape"))
+    assert path.stat().st_size > 65536
+    with pytest.raises(DataError, match=r"late.csv line 4901: byte b'\\xe9' at column \d+ is not"):
+        load_csv(path, "y")
+
+
 def test_trailing_delimiters_are_dropped_and_a_value_beyond_the_header_refused(
     tmp_path: Path,
 ) -> None:
@@ -212,6 +222,22 @@ def test_identifier_columns_are_left_out_with_a_note_and_kept_when_asked(
     assert kept.columns == ("customer_id", "row", "visits", "age", "job")
     with pytest.raises(DataError, match="--keep: no column 'nope'"):
         load_csv(path, "y", keep=["nope"])
+
+
+def test_train_passes_every_reading_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = _with_ids()
+    table[5][2] = "unknown"  # visits
+    path = write(tmp_path / "churn.txt", table, sep="|", encoding="cp1252")
+    options = ["--sep", "|", "--file-encoding", "cp1252", "--keep", "customer_id"]
+    options += ["--na-values", "unknown", "--positive-class", "no", "--encoding", "embedding"]
+    code, out = train(tmp_path, path, *options)
+    printed = capsys.readouterr().out
+    assert code == 0 and (out / "checkpoint.pt").exists()
+    assert "positive class 'no': --positive-class" in printed
+    assert "customer_id  categorical" in printed and "left out 'row'" in printed
+    assert "visits       numeric      mean" in printed  # "unknown" read as missing
 
 
 def test_small_files_and_repeated_values_keep_their_columns(tmp_path: Path) -> None:
@@ -302,6 +328,17 @@ def test_a_column_that_turns_text_after_the_first_batch(tmp_path: Path) -> None:
     assert data.text_names == ["code"] and data.feature_names == ["x"]
     assert data.text[:2, 0].tolist() == ["000", "001"] and data.text[-1, 0] == "A1"
     assert len(data) == n and data.features.dtype == np.float32
+
+
+def test_the_bench_file_has_30_columns_and_its_id_is_left_out(tmp_path: Path) -> None:
+    from stablemlp.bench.csv_scale import write_csv
+
+    path = tmp_path / "big.csv"
+    write_csv(path, 500)
+    data = load_csv(path, "y")
+    assert len(data) == 500 and len(data.columns) == 28  # 30 less the target and the id
+    assert data.features.dtype == np.float32 and np.isnan(data.features).any()
+    assert any("left out 'customer_id'" in note for note in data.notes)
 
 
 def test_progress_bar_over_the_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
