@@ -164,8 +164,8 @@ def _check_header(
         if name in seen:
             raise DataError(f"column {name!r} appears twice in the CSV header")
         seen.add(name)
-        if name == target or name in drop:
-            continue
+        if name == target or name in drop or not name:
+            continue  # an unnamed column may be a written-out row index: judged once read
         if not 0 < len(name) <= MAX_NAME_CHARS or not name.isprintable():
             raise DataError(
                 f"column {number} name {name[:40]!r}: expected 1..{MAX_NAME_CHARS} printable "
@@ -367,8 +367,16 @@ def _usable(
     if not column.text and np.isinf(column.values()).any():
         raise DataError(f"feature column {name!r} contains an infinite value")
     why = None if name in keep or name in categorical else _why_left_out(column, rows, missing)
-    if why is not None:
+    if not name:  # pandas' to_csv writes its index so, under an empty name
+        if why is None:
+            raise DataError(
+                f"column {column.position + 1} name '': expected 1..{MAX_NAME_CHARS} printable "
+                "characters (rename it)"
+            )
+        notes.append(f"left out column {column.position + 1} (no name): {why}")
+    elif why is not None:
         notes.append(f"left out {name!r}: {why}; --keep {name} uses it")
+    if why is not None:
         column.release()
     return why is None
 

@@ -240,6 +240,17 @@ def test_train_passes_every_reading_flag(
     assert "visits       numeric      mean" in printed  # "unknown" read as missing
 
 
+def test_an_unnamed_index_column_as_pandas_writes_it(tmp_path: Path) -> None:
+    table = [[str(i - 1) if i else "", *row] for i, row in enumerate(rows())]
+    data = load_csv(write(tmp_path / "frame.csv", table), "y")  # ",age,job,y" then "0,..."
+    assert data.columns == ("age", "job")
+    assert "left out column 1 (no name): integers numbering the rows (a row index)" in data.notes
+    for i, row in enumerate(table[1:]):
+        row[0] = "abc"[i % 3]  # a category under no name: refused
+    with pytest.raises(DataError, match=r"column 1 name '': expected 1\.\.128 printable"):
+        load_csv(write(tmp_path / "frame.csv", table), "y")
+
+
 def test_small_files_and_repeated_values_keep_their_columns(tmp_path: Path) -> None:
     short = write(tmp_path / "short.csv", _with_ids(12))  # too few rows to call it an id
     assert load_csv(short, "y").columns[:2] == ("customer_id", "row")
