@@ -35,7 +35,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 # What `pip install .` needs, and nothing else of the build context.
 FROM scratch AS source
-COPY pyproject.toml README.md __init__.py __main__.py cli.py files.py /src/
+COPY pyproject.toml README.md __init__.py __main__.py cli.py files.py csvfile.py /src/
 COPY model/ /src/model/
 COPY export/ /src/export/
 COPY serving/ /src/serving/

@@ -61,7 +61,7 @@ typecheck: install
 	mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/stablemlp
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml \
 		-p stablemlp.model -p stablemlp.export -p stablemlp.serving -p stablemlp.bench \
-		-m stablemlp.cli -m stablemlp.files
+		-m stablemlp.cli -m stablemlp.files -m stablemlp.csvfile
 
 protos: install
 	PYTHON=$(BIN)/python bash scripts/gen_protos.sh

@@ -59,6 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--drop", type=_names, default=(), metavar="COL,...", help="columns to leave out"
     )
     parser.add_argument(
+        "--keep",
+        type=_names,
+        default=(),
+        metavar="COL,...",
+        help="columns to use even though they look like identifiers (unique text, a row index)",
+    )
+    parser.add_argument(
+        "--na-values",
+        type=_names,
+        default=(),
+        metavar="TEXT,...",
+        help="more cells meaning 'missing' (e.g. unknown), beside empty, NA, NaN, null, None, ?",
+    )
+    parser.add_argument(
+        "--positive-class",
+        metavar="VALUE",
+        help="the target value to predict as 1 (default: yes/true/1, else printed with a warning)",
+    )
+    parser.add_argument(
+        "--sep", metavar="CHAR", help="the CSV's delimiter (default: detected among , ; tab |)"
+    )
+    parser.add_argument(
+        "--file-encoding",
+        metavar="CODEC",
+        help="the CSV file's text encoding, e.g. cp1252 (default: UTF-8, or UTF-16 by its BOM);"
+        " --encoding is the categories' encoding inside the model",
+    )
+    parser.add_argument(
         "--min-category-count",
         type=int,
         default=MIN_CATEGORY_COUNT,
@@ -70,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_CATEGORIES,
         help="keep at most this many categories per column (the most frequent)",
     )
-    parser.add_argument("--encoding", choices=ENCODINGS, default=DEFAULT_ENCODING)
+    parser.add_argument(
+        "--encoding",
+        choices=ENCODINGS,
+        default=DEFAULT_ENCODING,
+        help="how the model encodes categories (the file's text encoding: --file-encoding)",
+    )
     parser.add_argument(
         "--bins",
         type=int,
@@ -107,7 +140,10 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def describe(data: Dataset, schema: FeatureSchema) -> str:
     """The inferred schema, one line per column, as `train` prints it."""
-    lines = [f"target {data.target!r}: positive class {data.positive_class!r}; columns:"]
+    lines = [
+        *data.notes,
+        f"target {data.target!r}: positive class {data.positive_class!r}; columns:",
+    ]
     width = max(len(name) for name in schema.columns)
     for column in schema.describe():
         if column["kind"] == "numeric":
@@ -119,6 +155,22 @@ def describe(data: Dataset, schema: FeatureSchema) -> str:
             detail = f"{len(column['categories'])} categories + other + missing ({shown}{more})"
         lines.append(f"  {column['name']:<{width}}  {column['kind']:<11}  {detail}")
     return "\n".join(lines)
+
+
+def _read(args: argparse.Namespace) -> Dataset:
+    """The data set as the arguments name it; a progress bar over a CSV when on a terminal."""
+    return load_dataset(
+        args.csv,
+        args.target,
+        args.categorical,
+        args.drop,
+        keep=args.keep,
+        na_values=args.na_values,
+        positive_class=args.positive_class,
+        sep=args.sep,
+        file_encoding=args.file_encoding,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
 
 
 def estimator_from(args: argparse.Namespace) -> StableMLPClassifier:
@@ -154,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         raise DataError(f"--output {str(out)!r} exists and is not a folder")
     estimator = estimator_from(args)
     # Fails before anything is written.
-    data = load_dataset(args.csv, args.target, args.categorical, args.drop)
+    data = _read(args)
     estimator.fit_dataset(data)
     checkpoint = estimator.checkpoint_
     if args.name:

@@ -7,7 +7,7 @@ Statistics (means, standard deviations, vocabularies) come from the training spl
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -36,6 +36,9 @@ class Dataset:
     columns: tuple[str, ...] = ()  # every feature column in file order (default: numeric, text)
     target: str = "target"
     positive_class: str = "1"  # the target value coded 1
+    # What reading decided, one line each, for the schema printout: the file's format, the
+    # positive-class rule, columns left out and why.
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.text.shape != (len(self.labels), len(self.text_names)):
@@ -50,16 +53,8 @@ class Dataset:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> Dataset:
-        return Dataset(
-            self.features[index],
-            self.labels[index],
-            self.feature_names,
-            self.name,
-            self.text[index],
-            self.text_names,
-            self.columns,
-            self.target,
-            self.positive_class,
+        return replace(
+            self, features=self.features[index], labels=self.labels[index], text=self.text[index]
         )
 
 

@@ -14,7 +14,7 @@ requests in flight. Secured servers: `security=Security(ca=..., cert=..., key=..
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,46 +144,72 @@ def send(
 ) -> list[Result]:
     """The rows' results, in order: one unary call per batch, or one stream for them all."""
     chunks = list(_chunks(columns, schema.max_batch_size))
+    answers = results(stub, chunks, schema, version, timeout, security, stream, window, len(chunks))
+    return [result for answer in answers for result in answer]
+
+
+def results(
+    stub: Any,
+    chunks: Iterable[Columns],
+    schema: Schema,
+    version: str,
+    timeout: float,
+    security: Security,
+    stream: bool,
+    window: int,
+    count: int,
+) -> Iterator[list[Result]]:
+    """Each chunk's results as they come, in order; chunks may be read lazily (a large file),
+    `count` bounds how many there are (the stream's deadline: `timeout` per request)."""
     if not stream:
-        results: list[Result] = []
         for chunk in chunks:
             request = request_for(chunk, schema, version)
-            response = stub.ModelInfer(request, timeout=timeout, metadata=security.metadata)
-            results += results_of(response)
-        return results
-    return _stream(stub, chunks, schema, version, timeout, security, window)
+            yield results_of(stub.ModelInfer(request, timeout=timeout, metadata=security.metadata))
+        return
+    yield from _stream(stub, chunks, schema, version, timeout, security, window, count)
 
 
 def _stream(
     stub: Any,
-    chunks: list[Columns],
+    chunks: Iterable[Columns],
     schema: Schema,
     version: str,
     timeout: float,
     security: Security,
     window: int,
-) -> list[Result]:
-    """Every chunk through one ModelStreamInfer call, at most `window` unanswered at once."""
+    count: int,
+) -> Iterator[list[Result]]:
+    """Every chunk through one ModelStreamInfer call, at most `window` unanswered at once. An
+    error raised while reading the chunks ends the stream and is raised here (gRPC would only
+    report that iterating the requests failed)."""
     room = threading.Semaphore(max(1, window))
+    sent, failed = [0], []  # rows sent, an error met reading the chunks
 
     def requests() -> Iterator[Any]:
-        for i, chunk in enumerate(chunks):
-            if not room.acquire(timeout=timeout):  # the server stopped answering
-                return
-            yield request_for(chunk, schema, version, tag=str(i))
+        try:
+            for i, chunk in enumerate(chunks):
+                if not room.acquire(timeout=timeout):  # the server stopped answering
+                    return
+                sent[0] += chunk.rows
+                yield request_for(chunk, schema, version, tag=str(i))
+        except Exception as err:  # handed to the caller's thread below
+            failed.append(err)
 
-    results: list[Result] = []
-    replies = stub.ModelStreamInfer(requests(), timeout=timeout * max(1, len(chunks)),
+    received = 0
+    replies = stub.ModelStreamInfer(requests(), timeout=timeout * max(1, count),
                                     metadata=security.metadata)  # fmt: skip
     for i, reply in enumerate(replies):
         room.release()
         if reply.error_message:
             raise ClientError(f"request {i} (rows from {i * schema.max_batch_size}): "
                               f"{reply.error_message}")  # fmt: skip
-        results += results_of(reply.infer_response)
-    if len(results) != sum(chunk.rows for chunk in chunks):
-        raise ClientError(f"the stream ended after {len(results)} rows")
-    return results
+        answer = results_of(reply.infer_response)
+        received += len(answer)
+        yield answer
+    if failed:
+        raise failed[0]
+    if received != sent[0]:
+        raise ClientError(f"the stream ended after {received} rows")
 
 
 __all__ = [
@@ -192,6 +218,7 @@ __all__ = [
     "pick_model",
     "predict",
     "request_for",
+    "results",
     "results_of",
     "schema",
     "send",

@@ -8,15 +8,16 @@ become NaN in a numeric column and "" (the missing category) in a text one.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..csvfile import BATCH_ROWS, open_csv
 
 MISSING = {"", "na", "nan", "null", "none", "?", "n/a"}
 
@@ -126,21 +127,67 @@ def from_rows(rows: Any, schema: Schema) -> Columns:
     return Columns(array, {})
 
 
-def read_csv(path: Path, schema: Schema) -> Columns:
+def read_csv(
+    path: Path,
+    schema: Schema,
+    sep: str | None = None,
+    encoding: str | None = None,
+    na_values: Collection[str] = (),
+) -> Columns:
     """A CSV with a header row: the model's columns by name, in any order, others ignored."""
-    with path.open(newline="", encoding="utf-8-sig") as stream:
-        reader = csv.reader(stream)
-        header = [name.strip() for name in next(reader, [])]
-        missing = [name for name in schema.columns if name not in header]
-        if missing:
-            raise ClientError(f"{path}: header lacks the model's columns {missing}")
-        where = {name: header.index(name) for name in schema.columns}
-        records = (
-            {name: cells[i] if i < len(cells) else "" for name, i in where.items()}
-            for cells in reader
-            if any(cell.strip() for cell in cells)
-        )
-        return from_records(records, schema)
+    batches = list(csv_batches(path, schema, BATCH_ROWS, sep, encoding, na_values))
+    if not batches:
+        return from_records([], schema)
+    numeric = np.concatenate([batch.numeric for batch in batches])
+    text = {name: [v for batch in batches for v in batch.text[name]] for name in batches[0].text}
+    return Columns(numeric, text)
+
+
+def csv_batches(
+    path: Path,
+    schema: Schema,
+    rows: int,
+    sep: str | None = None,
+    encoding: str | None = None,
+    na_values: Collection[str] = (),
+) -> Iterator[Columns]:
+    """The file's rows as the model's columns, `rows` at a time, read as `train` reads a CSV
+    (csvfile: detected delimiter, BOM, `encoding`); `na_values` are more missing markers."""
+    found = open_csv(path, sep, encoding)
+    missing = [name for name in schema.columns if name not in found.header]
+    if missing:
+        raise ClientError(f"{path}: header lacks the model's columns {missing}")
+    where = [found.header.index(name) for name in schema.feature_names]
+    blank = [value.strip() for value in na_values]  # exact spellings, as `train` reads them
+    done = 0
+    for batch in found.batches(rows):
+        cells = np.array(batch, dtype=object).reshape(len(batch), len(found.header))
+        if blank:
+            cells[np.isin(np.char.strip(cells.astype(str)), blank)] = ""
+        numeric = _numbers(cells[:, where], schema.feature_names, done)
+        text = {
+            name: [label(v) for v in cells[:, found.header.index(name)]]
+            for name in schema.text_columns
+        }
+        done += len(batch)
+        yield Columns(numeric, text)
+
+
+def _numbers(cells: np.ndarray, names: Sequence[str], first_row: int) -> np.ndarray:
+    """float32 [rows, columns]: numpy's conversion at once (empty cells as NaN), else cell by
+    cell (other markers, errors naming the row)."""
+    empty = cells == ""  # the usual missing cell: "nan" for numpy's conversion
+    if empty.any():
+        cells = cells.copy()
+        cells[empty] = "nan"
+    try:
+        return cells.astype(np.float32)
+    except ValueError:
+        rows = [
+            [number(v, names[j], first_row + i) for j, v in enumerate(row)]
+            for i, row in enumerate(cells)
+        ]
+        return np.asarray(rows, dtype=np.float32).reshape(cells.shape)
 
 
 __all__ = [
@@ -148,6 +195,7 @@ __all__ = [
     "ClientError",
     "Columns",
     "Schema",
+    "csv_batches",
     "from_records",
     "from_rows",
     "label",
