@@ -55,7 +55,7 @@ def build_repository(
     if wide_model:
         jobs.append((wide_model, ["--epochs", "2", "--hidden", "256,256,256"]))
     if text_model and importlib.util.find_spec("palmerpenguins") is not None:
-        from ..model.baselines import PENGUINS_TARGET, penguins_csv
+        from .quality import PENGUINS_TARGET, penguins_csv
 
         data = penguins_csv(root)
         jobs.append(

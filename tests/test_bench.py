@@ -303,7 +303,7 @@ def test_worker_scaling_counts_and_placement() -> None:
 def bench_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's repository plus a 256-wide model and a model with text columns (one or
     two epochs: their weights do not matter)."""
-    from stablemlp.model.baselines import penguins_csv
+    from stablemlp.bench.quality import penguins_csv
 
     root = tmp_path_factory.mktemp("bench")
     repository = root / "repo"
