@@ -76,9 +76,9 @@ def build_release(checkpoint: Checkpoint, name: str, batches: dict[str, Feeds]) 
     schema = checkpoint.schema
     mean, std = torch.tensor(schema.means), torch.tensor(schema.stds)
     net = checkpoint.build_model()
-    threshold, numeric = checkpoint.threshold, checkpoint.numeric
-    reference = build_classifier(net, mean, std, threshold, numeric).eval()
-    folded = build_classifier(fold_batchnorm(net), mean, std, threshold, numeric).eval()
+    threshold, encoding = checkpoint.threshold, checkpoint.numeric
+    reference = build_classifier(net, mean, std, threshold, encoding).eval()
+    folded = build_classifier(fold_batchnorm(net), mean, std, threshold, encoding).eval()
     example = _example(checkpoint)
     columns, text = schema.categorical, schema.text_names
     torchscript = to_torchscript(folded, example, columns)

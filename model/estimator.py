@@ -32,7 +32,7 @@ from .encoding import (
 )
 from .frames import read_table, to_dataset
 from .network import MLPConfig, StabilizedMLP, count_parameters
-from .preprocess import DEFAULT_BINS, NumericEncoding, numeric_block
+from .preprocess import BIN_BUDGET, DEFAULT_BINS, NumericEncoding, numeric_block
 from .train import History, TrainConfig, evaluate, fit, tensors, torch_threads
 
 # Every default below was chosen on the quality suite (bench/quality.py, README "Model quality").
@@ -57,6 +57,7 @@ class StableMLPClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         patience: int = TrainConfig.patience,
         grad_clip: float | None = None,
         bins: int = DEFAULT_BINS,
+        bin_budget: int = BIN_BUDGET,
         encoding: str = DEFAULT_ENCODING,
         min_category_count: int = MIN_CATEGORY_COUNT,
         max_categories: int = MAX_CATEGORIES,
@@ -78,6 +79,7 @@ class StableMLPClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self.patience = patience
         self.grad_clip = grad_clip
         self.bins = bins
+        self.bin_budget = bin_budget
         self.encoding = encoding
         self.min_category_count = min_category_count
         self.max_categories = max_categories
@@ -226,7 +228,7 @@ class StableMLPClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     ]:
         """Statistics of `rows` (means, bins, vocabularies) and a freshly initialised network."""
         mean, std = feature_stats(rows)
-        encoding = NumericEncoding.learn(rows.features, mean, std, self.bins)
+        encoding = NumericEncoding.learn(rows.features, mean, std, self.bins, self.bin_budget)
         columns: tuple[CategoricalColumn, ...] = category_stats(
             rows, self.min_category_count, self.max_categories
         )
@@ -245,8 +247,8 @@ class StableMLPClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         hidden = tuple(int(h) for h in self.hidden)
         shape = {"hidden": hidden, "dropout": self.dropout, "members": self.members}
         if not columns:
-            net = StabilizedMLP(MLPConfig(width, **shape))  # type: ignore[arg-type]
-            return net, schema, encoding, None, prep or torch.nn.Identity()
+            mlp = StabilizedMLP(MLPConfig(width, **shape))  # type: ignore[arg-type]
+            return mlp, schema, encoding, None, prep or torch.nn.Identity()
         encoder = CategoryEncoder(EncoderConfig.build(self.encoding, columns))
         config = MLPConfig(width + encoder.config.width, **shape)  # type: ignore[arg-type]
         net = TabularNet(encoder, StabilizedMLP(config), width)
@@ -277,7 +279,8 @@ class StableMLPClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     def predict(self, X: Any) -> np.ndarray:
         """classes_[1] where the positive probability reaches `threshold`, else classes_[0]."""
         positive = self.predict_proba(X)[:, 1] >= self.threshold
-        return np.where(positive, self.classes_[1], self.classes_[0])
+        labels: np.ndarray = np.where(positive, self.classes_[1], self.classes_[0])
+        return labels
 
     # ------------------------------------------------------------------ shipping
 

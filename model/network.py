@@ -13,7 +13,7 @@ and ELU layers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -149,7 +149,7 @@ def init_weights(model: StabilizedMLP) -> None:
     """
     k = model.config.members
     for index, (_, layer) in enumerate(model.linear_layers()):
-        gain = "sigmoid" if layer is model.head else "relu"
+        gain: Literal["sigmoid", "relu"] = "sigmoid" if layer is model.head else "relu"
         if index == 0 or k == 1:
             nn.init.kaiming_uniform_(layer.weight, mode="fan_in", nonlinearity=gain)
         else:
@@ -158,7 +158,7 @@ def init_weights(model: StabilizedMLP) -> None:
             for block in blocks:
                 nn.init.kaiming_uniform_(block, mode="fan_in", nonlinearity=gain)
             with torch.no_grad():
-                layer.weight.copy_(torch.block_diag(*blocks))
+                layer.weight.copy_(torch.block_diag(*blocks))  # type: ignore[no-untyped-call]
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
 

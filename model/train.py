@@ -21,7 +21,6 @@ from .data import Dataset
 from .encoding import TabularNet
 from .gradients import GradientMonitor
 from .network import StabilizedMLP, mean_probability
-from .preprocess import Standardize
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ Inputs = tuple[torch.Tensor, ...]
 
 
 def tensors(
-    data: Dataset, standardize: Standardize, columns: Sequence[CategoricalColumn] = ()
+    data: Dataset, standardize: nn.Module, columns: Sequence[CategoricalColumn] = ()
 ) -> tuple[Inputs, torch.Tensor]:
     """(network inputs, labels [N, 1]): the standardized numeric block when there are numeric
     columns, then the category codes [N, C] when there are text columns."""
@@ -190,7 +189,10 @@ def fit(
     )
     monitor = GradientMonitor(model.linear_layers())
     history, best, best_state = History(), -math.inf, copy.deepcopy(model.state_dict())
-    bar = tqdm(range(1, config.epochs + 1), desc="train", disable=not config.progress, leave=False)
+    # The ETA counts to `epochs`: an upper bound while early stopping may end sooner, exact for
+    # the refit on every row.
+    desc = "train (early stopping)" if val is not None else "refit on every row"
+    bar = tqdm(range(1, config.epochs + 1), desc=desc, disable=not config.progress, leave=False)
     for epoch in bar:
         train_loss, norms = train_one_epoch(
             model, x_train, y_train, optimizer, monitor, config, generator
