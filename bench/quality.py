@@ -155,6 +155,7 @@ def fit_realmlp(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
     from pytabkit import RealMLP_TD_Classifier
 
     text = _text_columns(X)
+    X, X_test = _impute_numbers(X, X_test, text)
     model = RealMLP_TD_Classifier(random_state=seed, device="cpu", verbosity=0)
     model.fit(_as_category(X, text), y)
     return np.asarray(model.predict_proba(_as_category(X_test, text))[:, 1])
@@ -164,9 +165,17 @@ def fit_tabm(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
     from pytabkit import TabM_D_Classifier
 
     text = _text_columns(X)
+    X, X_test = _impute_numbers(X, X_test, text)
     model = TabM_D_Classifier(random_state=seed, device="cpu", verbosity=0)
     model.fit(_as_category(X, text), y)
     return np.asarray(model.predict_proba(_as_category(X_test, text))[:, 1])
+
+
+def _impute_numbers(X: Any, X_test: Any, text: list[str]) -> tuple[Any, Any]:
+    """Missing numbers -> the training median (pytabkit's models refuse NaN in numeric columns)."""
+    numeric = [c for c in X.columns if c not in text]
+    medians = X[numeric].median()
+    return X.fillna(medians), X_test.fillna(medians)
 
 
 def _as_text(X: Any, text: list[str]) -> Any:

@@ -32,7 +32,7 @@ from .encoding import (
 )
 from .frames import read_table, to_dataset
 from .network import MLPConfig, StabilizedMLP, count_parameters
-from .preprocess import BIN_BUDGET, DEFAULT_BINS, NumericEncoding, numeric_block
+from .preprocess import DEFAULT_BINS, NumericEncoding, numeric_block
 from .train import History, TrainConfig, evaluate, fit, tensors, torch_threads
 
 # Every default below was chosen on the quality suite (bench/quality.py, README "Model quality").
@@ -57,7 +57,6 @@ class StableMLPClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         patience: int = TrainConfig.patience,
         grad_clip: float | None = None,
         bins: int = DEFAULT_BINS,
-        bin_budget: int = BIN_BUDGET,
         encoding: str = DEFAULT_ENCODING,
         min_category_count: int = MIN_CATEGORY_COUNT,
         max_categories: int = MAX_CATEGORIES,
@@ -79,7 +78,6 @@ class StableMLPClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self.patience = patience
         self.grad_clip = grad_clip
         self.bins = bins
-        self.bin_budget = bin_budget
         self.encoding = encoding
         self.min_category_count = min_category_count
         self.max_categories = max_categories
@@ -228,7 +226,7 @@ class StableMLPClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     ]:
         """Statistics of `rows` (means, bins, vocabularies) and a freshly initialised network."""
         mean, std = feature_stats(rows)
-        encoding = NumericEncoding.learn(rows.features, mean, std, self.bins, self.bin_budget)
+        encoding = NumericEncoding.learn(rows.features, mean, std, self.bins)
         columns: tuple[CategoricalColumn, ...] = category_stats(
             rows, self.min_category_count, self.max_categories
         )

@@ -52,9 +52,6 @@ class Standardize(nn.Module):
 # quality suite (bench/quality.py): 8 and 16 within noise of each other, 0 (plain standardized
 # values) lower on the tables with skewed columns.
 DEFAULT_BINS = 16
-# About this many bins over all columns: a table of many numeric columns gets fewer bins per
-# column, since the first Linear's cost (and the served graph's) grows with their total.
-BIN_BUDGET = 256
 # RealMLP's smooth clip: x / sqrt(1 + (x / c)^2) is ~x near 0 and tends to +-c, so an outlier
 # 50 standard deviations out cannot dominate the first Linear's sum.
 SOFT_CLIP = 3.0
@@ -84,20 +81,11 @@ class NumericEncoding:
 
     @classmethod
     def learn(
-        cls,
-        features: np.ndarray,
-        mean: np.ndarray,
-        std: np.ndarray,
-        bins: int = DEFAULT_BINS,
-        budget: int = BIN_BUDGET,
+        cls, features: np.ndarray, mean: np.ndarray, std: np.ndarray, bins: int = DEFAULT_BINS
     ) -> NumericEncoding:
-        """Quantile edges of the standardized training values, missing-value columns.
-
-        Each column gets at most `bins` bins, and fewer when there are many columns: about
-        `budget` bins in all (at least 2 a column), which bounds the first Linear's cost."""
+        """Quantile edges of the standardized training values, missing-value columns."""
         z = (features.astype(np.float64) - mean) / std
-        per_column = min(bins, max(2, budget // max(1, z.shape[1])))
-        edges = [_quantile_edges(z[:, j], per_column) for j in range(z.shape[1])]
+        edges = [_quantile_edges(z[:, j], bins) for j in range(z.shape[1])]
         missing = tuple(int(j) for j in np.flatnonzero(np.isnan(features).any(axis=0)))
         return cls(tuple(edges), missing)
 
@@ -197,7 +185,6 @@ def build_classifier(
 
 
 __all__ = [
-    "BIN_BUDGET",
     "DEFAULT_BINS",
     "SOFT_CLIP",
     "STANDARDIZED_LIMIT",
