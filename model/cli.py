@@ -17,7 +17,7 @@ from .checkpoint import CHECKPOINT_NAME, FeatureSchema
 from .csvdata import load_dataset
 from .data import DataError, Dataset
 from .encoding import DEFAULT_ENCODING, ENCODINGS
-from .estimator import DEFAULT_HIDDEN, StableMLPClassifier
+from .estimator import DEFAULT_DROPOUT, DEFAULT_HIDDEN, DEFAULT_MEMBERS, StableMLPClassifier
 from .gradients import NonFiniteGradientError
 from .plots import plot_training
 from .preprocess import DEFAULT_BINS
@@ -112,8 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="max epochs")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--hidden", type=_hidden, default=DEFAULT_HIDDEN, help="e.g. 128,128")
-    parser.add_argument("--dropout", type=float, default=StableMLPClassifier().dropout)
+    parser.add_argument(
+        "--hidden", type=_hidden, default=DEFAULT_HIDDEN, help="widths per member, e.g. 32,32"
+    )
+    parser.add_argument(
+        "--members", type=int, default=DEFAULT_MEMBERS, help="ensemble members in the one graph"
+    )
+    parser.add_argument("--dropout", type=float, default=DEFAULT_DROPOUT)
     parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
     parser.add_argument(
         "--batch-size", type=int, default=TrainConfig.batch_size, help="0: by the row count"
@@ -177,6 +182,7 @@ def estimator_from(args: argparse.Namespace) -> StableMLPClassifier:
     """The estimator the flags describe; its parameters are checked before any data is read."""
     estimator = StableMLPClassifier(
         hidden=args.hidden,
+        members=args.members,
         dropout=args.dropout,
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -34,8 +34,8 @@ class TrainConfig:
 
     epochs: int = 100  # upper bound; early stopping usually ends sooner
     batch_size: int = 0  # 0: auto_batch_size(rows)
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4  # AdamW's decoupled decay
+    learning_rate: float = 1e-3  # 2e-3 lowered the suite mean (Default by 0.012)
+    weight_decay: float = 1e-4  # AdamW's decoupled decay; 1e-2 made no difference
     patience: int = 12  # epochs without a better validation ROC AUC before stopping
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     seed: int = 0
