@@ -146,6 +146,11 @@ def export_checkpoint(
 ) -> tuple[Path, ParityReport]:
     """Publish `checkpoint` as a new version of REPO/<model>; returns (dir, parity report)."""
     name = check_model_name(model_name or checkpoint.model_name)
+    if not 0.0 <= checkpoint.threshold <= 1.0:  # also NaN: serving refuses such a version
+        raise ExportError(
+            f"threshold {checkpoint.threshold!r}: expected a probability in [0, 1] (retrain with "
+            "--threshold)"
+        )
     release = build_release(checkpoint, name, parity_batches(checkpoint, heldout))
     return publish(repository, release), release.parity
 

@@ -17,6 +17,7 @@ from tolerances import PROBABILITY, logit_tolerance
 
 from stablemlp import StableMLPClassifier
 from stablemlp.export.cli import verify_main
+from stablemlp.export.errors import ExportError
 from stablemlp.model.cli import main as train_main
 from stablemlp.model.data import DataError
 from stablemlp.model.network import MLPConfig, StabilizedMLP
@@ -163,6 +164,11 @@ def test_export_publishes_what_predict_proba_computes(tmp_path: Path) -> None:
     np.testing.assert_allclose(probability[:, 0], model.predict_proba(rows)[:, 1], atol=PROBABILITY)
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["parity"]["passed"]
+    # A threshold serving would refuse is refused here, before anything is written.
+    model.checkpoint_.threshold = 2.0
+    with pytest.raises(ExportError, match=r"threshold 2.0: expected a probability in \[0, 1\]"):
+        model.export(tmp_path / "repo", model="demo")
+    assert not (tmp_path / "repo" / "demo" / "2").exists()
 
 
 # ---------------------------------------------------------------- `stablemlp train` on top
