@@ -31,9 +31,12 @@ Exported {created_utc} with torch {torch.__version__}, ONNX opset {OPSET}{_ml_op
 
 ## Data
 Tabular data set `{data}`: {n} numeric and {len(text)} text columns, target `{release.target}`
-(class 1 = `{release.positive_class}`), stratified train/validation/test split ({sizes}).
+(class 1 = `{release.positive_class}`), stratified split ({sizes}; "final": the rows the
+published weights were trained on, when training was repeated on every row after early stopping).
 Numeric columns: missing values (NaN) are replaced by the training mean, then standardized with the
-training mean and standard deviation and clamped to +-{STANDARDIZED_LIMIT:g}.{_text_data(release)}
+training mean and standard deviation and clamped to +-{STANDARDIZED_LIMIT:g}; models trained since
+checkpoint format /3 add a soft clip, a piecewise-linear encoding over quantile bins and
+missing-value indicators.{_text_data(release)}
 
 {_columns(release)}
 
