@@ -151,22 +151,13 @@ def fit_catboost(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
     return np.asarray(model.predict_proba(_as_text(X_test, text))[:, 1])
 
 
-def fit_realmlp(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
-    from pytabkit import RealMLP_TD_Classifier
+def fit_pytabkit(name: str, X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
+    """pytabkit's classifier `name` with its defaults (RealMLP-TD, TabM-D), on the CPU."""
+    import pytabkit
 
     text = _text_columns(X)
     X, X_test = _impute_numbers(X, X_test, text)
-    model = RealMLP_TD_Classifier(random_state=seed, device="cpu", verbosity=0)
-    model.fit(_as_category(X, text), y)
-    return np.asarray(model.predict_proba(_as_category(X_test, text))[:, 1])
-
-
-def fit_tabm(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
-    from pytabkit import TabM_D_Classifier
-
-    text = _text_columns(X)
-    X, X_test = _impute_numbers(X, X_test, text)
-    model = TabM_D_Classifier(random_state=seed, device="cpu", verbosity=0)
+    model = getattr(pytabkit, name)(random_state=seed, device="cpu", verbosity=0)
     model.fit(_as_category(X, text), y)
     return np.asarray(model.predict_proba(_as_category(X_test, text))[:, 1])
 
@@ -197,8 +188,8 @@ METHODS: dict[str, Fitter] = {
     "logistic": fit_logistic,
     "hgb": fit_hgb,
     "catboost": fit_catboost,
-    "realmlp_td": fit_realmlp,
-    "tabm_d": fit_tabm,
+    "realmlp_td": functools.partial(fit_pytabkit, "RealMLP_TD_Classifier"),
+    "tabm_d": functools.partial(fit_pytabkit, "TabM_D_Classifier"),
 }
 REQUIRED = ("ours", "logistic", "hgb")
 OPTIONAL_MODULES = {"catboost": "catboost", "realmlp_td": "pytabkit", "tabm_d": "pytabkit"}
