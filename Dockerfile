@@ -10,7 +10,7 @@
 # (the default target, last). scripts/container_check.sh builds and exercises it with podman.
 # No `# syntax=` line on purpose: BuildKit would fetch that frontend from a registry.
 
-# Any Debian-based image with python3 >= 3.10 (or able to apt-get it): a local base works too.
+# Any Debian-based image with python3 >= 3.11 (or able to apt-get it): a local base works too.
 ARG BASE_IMAGE=python:3.11-slim
 # train: train on the built-in data and export, in the build (~3 min, a 5.6 GB throwaway stage
 # with pip's default torch wheel); context: copy MODEL_REPOSITORY from the build context instead.
