@@ -142,7 +142,7 @@ class ModelRuntime:
     def __init__(self, version_dir: Path, options: RuntimeOptions) -> None:
         self.path = version_dir / MODEL_FILE
         self.manifest = Manifest.read(version_dir / MANIFEST_FILE)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise ContractError(f"{version_dir.name}/{MODEL_FILE}: missing")
         model = verify_file(self.path, self.manifest.files[MODEL_FILE])
         self._session = create_session(model, options)

@@ -269,3 +269,41 @@ def test_identical_failures_are_logged_a_few_times_then_counted(
     assert "(and 35 more like it" in log or log.count("shape[1]: got 3") == BURST_LINES
     refused = next(line for line in log.splitlines() if "UNAUTHENTICATED" in line)
     assert "s3cret" not in log and "from ipv4:127.0.0.1:" in refused  # who was refused
+
+
+def _fifo(path: Path) -> None:
+    import os
+
+    path.unlink()
+    os.mkfifo(path)
+
+
+def test_a_fifo_in_a_version_folder_is_refused_at_once_and_other_versions_load(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Issue 23.4: opening a FIFO blocks until a writer comes, so a load that opened one held its
+    model's lock and a worker thread for good (and SIGTERM never finished). Now only regular
+    files are opened, without blocking, and other versions and models load beside it."""
+
+    repository = Path(shutil.copytree(model_repository, tmp_path / "repo"))
+    publish_version(repository, 2, edit=lambda folder: _fifo(folder / "manifest.json"))
+    publish_version(repository, 3, edit=lambda folder: _fifo(folder / "model.onnx"))
+    served = cpu_repository(repository, policy="all")
+    failures: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            served.load_all()
+        except BaseException as err:  # the test reads it below
+            failures.append(err)
+
+    loader = threading.Thread(target=load, daemon=True)  # before: blocked in open() for good
+    loader.start()
+    loader.join(timeout=30)
+    assert not loader.is_alive(), "the load is blocked on a FIFO"
+    assert len(failures) == 1 and "not a regular file" in str(failures[0])
+    reasons = {version: (state, reason) for _, version, state, reason in served.index()}
+    assert reasons["1"] == ("READY", "")
+    assert reasons["2"] == ("UNAVAILABLE", "manifest.json: not a regular file (a FIFO, device "
+                            "or folder)")  # fmt: skip
+    assert reasons["3"][1].endswith("model.onnx: not a regular file (a FIFO, device or folder)")
