@@ -43,40 +43,42 @@ def fields(data: bytes, start: int = 0, end: int = -1) -> Iterator[tuple[int, in
     end = len(data) if end < 0 else end
     pos = start
     while pos < end:
-        tag = data[pos]
-        if tag < 0x80:
+        number, kind, value, after, pos = field_at(data, pos, end)
+        yield number, kind, value, after
+
+
+def field_at(data: bytes, pos: int, end: int) -> tuple[int, int, int, int, int]:
+    """The field at `pos`: as `fields` gives it, then where the next field starts."""
+    tag = data[pos]
+    if tag < 0x80:
+        pos += 1
+    else:
+        tag, pos = varint(data, pos, end)
+    number, kind = tag >> 3, tag & 7
+    if number == 0:
+        raise WireError(f"field number 0 at byte {pos}")
+    if kind == LENGTH:
+        length = data[pos] if pos < end else 0x80
+        if length < 0x80:
             pos += 1
         else:
-            tag, pos = varint(data, pos, end)
-        number, kind = tag >> 3, tag & 7
-        if number == 0:
-            raise WireError(f"field number 0 at byte {pos}")
-        if kind == LENGTH:
-            length = data[pos] if pos < end else 0x80
-            if length < 0x80:
-                pos += 1
-            else:
-                length, pos = varint(data, pos, end)
-            after = pos + length
-            if after > end:
-                raise WireError(f"field {number}: {length} bytes run past the end at byte {pos}")
-            yield number, kind, pos, after
-            pos = after
-        elif kind == VARINT:
-            value, pos = varint(data, pos, end)
-            yield number, kind, value, pos
-        elif kind in (FIXED32, FIXED64):
-            after = pos + (4 if kind == FIXED32 else 8)
-            if after > end:
-                raise WireError(f"field {number}: a fixed-size value runs past the end")
-            yield number, kind, pos, after
-            pos = after
-        elif kind == GROUP_START:
-            after, close = _group_end(data, number, pos, end, 1)
-            yield number, kind, pos, after
-            pos = close
-        else:
-            raise WireError(f"field {number}: wire type {kind} at byte {pos} is not a field")
+            length, pos = varint(data, pos, end)
+        after = pos + length
+        if after > end:
+            raise WireError(f"field {number}: {length} bytes run past the end at byte {pos}")
+        return number, kind, pos, after, after
+    if kind == VARINT:
+        value, after = varint(data, pos, end)
+        return number, kind, value, after, after
+    if kind in (FIXED32, FIXED64):
+        after = pos + (4 if kind == FIXED32 else 8)
+        if after > end:
+            raise WireError(f"field {number}: a fixed-size value runs past the end")
+        return number, kind, pos, after, after
+    if kind == GROUP_START:
+        after, close = _group_end(data, number, pos, end, 1)
+        return number, kind, pos, after, close
+    raise WireError(f"field {number}: wire type {kind} at byte {pos} is not a field")
 
 
 def _group_end(data: bytes, number: int, pos: int, end: int, depth: int) -> tuple[int, int]:
@@ -111,5 +113,5 @@ def packed_count(data: bytes, start: int, end: int) -> int:
     return len(chunk) - len(chunk.translate(None, _LOW_BYTES))
 
 
-__all__ = ["FIXED32", "FIXED64", "GROUP_START", "LENGTH", "VARINT", "WireError", "fields",
-           "packed_count", "varint"]  # fmt: skip
+__all__ = ["FIXED32", "FIXED64", "GROUP_START", "LENGTH", "VARINT", "WireError", "field_at",
+           "fields", "packed_count", "varint"]  # fmt: skip

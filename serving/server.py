@@ -157,7 +157,7 @@ async def build_server(
         batching=batching,
         server_version=server_version(),
     )
-    add_inference_service(servicer, server)
+    add_inference_service(servicer, server, message_bytes)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(SERVICE_NAMES, server)
     port = bind_grpc(server, settings, credentials)
