@@ -298,7 +298,7 @@ class Codec:
             return _checked(text_array(values, shape, name))
         try:
             array = np.asarray(values, dtype="<f4").reshape(shape)
-        except (TypeError, ValueError):  # a front's values that are not numbers (JSON)
+        except (TypeError, ValueError, OverflowError):  # a front's values that are not numbers
             raise InvalidRequestError(
                 f"input '{name}' contents.{field}: got a value that is not a number, expected "
                 f"{count} numbers (NaN = missing)"

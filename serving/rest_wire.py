@@ -60,17 +60,28 @@ class RestReply(NamedTuple):
 
 def load_json(data: bytes, what: str = "request") -> Any:
     """Parse JSON (orjson: nesting capped at 1024 levels), accepting Python's NaN/Infinity tokens
-    (its json module writes them) through the standard parser, whose nesting is capped too."""
+    (its json module writes them) through the standard parser, whose nesting is capped too. The
+    standard parser accepts what orjson refuses (integers of any size, lone surrogates in text),
+    so what it returns must pass orjson too: integers are read as orjson reads them (floats past
+    64 bits), and text orjson could not write back is refused here, not at the reply (a 500)."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as err:
         problem = str(err)
     if b"NaN" in data or b"Infinity" in data:
         try:
-            return json.loads(data)
-        except (ValueError, RecursionError) as err:
+            document = json.loads(data, parse_int=_integer)
+            orjson.dumps(document)  # raises on a lone surrogate anywhere in it
+            return document
+        except (ValueError, RecursionError, TypeError) as err:
             problem = str(err)
     raise InvalidRequestError(f"{what}: not valid JSON ({clip(problem, 200)})")
+
+
+def _integer(text: str) -> int | float:
+    """A JSON integer as orjson reads it: an int within 64 bits, else a float (inf if huge)."""
+    value = int(text)
+    return value if -(2**63) <= value < 2**64 else float(text)
 
 
 def dump_json(document: Any) -> bytes:

@@ -133,6 +133,11 @@ def corpus(rows: np.ndarray) -> list[Case]:
          "got 129 characters, expected at most 128"),
         ("rank 10000", _edit(rows, _tensor(shape=[1] * 10_000)), 400,
          "inputs[0].shape: got 10000 entries, expected at most 32"),
+        # Issue 23.6: what only the NaN-tolerant fallback parser read used to end in a 500.
+        ("huge integer and NaN", _edit(rows, _tensor(data=[10**400, float("nan"), *[0.5] * 58])),
+         400, "value at index [0, 0]: got inf, expected a finite number"),
+        ("lone surrogate id and NaN", _edit(rows, lambda b: b.update(id="\ud800", parameters={
+            "x": float("nan")})), 400, "not valid JSON (str is not valid UTF-8: surrogates"),
         ("unknown model", _edit(rows, lambda b: None), 404, "model 'nope'"),
         ("version 9", _edit(rows, lambda b: None), 404, "got '9', expected one of [1]"),
     ]  # fmt: skip
