@@ -271,6 +271,46 @@ def test_identical_failures_are_logged_a_few_times_then_counted(
     assert "s3cret" not in log and "from ipv4:127.0.0.1:" in refused  # who was refused
 
 
+MALFORMED_HTTP = (  # each makes aiohttp's parser raise before any handler of ours runs
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\r\n\r\n",  # a TLS hello on the plain port
+    b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host
+)
+
+
+def test_library_errors_and_distinct_failures_cannot_flood_the_log(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit
+) -> None:
+    """Issue 23.8: 4,000 malformed HTTP requests wrote 2.28 MB of aiohttp tracebacks, and 9,000
+    distinct failing calls 9,000 lines. Now aiohttp's (and gRPC's) error records are one line
+    each through the burst limiter, and all failure lines together are capped per window."""
+    import socket
+
+    from stablemlp.serving.failures import TOTAL_LINES
+
+    with start_server(model_repository) as srv:
+        host, port = srv.rest_url.removeprefix("http://").rsplit(":", 1)
+        for i in range(400):
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT) as connection:
+                connection.sendall(MALFORMED_HTTP[i % len(MALFORMED_HTTP)])
+                with contextlib.suppress(OSError):
+                    connection.recv(4096)  # aiohttp's 400, then it closes
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for i in range(300):  # every one its own message: "model 'm-0': not found ..."
+                with pytest.raises(grpc.RpcError):
+                    stub.ModelInfer(infer_request(test_split.features[:1], model_name=f"m-{i}"),
+                                    timeout=TIMEOUT)  # fmt: skip
+        log = srv.wait_for_log("'m-0'")
+    assert "Traceback" not in log
+    library = [line for line in log.splitlines() if "aiohttp" in line]
+    assert 0 < len(library) <= len(MALFORMED_HTTP) * BURST_LINES, library
+    assert all("BadHttp" in line or "InvalidURL" in line for line in library)
+    failed = [line for line in log.splitlines() if "failed: NOT_FOUND" in line]
+    assert 0 < len(failed) <= TOTAL_LINES
+
+
 def _fifo(path: Path) -> None:
     import os
 
