@@ -116,14 +116,14 @@ class RestFront:
         server_version: str,
         extensions: tuple[str, ...],
     ) -> None:
-        self._dataplane, self._guard = dataplane, guard
+        self._dataplane, self.guard = dataplane, guard
         self._policy, self._batching = version_policy, batching
         self._metadata = {"name": "stablemlp", "version": server_version, "extensions": extensions}
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._guard.middleware],
-            client_max_size=self._guard.max_body_bytes,
+            middlewares=[self.guard.middleware],
+            client_max_size=self.guard.max_body_bytes,
             # aiohttp's defaults, said here: header lines and fields bounded before routing.
             handler_args={"max_line_size": 8190, "max_field_size": 8190, "max_headers": 32},
         )
@@ -261,7 +261,10 @@ async def start_rest(
         await runner.cleanup()
         raise OSError(f"REST: cannot listen on port {port}: {err}") from None
     bound = int(listener.sockets[0].getsockname()[1])
-    return RestServer(runner, listener, connections), bound
+    return RestServer(runner, listener, connections, front.guard), bound
+
+
+MIN_CUT_S = 0.05  # what a request still running at the end of the grace period is given
 
 
 @dataclass(frozen=True)
@@ -269,12 +272,26 @@ class RestServer:
     runner: web.AppRunner
     listener: asyncio.Server
     connections: Connections
+    guard: Guard
 
 
-async def stop_rest(rest: RestServer) -> None:
-    """Stop taking connections; requests in flight get the grace period given at start."""
+async def drain_rest(rest: RestServer, timeout: float) -> int:
+    """New requests (on open connections and new ones) get 503 and `Connection: close` while
+    those being handled (a body still arriving too) are answered, for `timeout` s at most.
+    aiohttp's own shutdown drops what arrives once it begins (a body's rest included), so it
+    only comes after this. Returns the requests still receiving their body at the end."""
+    return await rest.guard.drain(timeout)
+
+
+async def stop_rest(rest: RestServer, timeout: float) -> None:
+    """Close the connections: idle ones at once, any still handling a request after `timeout`
+    s cut (drain_rest first lets them finish)."""
     rest.listener.close()
     rest.connections.close()
+    if rest.runner.server is not None:
+        rest.runner.server.pre_shutdown()
+        # aiohttp reads a timeout of 0 as none at all: a request left would be waited for.
+        await asyncio.shield(rest.runner.server.shutdown(max(timeout, MIN_CUT_S)))
     await asyncio.shield(rest.runner.cleanup())
 
 
@@ -284,6 +301,7 @@ __all__ = [
     "ROUTES",
     "RestFront",
     "RestServer",
+    "drain_rest",
     "message_json",
     "start_rest",
     "stop_rest",
