@@ -265,6 +265,10 @@ async def start_rest(
 
 
 MIN_CUT_S = 0.05  # what a request still running at the end of the grace period is given
+# Connections accepted a moment before the port closed send their request within milliseconds
+# (loopback or LAN): waited for this long, so none is closed with its first request on the way.
+# Idle keep-alive connections hold the shutdown up this long at most.
+SETTLE_S, SETTLE_STEP_S = 0.5, 0.02
 
 
 @dataclass(frozen=True)
@@ -276,11 +280,22 @@ class RestServer:
 
 
 async def drain_rest(rest: RestServer, timeout: float) -> int:
-    """New requests (on open connections and new ones) get 503 and `Connection: close` while
-    those being handled (a body still arriving too) are answered, for `timeout` s at most.
-    aiohttp's own shutdown drops what arrives once it begins (a body's rest included), so it
-    only comes after this. Returns the requests still receiving their body at the end."""
-    return await rest.guard.drain(timeout)
+    """Take no new connection (a client sees it refused, knowing nothing was sent; behind a
+    Service the pod left the endpoints before SIGTERM: deploy/'s preStop). On open ones, new
+    requests get 503 and `Connection: close` while those being handled (a body still arriving
+    too) are answered, for `timeout` s at most; connections accepted a moment before get as
+    long as SETTLE_S to send their request (and be answered) before idle ones are closed.
+    aiohttp's own shutdown drops whatever arrives once it begins (a body's rest included), so
+    it only comes after this. Returns the requests still receiving their body at the end."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    rest.listener.close()  # before any reply says `Connection: close`: no reconnects to reset
+    receiving = await rest.guard.drain(timeout)
+    server = rest.runner.server
+    settled = min(deadline, loop.time() + SETTLE_S)
+    while server is not None and any(server.connections) and loop.time() < settled:
+        await asyncio.sleep(SETTLE_STEP_S)  # bounded by `settled`
+    return receiving
 
 
 async def stop_rest(rest: RestServer, timeout: float) -> None:

@@ -56,6 +56,7 @@ HTTP_NAMES = {
 CONTROL_ROUTES = frozenset({"load", "unload"})  # route names that need the control token
 HEALTH_ROUTES = frozenset({"live", "ready"})
 RETRY_AFTER_S = "1"  # for 429 and 503: come back soon, or go to another replica
+DISCARD_S = 1.0  # how long the rest of a refused body is read, so the refusal is not reset away
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -135,6 +136,7 @@ class Guard:
             if name in HEALTH_ROUTES:
                 return await handler(request)
             if self.draining:
+                await self._discard_body(request)
                 raise ModelUnavailableError("server shutting down: retry on another replica")
             held = self._admit(request)
             self.active, self.bytes_held = self.active + 1, self.bytes_held + held
@@ -184,6 +186,14 @@ class Guard:
                 await request.read()
         except TimeoutError:
             raise web.HTTPRequestTimeout() from None
+
+    async def _discard_body(self, request: web.Request) -> None:
+        """Read and drop a body about to be refused, DISCARD_S at most: a connection closed with
+        unread bytes in it is reset, and the reset can reach the client before the reply."""
+        with contextlib.suppress(TimeoutError, ConnectionError, web.HTTPException):
+            async with asyncio.timeout(DISCARD_S):
+                while await request.content.readany():
+                    pass
 
     def _authorize(self, request: web.Request, name: str) -> None:
         if name in CONTROL_ROUTES:

@@ -340,8 +340,9 @@ def test_pipelined_requests_are_answered_in_order(
 def test_draining_answers_503_until_the_calls_in_flight_finish(
     model_repository: Path, test_split: HeldOutSplit
 ) -> None:
-    """Between SIGTERM and the port closing, REST callers are told to go elsewhere (503 with
-    Retry-After), as gRPC callers get UNAVAILABLE; readiness says not ready."""
+    """Between SIGTERM and the port closing, REST callers on open connections are told to go
+    elsewhere (503 with Retry-After and `Connection: close`), as gRPC callers get UNAVAILABLE;
+    readiness says not ready; new connections are refused."""
     import asyncio
 
     from stablemlp.serving.server import build_server
@@ -352,24 +353,38 @@ def test_draining_answers_503_until_the_calls_in_flight_finish(
     )  # fmt: skip
     body = json.dumps(infer_body(test_split.features[:1])).encode()
 
-    async def drain() -> tuple[Any, Any, Any, int]:
+    def request(connection: Any, method: str, path: str, data: bytes | None = None) -> Any:
+        connection.request(method, path, body=data)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+
+    async def drain() -> tuple[Any, Any, Any, int, bool]:
         built = await build_server(settings)
         await built.server.start()
         url = f"http://127.0.0.1:{built.http_port}"
-        before = await asyncio.to_thread(call, url, "POST", INFER, body)
+        infer, health = connect(url), connect(url)  # keep-alive connections, open before
+        before = await asyncio.to_thread(request, infer, "POST", INFER, body)
+        await asyncio.to_thread(request, health, "GET", "/v2/health/live")
         with built.dataplane.admission.admit():  # a call in flight: the drain waits for it
             stopping = asyncio.create_task(built.stop(30.0))
             while not built.dataplane.admission.closed:  # bounded: the task closes it at once
                 await asyncio.sleep(0.01)
-            during = await asyncio.to_thread(call, url, "POST", INFER, body)
-            ready = await asyncio.to_thread(call, url, "GET", "/v2/health/ready")
-        return before, during, ready, await asyncio.wait_for(stopping, 30)
+            during = await asyncio.to_thread(request, infer, "POST", INFER, body)
+            ready = await asyncio.to_thread(request, health, "GET", "/v2/health/ready")
+            try:  # no new connection is taken: refused, so the client knows nothing was sent
+                await asyncio.to_thread(call, url, "GET", "/v2/health/live")
+                refused = False
+            except ConnectionRefusedError:
+                refused = True
+        return before, during, ready, await asyncio.wait_for(stopping, 30), refused
 
-    before, during, ready, cut_off = asyncio.run(drain())
-    assert before.status == 200
-    assert during.status == 503 and during.headers["retry-after"] == "1"
-    assert "shutting down" in during.json()["error"]
-    assert ready.status == 503
+    before, during, ready, cut_off, refused = asyncio.run(drain())
+    assert before[0] == 200
+    assert during[0] == 503 and during[1]["Retry-After"] == "1"
+    assert during[1]["Connection"] == "close"
+    assert "shutting down" in json.loads(during[2])["error"]
+    assert ready[0] == 503 and ready[1]["Connection"] == "close"
+    assert refused
     assert cut_off == 0
 
 
