@@ -195,12 +195,12 @@ class RestFront:
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
         header = request.headers.get(HEADER_LENGTH)
-        try:
-            header_length = None if header is None else int(header)
-        except ValueError:
+        # ASCII digits only: int() would also take "1_1_3", "+113" and other scripts' digits.
+        if header is not None and not (header.isascii() and header.isdigit()):
             raise InvalidRequestError(
-                f"{HEADER_LENGTH}: got '{clip(header or '')}', expected a byte count"
-            ) from None
+                f"{HEADER_LENGTH}: got '{clip(header)}', expected a byte count (ASCII digits)"
+            )
+        header_length = None if header is None else int(header)
         inference = parse_infer(await request.read(), header_length)
         reply: RestReply = await self._dataplane.infer(
             name, version, inference, WIRE, _cancelled, request.headers.items

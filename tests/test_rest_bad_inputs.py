@@ -50,7 +50,7 @@ class Case:
     status: int
     fragment: str
     path: str = INFER
-    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    headers: tuple[tuple[str, str | bytes], ...] = (("Content-Type", "application/json"),)
 
 
 def _edit(rows: np.ndarray, edit: Callable[[dict[str, Any]], object]) -> bytes:
@@ -138,12 +138,22 @@ def corpus(rows: np.ndarray) -> list[Case]:
          400, "value at index [0, 0]: got inf, expected a finite number"),
         ("lone surrogate id and NaN", _edit(rows, lambda b: b.update(id="\ud800", parameters={
             "x": float("nan")})), 400, "not valid JSON (str is not valid UTF-8: surrogates"),
+        # Issue 23.11: FP32 data is numbers and null; numpy alone read these as numbers.
+        ("numeric text", _edit(rows, _tensor(data=["1.5", *[0.5] * 59])), 400,
+         "got a value that is not a number ('1.5')"),
+        ("nan text", _edit(rows, _tensor(data=[*[0.5] * 59, "nan"])), 400, "('nan')"),
+        ("boolean", _edit(rows, _tensor(data=[True, *[0.5] * 59])), 400, "(True)"),
         ("unknown model", _edit(rows, lambda b: None), 404, "model 'nope'"),
         ("version 9", _edit(rows, lambda b: None), 404, "got '9', expected one of [1]"),
     ]  # fmt: skip
     paths = {"unknown model": "/v2/models/nope/infer",
              "version 9": f"/v2/models/{MODEL_NAME}/versions/9/infer"}  # fmt: skip
     cases = [Case(n, b, s, f, paths.get(n, INFER)) for n, b, s, f in bad]
+    for text in ("1_1_3", "+113", "\u0661\u0661".encode()):  # int() reads each as 113 or 11
+        length_header = (("Inference-Header-Content-Length", text),)
+        name = f"header length {text!r}"
+        cases.append(Case(name, raw, 400, "expected a byte count (ASCII digits)", INFER,
+                          length_header))  # fmt: skip
     cases += [
         Case("header length text", raw, 400, "Inference-Header-Content-Length: got 'x'",
              headers=(("Inference-Header-Content-Length", "x"),)),
