@@ -70,7 +70,7 @@ def payload(repository: Path, model: str, message_bytes: int, shape: str = "padd
     dimensions; `bytes`, one BYTES input of empty elements."""
     manifest = Manifest.read(repository / model / "1" / MANIFEST_FILE)
     if shape == "padding":
-        data = _valid(manifest, model, ROWS).SerializeToString()
+        data: bytes = _valid(manifest, model, ROWS).SerializeToString()
         return data + _field(PAD_FIELD, b"x" * max(0, message_bytes - len(data) - 8))
     request = _valid(manifest, model, 1) if "parameters" in shape else pb.ModelInferRequest()
     request.model_name = model
@@ -94,7 +94,8 @@ def payload(repository: Path, model: str, message_bytes: int, shape: str = "padd
     else:
         tensor = request.inputs.add(name="text", datatype="BYTES", shape=[count, 1])
         tensor.contents.bytes_contents.extend([b""] * count)
-    return request.SerializeToString()
+    encoded: bytes = request.SerializeToString()
+    return encoded
 
 
 class Sampler:
