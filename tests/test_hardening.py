@@ -347,3 +347,34 @@ def test_a_fifo_in_a_version_folder_is_refused_at_once_and_other_versions_load(
     assert reasons["2"] == ("UNAVAILABLE", "manifest.json: not a regular file (a FIFO, device "
                             "or folder)")  # fmt: skip
     assert reasons["3"][1].endswith("model.onnx: not a regular file (a FIFO, device or folder)")
+
+
+def test_in_explicit_mode_a_fifo_neither_hangs_its_load_nor_holds_up_others(
+    repo_copy: Path, start_server: StartServer
+) -> None:
+    """Issue 23.4, explicit mode: the load of a model with a FIFO held the repository lock for
+    good, so every later load, unload and RepositoryIndex timed out. Now the load is refused at
+    once, with its reason in the index, and the other model loads and unloads as before."""
+    with (
+        _explicit(start_server, repo_copy) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        stuck = repo_copy / "stuck" / "1"  # published while the server runs
+        shutil.copytree(repo_copy / MODEL_NAME / "1", stuck)
+        _fifo(stuck / "manifest.json")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):  # before: the first never returned, the others waited on its lock
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="stuck"),
+                                         timeout=TIMEOUT, metadata=CONTROL)  # fmt: skip
+            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "manifest.json: not a regular file" in raised.value.details()
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=TIMEOUT)
+        reasons = {(m.name, m.version): m.reason for m in index.models}
+        assert "not a regular file" in reasons["stuck", "1"]
+        unload = pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME)
+        stub.RepositoryModelUnload(unload, timeout=TIMEOUT, metadata=CONTROL)
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=MODEL_NAME),
+                                 timeout=60, metadata=CONTROL)  # fmt: skip
+        ready = pb.ModelReadyRequest(name=MODEL_NAME)
+        assert stub.ModelReady(ready, timeout=TIMEOUT).ready
