@@ -10,7 +10,7 @@
 # (the default target, last). scripts/container_check.sh builds and exercises it with podman.
 # No `# syntax=` line on purpose: BuildKit would fetch that frontend from a registry.
 
-# Any Debian-based image with python3 >= 3.10 (or able to apt-get it): a local base works too.
+# Any Debian-based image with python3 >= 3.11 (or able to apt-get it): a local base works too.
 ARG BASE_IMAGE=python:3.11-slim
 # train: train on the built-in data and export, in the build (~3 min, a 5.6 GB throwaway stage
 # with pip's default torch wheel); context: copy MODEL_REPOSITORY from the build context instead.
@@ -111,6 +111,10 @@ FROM models-${MODEL_SOURCE} AS models
 FROM python AS runtime-base
 RUN groupadd --system --gid 10001 stablemlp \
     && useradd --no-log-init --system --uid 10001 --gid 10001 --no-create-home stablemlp
+# An empty, root-owned working directory: a relative path names nothing the server could read
+# (without one it is `/`, and ONNX Runtime resolves a graph's relative external data location
+# against it; serving/graph_files.py refuses such graphs before that).
+WORKDIR /srv/stablemlp
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

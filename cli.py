@@ -85,11 +85,14 @@ def configure_logging(log_format: str | None = None) -> None:
     log_format = log_format or os.environ.get("STABLEMLP_LOG_FORMAT", "text").lower()
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format: got {log_format!r}, expected text or json")
+    from .serving.failures import LibraryLines  # light: errors and the limiter only
+
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(LibraryLines())  # aiohttp's and gRPC's error records: one line, limited
     logging.basicConfig(level=level, handlers=[handler])
 
 

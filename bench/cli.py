@@ -225,7 +225,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
     docs = cell_documents(cells, grid, compute)
     return {
         "format": FORMAT,
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": ["stablemlp", "bench", *args.argv],
         "smoke": bool(args.smoke),
         "machine": machine,

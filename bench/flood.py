@@ -3,9 +3,10 @@ maximum-size calls can make a server hold, and what the callers get.
 
     python -m stablemlp.bench.flood [--server HOST:PORT --pid PID] [--calls 300] [--channels 10]
 
-Sends `--calls` ModelInfer calls at once over `--channels` connections, each carrying 1024 rows of
-the model's features plus a string parameter that pads it to `--message-bytes` (default: just under
-the server's own limit; 4 MiB reproduces the old default), with or without the bearer token. The
+Sends `--calls` ModelInfer calls at once over `--channels` connections, each of `--message-bytes`
+(default: just under the server's own limit; 4 MiB reproduces the old default), with or without
+the bearer token. `--shape` says what fills it: `padding` (the default), 1024 rows of the model's
+features padded with an unknown field; or many small entries (`payload` lists them). The
 server's resident memory is sampled every 20 ms; reported: the peak (VmHWM), the resident memory
 after the flood, the status codes with their counts, how long the first refusal took, and whether a
 normal call is answered afterwards. Starts `stablemlp serve` itself unless `--server` is given.
@@ -33,20 +34,68 @@ METHOD = "/inference.GRPCInferenceService/ModelInfer"
 ROWS = 1024
 
 
-def payload(repository: Path, model: str, message_bytes: int) -> bytes:
-    """A raw 1024-row request for `model`, padded with a string parameter to `message_bytes`."""
-    manifest = Manifest.read(repository / model / "1" / MANIFEST_FILE)
+# An unknown field (protobuf keeps its bytes as they are): pads a valid call to the size asked.
+PAD_FIELD = 15
+# How each flood shape fills a message up to the size asked (see `payload`).
+SHAPES = ("padding", "parameters", "inputs", "outputs", "input-parameters", "shape", "bytes")
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """One length-delimited field, encoded by hand (the padding has no message type)."""
+    tag, length = number << 3 | 2, len(data)
+    head = bytearray([tag])
+    while length >= 0x80:
+        head.append(length & 0x7F | 0x80)
+        length >>= 7
+    return bytes([*head, length]) + data
+
+
+def _valid(manifest: Manifest, model: str, rows: int) -> Any:
     request = pb.ModelInferRequest(model_name=model)
     for spec in manifest.inputs:
-        request.inputs.add(name=spec.name, datatype=spec.datatype, shape=[ROWS, spec.width])
+        request.inputs.add(name=spec.name, datatype=spec.datatype, shape=[rows, spec.width])
         if spec.datatype == "FP32":
-            data = np.zeros((ROWS, spec.width), "<f4").tobytes()
+            data = np.zeros((rows, spec.width), "<f4").tobytes()
         else:
-            data = b"".join(len(b"x").to_bytes(4, "little") + b"x" for _ in range(ROWS))
+            data = b"".join(len(b"x").to_bytes(4, "little") + b"x" for _ in range(rows))
         request.raw_input_contents.append(data)
-    pad = max(0, message_bytes - request.ByteSize() - 16)
-    request.parameters["padding"].string_param = "x" * pad
-    return request.SerializeToString()
+    return request
+
+
+def payload(repository: Path, model: str, message_bytes: int, shape: str = "padding") -> bytes:
+    """A message of about `message_bytes` for `model`, by flood shape: `padding`, a valid
+    1024-row call padded with an unknown field; `parameters`, a valid 1-row call packed with
+    distinct parameters; `inputs` / `outputs`, empty entries of those lists; `input-parameters`,
+    a 1-row call whose input carries the parameters; `shape`, one input with that many
+    dimensions; `bytes`, one BYTES input of empty elements."""
+    manifest = Manifest.read(repository / model / "1" / MANIFEST_FILE)
+    if shape == "padding":
+        data: bytes = _valid(manifest, model, ROWS).SerializeToString()
+        return data + _field(PAD_FIELD, b"x" * max(0, message_bytes - len(data) - 8))
+    request = _valid(manifest, model, 1) if "parameters" in shape else pb.ModelInferRequest()
+    request.model_name = model
+    each = {"parameters": 13, "input-parameters": 13, "inputs": 2, "outputs": 2, "shape": 1,
+            "bytes": 2}[shape]  # fmt: skip
+    count = max(0, message_bytes - request.ByteSize() - 64) // each
+    if shape == "parameters":
+        for i in range(count):
+            request.parameters[f"{i:05x}"].bool_param = True
+    elif shape == "input-parameters":
+        for i in range(count):
+            request.inputs[0].parameters[f"{i:05x}"].bool_param = True
+    elif shape == "inputs":
+        for _ in range(count):
+            request.inputs.add()
+    elif shape == "outputs":
+        for _ in range(count):
+            request.outputs.add()
+    elif shape == "shape":
+        request.inputs.add(name="features", datatype="FP32", shape=[1] * count)
+    else:
+        tensor = request.inputs.add(name="text", datatype="BYTES", shape=[count, 1])
+        tensor.contents.bytes_contents.extend([b""] * count)
+    encoded: bytes = request.SerializeToString()
+    return encoded
 
 
 class Sampler:
@@ -115,7 +164,7 @@ def answers_normally(address: str, repository: Path, model: str, token: str) -> 
 
 def run(args: argparse.Namespace, address: str, pid: int, limit: int) -> dict[str, Any]:
     size = args.message_bytes or limit - 1024
-    data = payload(args.model_repository, args.model, size)
+    data = payload(args.model_repository, args.model, size, args.shape)
     idle = memory_mb(pid)["rss_mb"]
     sampler = Sampler(pid)
     result = asyncio.run(
@@ -123,6 +172,7 @@ def run(args: argparse.Namespace, address: str, pid: int, limit: int) -> dict[st
     )
     peak = sampler.stop()
     return {
+        "shape": args.shape,
         "calls": args.calls,
         "channels": args.channels,
         "message_bytes": len(data),
@@ -130,6 +180,7 @@ def run(args: argparse.Namespace, address: str, pid: int, limit: int) -> dict[st
         **result,
         "rss_mb_idle": round(idle, 1),
         "rss_mb_peak": round(peak, 1),
+        "rss_mb_hwm": round(memory_mb(pid)["peak_rss_mb"], 1),  # since the server started
         "rss_mb_after": round(memory_mb(pid)["rss_mb"], 1),
         "answers_afterwards": answers_normally(
             address, args.model_repository, args.model, args.token
@@ -158,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", help="HOST:PORT of a running server (with --pid)")
     parser.add_argument("--pid", type=int, help="its process id, for its memory")
     parser.add_argument("--server-arg", action="append", default=[], help="flag for our server")
+    parser.add_argument("--shape", choices=SHAPES, default="padding")
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--channels", type=int, default=10)
     parser.add_argument("--message-bytes", type=int, default=0, help="default: the server's limit")

@@ -162,7 +162,7 @@ def scaling_main(args: argparse.Namespace, counts: list[int], stack: contextlib.
         }
     doc = {
         "format": FORMAT,
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": ["stablemlp", "bench", *args.argv],
         "smoke": bool(args.smoke),
         "machine": machine_facts(),

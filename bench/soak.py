@@ -106,7 +106,7 @@ async def reload_loop(soak: Soak, stub: Any, repository: Path, every: float) -> 
         try:
             await asyncio.wait_for(soak.stop.wait(), every)
             return counts
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         damaged = counts["published"] % 3 == 1  # every third publication
         version = publish(repository, soak.model, damaged)

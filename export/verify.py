@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from ..model.categories import CategoricalColumn
 from ..serving.errors import ContractError as ManifestError
+from ..serving.graph_files import refuse_file_references
 from ..serving.manifest import Manifest
 from . import documents
 from .errors import ContractError, VerifyError
@@ -83,6 +84,10 @@ def verify_version(repository: Path, model: str, version: int) -> Verified:
     manifest = _manifest(version_dir)
     _check_hashes(version_dir, manifest)
     onnx_bytes = (version_dir / ONNX_FILE).read_bytes()
+    try:  # the check serving makes: onnx.checker accepts external data with relative paths
+        refuse_file_references(onnx_bytes)
+    except ManifestError as err:
+        raise VerifyError(str(err)) from err
     try:
         graph = onnx.load_from_string(onnx_bytes)
     except DecodeError as err:

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "format": "stablemlp.gpu_check/1",
         "mode": args.device_kind,
         "passed": False,
-        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "started_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": shlex.join(driver),
         "note": CPU_NOTE if args.device_kind == "cpu" else "",
         "machine": {"gpu": report_io.gpu_facts(), "cpu": report_io.cpu_facts()},

@@ -29,6 +29,7 @@ from .manifest import Manifest, TensorSpec
 _FP32_TAG = 6 << 3 | 2
 MAX_TEXT_BYTES = 1024  # longest text element; categories are words, not documents
 _PREFIX = 4  # bytes of a raw BYTES element's length prefix
+_NUMBER_TYPES = frozenset({float, int, type(None)})  # an FP32 value from JSON; None: missing
 
 
 class WireTensor(NamedTuple):
@@ -296,9 +297,17 @@ class Codec:
             )
         if spec.datatype == "BYTES":
             return _checked(text_array(values, shape, name))
+        # JSON (REST) gives a list; numpy would read "1.5", "nan" and true as numbers, so only
+        # numbers and null (missing) pass. protobuf's repeated float holds floats alone.
+        if isinstance(values, list) and not _NUMBER_TYPES.issuperset(map(type, values)):
+            bad = next(v for v in values if type(v) not in _NUMBER_TYPES)
+            raise InvalidRequestError(
+                f"input '{name}' contents.{field}: got a value that is not a number "
+                f"({clip(repr(bad))}), expected {count} numbers (null = missing)"
+            )
         try:
             array = np.asarray(values, dtype="<f4").reshape(shape)
-        except (TypeError, ValueError):  # a front's values that are not numbers (JSON)
+        except (TypeError, ValueError, OverflowError):  # a front's values that are not numbers
             raise InvalidRequestError(
                 f"input '{name}' contents.{field}: got a value that is not a number, expected "
                 f"{count} numbers (NaN = missing)"

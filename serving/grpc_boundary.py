@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from .errors import CANCELLED, DEADLINE_EXCEEDED, STATUS_NAMES, InvalidRequestError, clip
 from .failures import BURST_LINES, failure, log_failure
+from .protowire import WireError
 
 # errors.py's status names are the gRPC codes' names.
 GRPC_CODES: dict[str, grpc.StatusCode] = {name: grpc.StatusCode[name] for name in STATUS_NAMES}
@@ -31,26 +32,38 @@ def cancelled_status(context: Any) -> str:
 
 
 class Undecodable:
-    """Stands in for a request whose bytes do not parse (see `lenient`); refused by `rpc`."""
+    """Stands in for a request refused before it was built (see `lenient`); raised by `rpc`."""
 
-    def __init__(self, message_type: str, reason: str) -> None:
-        self.message_type, self.reason = message_type, reason
+    def __init__(self, error: InvalidRequestError) -> None:
+        self.error = error
 
     def check(self) -> None:
-        raise InvalidRequestError(
-            f"request: not a valid {self.message_type} message ({clip(self.reason, 200)})"
-        )
+        raise self.error
 
 
-def lenient(parse: Callable[[bytes], Any], message_type: str) -> Callable[[bytes], Any]:
+def lenient(
+    parse: Callable[[bytes], Any],
+    message_type: str,
+    bound: Callable[[bytes], None] | None = None,
+) -> Callable[[bytes], Any]:
     """A request deserializer that returns `Undecodable` instead of raising, so a garbled message
-    gets INVALID_ARGUMENT and one log line, not gRPC's UNKNOWN and a traceback."""
+    gets INVALID_ARGUMENT and one log line, not gRPC's UNKNOWN and a traceback. `bound` looks at
+    the bytes first (request_bounds.py): a message holding more entries than allowed is refused
+    before protobuf builds them."""
 
     def deserialize(data: bytes) -> Any:
         try:
+            if bound is not None:
+                bound(data)
             return parse(data)
-        except DecodeError as err:
-            return Undecodable(message_type, str(err))
+        except (DecodeError, WireError) as err:
+            return Undecodable(
+                InvalidRequestError(
+                    f"request: not a valid {message_type} message ({clip(str(err), 200)})"
+                )
+            )
+        except InvalidRequestError as err:
+            return Undecodable(err)
 
     return deserialize
 

@@ -48,7 +48,7 @@ class Admission:
         """Refuse new requests (UNAVAILABLE); wait up to `timeout` s for admitted ones to finish."""
         self._closed = True
         if self.inflight:
-            with contextlib.suppress(asyncio.TimeoutError):  # a builtin alias from 3.11 on
+            with contextlib.suppress(TimeoutError):  # asyncio.wait_for raises the builtin (3.11+)
                 await asyncio.wait_for(self._idle.wait(), timeout)
 
 

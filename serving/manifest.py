@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,12 +139,7 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
-        try:
-            with path.open("rb") as stream:
-                data = stream.read(MAX_MANIFEST_BYTES + 1)
-        except OSError as err:
-            raise ContractError(f"{path.name}: cannot read ({err.strerror})") from None
-        return cls.from_json(data, path.name)
+        return cls.from_json(read_regular(path, MAX_MANIFEST_BYTES + 1), path.name)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -286,10 +283,26 @@ def check_contract(manifest: Manifest) -> None:
             )
 
 
+def read_regular(path: Path, limit: int) -> bytes:
+    """Up to `limit` bytes of `path`, if it is a regular file. Opened without blocking, so a FIFO
+    (or a device) in a version folder is refused at once instead of holding the load, and with
+    it the model's lock and a worker thread, until something writes to it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise ContractError(f"{path.name}: cannot read ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ContractError(f"{path.name}: not a regular file (a FIFO, device or folder)")
+        try:
+            return stream.read(limit)
+        except OSError as err:
+            raise ContractError(f"{path.name}: cannot read ({err.strerror})") from None
+
+
 def verify_file(path: Path, entry: FileEntry) -> bytes:
     """The file's bytes, if they are byte-for-byte the ones the manifest describes."""
-    with path.open("rb") as stream:
-        data = stream.read(entry.size + 1)  # one byte more than promised reveals a longer file
+    data = read_regular(path, entry.size + 1)  # one byte more than promised reveals a longer file
     digest = hashlib.sha256(data).hexdigest()
     if len(data) != entry.size or digest != entry.sha256:
         got = f"{len(data)} bytes" if len(data) <= entry.size else f"more than {entry.size} bytes"
@@ -315,5 +328,6 @@ __all__ = [
     "Manifest",
     "TensorSpec",
     "check_contract",
+    "read_regular",
     "verify_file",
 ]

@@ -11,13 +11,17 @@ pays for a few integer additions, not for a metrics library's locks.
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -263,12 +267,58 @@ class Telemetry(Collector):
         )  # fmt: skip
 
 
+# The /metrics port serves scrapers (Prometheus opens one connection per scrape): a few at once,
+# each closed when silent this long. prometheus_client's own server starts a thread per
+# connection and never times one out: 2,000 silent sockets held 2,000 threads for good.
+METRICS_CONNECTIONS = 16
+METRICS_TIMEOUT_S = 10.0
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT_S  # the socket's: a read or write waiting longer ends the request
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # no access log: scrapes every few seconds would drown the server's
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per scrape, METRICS_CONNECTIONS at most: a connection beyond them is closed
+    unread."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler]) -> None:
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def serve_metrics(host: str, port: int, collector: Collector) -> tuple[int, Callable[[], None]]:
     """Serve `collector` (a server's Telemetry, or the workers' merged metrics) at /metrics on
     its own thread; returns the bound port and a stop."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+    httpd = server_class((host, port), _Handler)
+    httpd.set_app(make_wsgi_app(registry))
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True)
+    thread.start()
 
     def stop() -> None:
         httpd.shutdown()
@@ -281,6 +331,8 @@ def serve_metrics(host: str, port: int, collector: Collector) -> tuple[int, Call
 __all__ = [
     "BATCH_BUCKETS",
     "LATENCY_BUCKETS_S",
+    "METRICS_CONNECTIONS",
+    "METRICS_TIMEOUT_S",
     "BatchStats",
     "Call",
     "Duration",

@@ -11,9 +11,11 @@ folders changed since it last looked. Names from clients are checked before they
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import (
@@ -31,6 +33,7 @@ from .versions import (
     READY,
     UNAVAILABLE,
     UNLOADED,
+    Live,
     Loaded,
     SchedulerFactory,
     Signature,
@@ -41,6 +44,9 @@ from .versions import (
 )
 
 log = logging.getLogger(__name__)
+# How long a load or unload waits for another one of the same model (a load hashes, builds and
+# warms a session: seconds for an MLP) before it is refused, so stuck files cannot pile up calls.
+LOCK_WAIT_S = 60.0
 
 
 class ModelRepository:
@@ -61,7 +67,10 @@ class ModelRepository:
         self._seen: dict[str, dict[int, Signature]] = {}  # the folders each load last saw
         self._unloaded: set[str] = set()  # unloaded on request: the poller leaves them alone
         self._problems: dict[str, str] = {}  # models with nothing to serve: why
-        self._lock = threading.Lock()  # one load or unload at a time
+        # One load or unload of a model at a time; other models' go on beside it (a version
+        # folder whose files hang holds its own model only). Publishing is short and global.
+        self._locks: dict[str, threading.Lock] = {}
+        self._publish = threading.Lock()
         self._draining = False
         self._serving: dict[tuple[str, str], Loaded] = {}  # (name, version or "") -> ready
 
@@ -99,7 +108,8 @@ class ModelRepository:
 
         `reuse` keeps versions whose files did not change as they are (the poller); otherwise each
         selected version is loaded afresh. The first refusal is raised after the swap."""
-        with self._lock:
+        self._version_dirs(name)  # an unknown name gets no lock
+        with self._locked(name):
             folders = self._version_dirs(name)
             self._seen[name] = {v: signature(p) for v, p in folders.items()}
             self._unloaded.discard(name)
@@ -186,7 +196,8 @@ class ModelRepository:
         return changed
 
     def unload(self, name: str) -> None:
-        with self._lock:
+        entries = self.entries(name)  # an unknown name gets no lock
+        with self._locked(name):
             entries = self.entries(name)
             self._swap(name, {
                 v: VersionEntry(v, UNAVAILABLE, UNLOADED, None, e.stats, e.signature)
@@ -195,6 +206,22 @@ class ModelRepository:
             })  # fmt: skip
             self._unloaded.add(name)
         log.info("model %s: unloaded", name)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """The model's lock, or ModelUnavailableError once LOCK_WAIT_S have passed waiting for
+        it: a load stuck on its files never queues every later call behind it."""
+        with self._publish:
+            lock = self._locks.setdefault(name, threading.Lock())
+        if not lock.acquire(timeout=LOCK_WAIT_S):
+            raise ModelUnavailableError(
+                f"model '{name}': another load or unload of it has not finished in "
+                f"{LOCK_WAIT_S:g} s; retry later"
+            )
+        try:
+            yield
+        finally:
+            lock.release()
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -208,6 +235,14 @@ class ModelRepository:
     def _swap(self, name: str, entries: dict[int, VersionEntry]) -> None:
         """Publish a model's new versions; `get`'s table follows at once; schedulers of versions
         that went are closed (their requests in flight finish on them)."""
+        with self._publish:
+            before = self._publish_versions(name, entries)
+        kept = {id(e.live) for e in entries.values() if e.live}
+        for key, live in before.items():
+            if key not in kept:
+                live.scheduler.close()
+
+    def _publish_versions(self, name: str, entries: dict[int, VersionEntry]) -> dict[int, Live]:
         before = {id(e.live): e.live for e in self._models.get(name, {}).values() if e.live}
         self._models[name] = entries
         serving: dict[tuple[str, str], Loaded] = {}
@@ -220,10 +255,7 @@ class ModelRepository:
             if ready:
                 serving[model, ""] = serving[model, str(ready[-1])]  # the newest
         self._serving = serving  # one assignment: a reader sees the old table or the new
-        kept = {id(e.live) for e in entries.values() if e.live}
-        for key, live in before.items():
-            if key not in kept:
-                live.scheduler.close()
+        return before
 
     def get(self, name: str, version: str = "") -> Loaded:
         """The requested version, or the newest ready one when `version` is empty."""

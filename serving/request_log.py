@@ -66,7 +66,7 @@ def _rows(array: np.ndarray) -> Any:
 
 def format_record(record: Record) -> bytes:
     """One JSON line for a record."""
-    started = datetime.datetime.fromtimestamp(record.started_unix_ns / 1e9, datetime.timezone.utc)
+    started = datetime.datetime.fromtimestamp(record.started_unix_ns / 1e9, datetime.UTC)
     line: dict[str, Any] = {
         "time": started.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "id": clip(record.request_id, 128),

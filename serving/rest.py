@@ -116,14 +116,14 @@ class RestFront:
         server_version: str,
         extensions: tuple[str, ...],
     ) -> None:
-        self._dataplane, self._guard = dataplane, guard
+        self._dataplane, self.guard = dataplane, guard
         self._policy, self._batching = version_policy, batching
         self._metadata = {"name": "stablemlp", "version": server_version, "extensions": extensions}
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._guard.middleware],
-            client_max_size=self._guard.max_body_bytes,
+            middlewares=[self.guard.middleware],
+            client_max_size=self.guard.max_body_bytes,
             # aiohttp's defaults, said here: header lines and fields bounded before routing.
             handler_args={"max_line_size": 8190, "max_field_size": 8190, "max_headers": 32},
         )
@@ -195,12 +195,12 @@ class RestFront:
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
         header = request.headers.get(HEADER_LENGTH)
-        try:
-            header_length = None if header is None else int(header)
-        except ValueError:
+        # ASCII digits only: int() would also take "1_1_3", "+113" and other scripts' digits.
+        if header is not None and not (header.isascii() and header.isdigit()):
             raise InvalidRequestError(
-                f"{HEADER_LENGTH}: got '{clip(header or '')}', expected a byte count"
-            ) from None
+                f"{HEADER_LENGTH}: got '{clip(header)}', expected a byte count (ASCII digits)"
+            )
+        header_length = None if header is None else int(header)
         inference = parse_infer(await request.read(), header_length)
         reply: RestReply = await self._dataplane.infer(
             name, version, inference, WIRE, _cancelled, request.headers.items
@@ -261,7 +261,14 @@ async def start_rest(
         await runner.cleanup()
         raise OSError(f"REST: cannot listen on port {port}: {err}") from None
     bound = int(listener.sockets[0].getsockname()[1])
-    return RestServer(runner, listener, connections), bound
+    return RestServer(runner, listener, connections, front.guard), bound
+
+
+MIN_CUT_S = 0.05  # what a request still running at the end of the grace period is given
+# Connections accepted a moment before the port closed send their request within milliseconds
+# (loopback or LAN): waited for this long, so none is closed with its first request on the way.
+# Idle keep-alive connections hold the shutdown up this long at most.
+SETTLE_S, SETTLE_STEP_S = 0.5, 0.02
 
 
 @dataclass(frozen=True)
@@ -269,12 +276,37 @@ class RestServer:
     runner: web.AppRunner
     listener: asyncio.Server
     connections: Connections
+    guard: Guard
 
 
-async def stop_rest(rest: RestServer) -> None:
-    """Stop taking connections; requests in flight get the grace period given at start."""
+async def drain_rest(rest: RestServer, timeout: float) -> int:
+    """Take no new connection (a client sees it refused, knowing nothing was sent; behind a
+    Service the pod left the endpoints before SIGTERM: deploy/'s preStop). On open ones, new
+    requests get 503 and `Connection: close` while those being handled (a body still arriving
+    too) are answered, for `timeout` s at most; connections accepted a moment before get as
+    long as SETTLE_S to send their request (and be answered) before idle ones are closed.
+    aiohttp's own shutdown drops whatever arrives once it begins (a body's rest included), so
+    it only comes after this. Returns the requests still receiving their body at the end."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    rest.listener.close()  # before any reply says `Connection: close`: no reconnects to reset
+    receiving = await rest.guard.drain(timeout)
+    server = rest.runner.server
+    settled = min(deadline, loop.time() + SETTLE_S)
+    while server is not None and any(server.connections) and loop.time() < settled:
+        await asyncio.sleep(SETTLE_STEP_S)  # bounded by `settled`
+    return receiving
+
+
+async def stop_rest(rest: RestServer, timeout: float) -> None:
+    """Close the connections: idle ones at once, any still handling a request after `timeout`
+    s cut (drain_rest first lets them finish)."""
     rest.listener.close()
     rest.connections.close()
+    if rest.runner.server is not None:
+        rest.runner.server.pre_shutdown()
+        # aiohttp reads a timeout of 0 as none at all: a request left would be waited for.
+        await asyncio.shield(rest.runner.server.shutdown(max(timeout, MIN_CUT_S)))
     await asyncio.shield(rest.runner.cleanup())
 
 
@@ -284,6 +316,7 @@ __all__ = [
     "ROUTES",
     "RestFront",
     "RestServer",
+    "drain_rest",
     "message_json",
     "start_rest",
     "stop_rest",

@@ -12,6 +12,7 @@ method, body too large) get the same JSON shape.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from .errors import (
     INTERNAL,
     OK,
     AuthenticationError,
+    ModelUnavailableError,
     OverloadedError,
     clip,
 )
@@ -54,6 +56,7 @@ HTTP_NAMES = {
 CONTROL_ROUTES = frozenset({"load", "unload"})  # route names that need the control token
 HEALTH_ROUTES = frozenset({"live", "ready"})
 RETRY_AFTER_S = "1"  # for 429 and 503: come back soon, or go to another replica
+DISCARD_S = 1.0  # how long the rest of a refused body is read, so the refusal is not reset away
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -94,7 +97,11 @@ class Guard:
     body_timeout_s: float  # the whole body within this, or 408 (a slow sender holds a slot)
     on_refused: Callable[[], None] = lambda: None
     active: int = field(default=0, init=False)
+    reading: int = field(default=0, init=False)  # of them, still receiving their body
     bytes_held: int = field(default=0, init=False)
+    # Shutting down: requests that start now get 503, and every reply closes its connection.
+    draining: bool = field(default=False, init=False)
+    _idle: asyncio.Event | None = field(default=None, init=False)
     # Per connection (aiohttp's RequestHandler): when it last finished a request, None while it
     # handles one. rest_connections.py closes the ones quiet for too long.
     quiet_since: dict[Any, float | None] = field(default_factory=dict, init=False)
@@ -104,9 +111,23 @@ class Guard:
         connection = request.protocol
         self.quiet_since[connection] = None  # busy, however long the request takes
         try:
-            return await self._guarded(request, handler)
+            response = await self._guarded(request, handler)
+            if self.draining:  # the client learns the connection ends (`Connection: close`)
+                response.force_close()
+            return response
         finally:
             self.quiet_since[connection] = time.monotonic()
+
+    async def drain(self, timeout: float) -> int:
+        """Shutting down: requests that start from now on get 503 and `Connection: close`;
+        wait up to `timeout` s for those being handled (bodies still arriving included) to be
+        answered. Returns how many were still receiving their body then (never admitted)."""
+        self.draining = True
+        if self.active:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        return self.reading
 
     async def _guarded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         name = request.match_info.route.name or ""
@@ -114,13 +135,22 @@ class Guard:
             self._authorize(request, name)
             if name in HEALTH_ROUTES:
                 return await handler(request)
+            if self.draining:
+                await self._discard_body(request)
+                raise ModelUnavailableError("server shutting down: retry on another replica")
             held = self._admit(request)
             self.active, self.bytes_held = self.active + 1, self.bytes_held + held
             try:
-                await self._read_body(request)
+                self.reading += 1
+                try:
+                    await self._read_body(request)
+                finally:
+                    self.reading -= 1
                 return await handler(request)
             finally:
                 self.active, self.bytes_held = self.active - 1, self.bytes_held - held
+                if self._idle is not None and not self.active:
+                    self._idle.set()
         except web.HTTPException as err:  # aiohttp's: no route, wrong method, body too large
             return self._refused(request, err)
         except ConnectionError:  # the client went away mid-request: nobody to answer, no bug
@@ -156,6 +186,14 @@ class Guard:
                 await request.read()
         except TimeoutError:
             raise web.HTTPRequestTimeout() from None
+
+    async def _discard_body(self, request: web.Request) -> None:
+        """Read and drop a body about to be refused, DISCARD_S at most: a connection closed with
+        unread bytes in it is reset, and the reset can reach the client before the reply."""
+        with contextlib.suppress(TimeoutError, ConnectionError, web.HTTPException):
+            async with asyncio.timeout(DISCARD_S):
+                while await request.content.readany():
+                    pass
 
     def _authorize(self, request: web.Request, name: str) -> None:
         if name in CONTROL_ROUTES:

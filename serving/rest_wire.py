@@ -9,7 +9,8 @@ gRPC raw form). This module only reads the JSON's structure into the neutral `Wi
 (`Codec.decode_tensors`), so both fronts answer a bad tensor with the same message. Outputs are
 JSON `data`, or binary when asked (`outputs[].parameters.binary_data` or the request's
 `parameters.binary_data_output`): then the reply is a JSON header plus the bytes, and its
-`Inference-Header-Content-Length` says where the header ends.
+`Inference-Header-Content-Length` says where the header ends. Entry counts and parameters are
+bounded as gRPC's are (request_bounds.py), before any tensor is built.
 
 JSON has no NaN (a missing value): `null` is read as NaN, as is Python's `NaN` token.
 """
@@ -27,6 +28,7 @@ from .batcher import Results
 from .codec import Codec, Decoded, WireTensor
 from .errors import InvalidRequestError, clip
 from .manifest import DTYPES
+from .request_bounds import MAX_INPUTS, MAX_OUTPUTS, MAX_RANK, check_count, check_parameters
 
 # The InferTensorContents field of each datatype (protocol spec, "Tensor Data"): what the codec
 # expects a typed value list to be called, whichever front built it.
@@ -58,17 +60,28 @@ class RestReply(NamedTuple):
 
 def load_json(data: bytes, what: str = "request") -> Any:
     """Parse JSON (orjson: nesting capped at 1024 levels), accepting Python's NaN/Infinity tokens
-    (its json module writes them) through the standard parser, whose nesting is capped too."""
+    (its json module writes them) through the standard parser, whose nesting is capped too. The
+    standard parser accepts what orjson refuses (integers of any size, lone surrogates in text),
+    so what it returns must pass orjson too: integers are read as orjson reads them (floats past
+    64 bits), and text orjson could not write back is refused here, not at the reply (a 500)."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as err:
         problem = str(err)
     if b"NaN" in data or b"Infinity" in data:
         try:
-            return json.loads(data)
-        except (ValueError, RecursionError) as err:
+            document = json.loads(data, parse_int=_integer)
+            orjson.dumps(document)  # raises on a lone surrogate anywhere in it
+            return document
+        except (ValueError, RecursionError, TypeError) as err:
             problem = str(err)
     raise InvalidRequestError(f"{what}: not valid JSON ({clip(problem, 200)})")
+
+
+def _integer(text: str) -> int | float:
+    """A JSON integer as orjson reads it: an int within 64 bits, else a float (inf if huge)."""
+    value = int(text)
+    return value if -(2**63) <= value < 2**64 else float(text)
 
 
 def dump_json(document: Any) -> bytes:
@@ -108,6 +121,7 @@ def _parameters(value: Any, where: str) -> Mapping[str, Any]:
     found: Mapping[str, Any] = _expect(
         {} if value is None else value, dict, f"{where}.parameters", "an object"
     )
+    check_parameters(found, f"{where}.parameters")
     return found
 
 
@@ -117,6 +131,7 @@ def _tensor(index: int, doc: Any, binary: memoryview, offset: int) -> tuple[Wire
     name = _expect(doc.get("name"), str, f"{where}.name", "a string")
     datatype = _expect(doc.get("datatype"), str, f"{where}.datatype", "a string")
     shape = _expect(doc.get("shape"), list, f"{where}.shape", "a list of integers")
+    check_count(shape, f"{where}.shape", MAX_RANK)
     for dim in shape:
         if type(dim) is not int:
             raise InvalidRequestError(f"{where}.shape: got {_kind(dim)} in it, expected integers")
@@ -154,6 +169,10 @@ def parse_infer(body: bytes, header_length: int | None) -> RestInference:
     binary = memoryview(body)[split:]
     request_id = _expect(doc.get("id", ""), str, "id", "a string")
     inputs = _expect(doc.get("inputs"), list, "inputs", "a list of tensors")
+    check_count(inputs, "inputs", MAX_INPUTS)
+    requested = _expect(doc.get("outputs", []), list, "outputs", "a list")
+    check_count(requested, "outputs", MAX_OUTPUTS)
+    every = _parameters(doc.get("parameters"), "request").get("binary_data_output", False)
     tensors, offset = [], 0
     for index, tensor_doc in enumerate(inputs):
         tensor, offset = _tensor(index, tensor_doc, binary, offset)
@@ -164,14 +183,13 @@ def parse_infer(body: bytes, header_length: int | None) -> RestInference:
             "binary_data_size, expected none"
         )
     names, binary_names = [], set()
-    for index, output in enumerate(_expect(doc.get("outputs", []), list, "outputs", "a list")):
+    for index, output in enumerate(requested):
         where = f"outputs[{index}]"
         output = _expect(output, dict, where, "an object")
         names.append(_expect(output.get("name"), str, f"{where}.name", "a string"))
         wanted = _parameters(output.get("parameters"), where).get("binary_data", False)
         if _expect(wanted, bool, f"{where}.parameters.binary_data", "true or false"):
             binary_names.add(names[-1])
-    every = _parameters(doc.get("parameters"), "request").get("binary_data_output", False)
     every = _expect(every, bool, "parameters.binary_data_output", "true or false")
     return RestInference(request_id, tensors, names, frozenset(binary_names), every)
 

@@ -4,8 +4,9 @@ Everything about a version that can be checked before serving it is checked here
 the manifest (manifest.py) and model.onnx's sha256, the graph's tensors against the manifest, the
 execution provider actually obtained, and a warm-up that proves the outputs have the declared
 shapes and times the runs (where requests will run: see `calibrate`). The session is made from the
-very bytes that were hashed (no second read of the file, no external data files); nothing else of
-a version folder is read: model.pt and pickles are never loaded. This module knows ONNX Runtime
+very bytes that were hashed (no second read of the file), once graph_files.py has found nothing in
+them that would make ONNX Runtime open a file (external data, file-path attributes); nothing else
+of a version folder is read: model.pt and pickles are never loaded. This module knows ONNX Runtime
 and numpy only: no wire protocol (the version's codec is codec.py's, built beside it).
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ContractError, ProviderError
+from .graph_files import refuse_file_references
 from .manifest import DTYPES, MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec, verify_file
 from .settings import Device, RunInline
 
@@ -64,7 +66,9 @@ def _providers(options: RuntimeOptions) -> list[str | tuple[str, dict[str, str]]
 def create_session(model: bytes, options: RuntimeOptions) -> ort.InferenceSession:
     """A session on the requested device; `cuda` refuses what ONNX Runtime would only warn about.
 
-    From bytes, so the graph cannot pull in files beside it (ONNX external data) unhashed."""
+    From bytes, and only bytes that name no file: ONNX Runtime would resolve a relative external
+    data location against the working directory and serve that file's bytes as weights."""
+    refuse_file_references(model)
     if options.device != "cpu" and CUDA in ort.get_available_providers():
         # onnxruntime-gpu finds CUDA/cuDNN installed as pip packages (its [cuda,cudnn] extras)
         # only once preloaded; system-wide libraries are found either way (a no-op then).
@@ -138,7 +142,7 @@ class ModelRuntime:
     def __init__(self, version_dir: Path, options: RuntimeOptions) -> None:
         self.path = version_dir / MODEL_FILE
         self.manifest = Manifest.read(version_dir / MANIFEST_FILE)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise ContractError(f"{version_dir.name}/{MODEL_FILE}: missing")
         model = verify_file(self.path, self.manifest.files[MODEL_FILE])
         self._session = create_session(model, options)

@@ -44,7 +44,7 @@ from .metrics import Telemetry
 from .observe import build_hook
 from .ports import address, bind_grpc, grpc_server, rest_guard, start_metrics, start_rest_port
 from .repository import ModelRepository
-from .rest import RestFront, stop_rest
+from .rest import RestFront, drain_rest, stop_rest
 from .rest_boundary import ssl_context
 from .runtime import ModelRuntime, RuntimeOptions
 from .scheduler import Scheduler
@@ -157,7 +157,7 @@ async def build_server(
         batching=batching,
         server_version=server_version(),
     )
-    add_inference_service(servicer, server)
+    add_inference_service(servicer, server, message_bytes)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(SERVICE_NAMES, server)
     port = bind_grpc(server, settings, credentials)
@@ -189,14 +189,19 @@ async def build_server(
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        # Inference calls in flight finish; new ones get UNAVAILABLE from the dataplane, so
-        # clients see a status they may retry elsewhere, not a call cut at the transport.
-        await admission.drain(max(0.0, deadline - time.monotonic()))
+        # Inference calls in flight finish; new ones get UNAVAILABLE from the dataplane (503 and
+        # `Connection: close` over REST), so clients see a status they may retry elsewhere, not a
+        # call cut at the transport. REST requests whose body is still arriving are waited for.
+        remaining = max(0.0, deadline - time.monotonic())
+        rest_drained = drain_rest(rest[0], remaining) if rest else asyncio.sleep(0, result=0)
+        _, receiving = await asyncio.gather(admission.drain(remaining), rest_drained)
+        # Still running when the grace period ended: admitted calls, and REST requests still
+        # receiving their body (never admitted). Counted before anything is cut.
+        cut_off = admission.inflight + receiving
         await asyncio.gather(
             server.stop(max(0.0, deadline - time.monotonic())),
-            *([stop_rest(rest[0])] if rest is not None else []),
+            *([stop_rest(rest[0], max(0.0, deadline - time.monotonic()))] if rest else []),
         )
-        cut_off = admission.inflight  # still running when the grace period ended
         executor.shutdown(wait=False, cancel_futures=True)
         stop_metrics()
         if hook is not None:  # what is queued for the request log is written, boundedly

@@ -8,6 +8,7 @@ ServerMetadata.extensions lists the Triton extensions served plus one `providers
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from .grpc_boundary import Undecodable, cancelled_status, check_decoded, failure
 from .manifest import PLATFORM, TensorSpec
 from .policy import VersionPolicy
 from .replies import model_config, model_statistics
+from .request_bounds import check_infer_bytes, values_bound
 
 Context = Any  # grpc.aio.ServicerContext; the generated stubs are untyped
 SERVER_NAME = "stablemlp"
@@ -263,17 +265,27 @@ _HANDLER_KINDS = {
 }
 
 
-def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+def add_inference_service(
+    servicer: InferenceServicer, server: grpc.aio.Server, message_bytes: int
+) -> None:
     """The generated add_GRPCInferenceServiceServicer_to_server, but with `lenient` request
-    deserializers, so a garbled request reaches the servicer's boundary (INVALID_ARGUMENT)."""
+    deserializers, so a garbled request reaches the servicer's boundary (INVALID_ARGUMENT), and
+    inference requests bounded before they are parsed (request_bounds.py)."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
         request_type = getattr(pb, method.input_type.name)
         kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        bound = (
+            functools.partial(check_infer_bytes, max_values=values_bound(message_bytes))
+            if request_type is pb.ModelInferRequest
+            else None
+        )
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=lenient(request_type.FromString, method.input_type.full_name),
+            request_deserializer=lenient(
+                request_type.FromString, method.input_type.full_name, bound
+            ),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
     server.add_generic_rpc_handlers(

@@ -41,6 +41,7 @@ from multiprocessing.context import SpawnProcess
 from typing import Any
 
 from .errors import ServingError
+from .failures import LibraryLines
 from .metrics import serve_metrics
 from .settings import Settings
 from .worker_metrics import WorkerMetrics
@@ -132,6 +133,7 @@ def _worker(
     handler = logging.StreamHandler()
     if formatter is not None:
         handler.setFormatter(formatter)
+    handler.addFilter(LibraryLines())  # as the supervisor's (cli.configure_logging)
     logging.basicConfig(level=level, handlers=[handler])
     try:
         code = run(serve(settings, WorkerRole(name, ready, os.getppid())), settings.event_loop)

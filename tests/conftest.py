@@ -433,7 +433,7 @@ def _flip(folder: Path) -> None:
 
 def _garbage(folder: Path) -> None:
     (folder / "model.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
-    _rehash(folder)  # the hash matches: ONNX Runtime itself must refuse it
+    _rehash(folder)  # the hash matches: the graph check (graph_files.py) must refuse it
 
 
 def _wrong_shape(folder: Path) -> None:
@@ -449,7 +449,7 @@ BREAKS: dict[str, tuple[Callable[[Path], None], str]] = {
     # kind -> (damage, a fragment of the reason the server gives)
     "truncate": (_truncate, "bytes), expected"),
     "flip": (_flip, "sha256"),
-    "garbage": (_garbage, "ONNX Runtime cannot load it"),
+    "garbage": (_garbage, "model.onnx: not an ONNX protobuf"),
     "shape": (_wrong_shape, "expected [-1, 29]"),
 }
 

@@ -24,6 +24,8 @@ from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving.codec import Codec
 from stablemlp.serving.errors import CLIP_CHARS, InvalidRequestError
 from stablemlp.serving.manifest import DTYPES, FileEntry, Manifest, TensorSpec
+from stablemlp.serving.protowire import WireError
+from stablemlp.serving.request_bounds import check_infer_bytes
 
 TOKEN = "corpus-token-0123456789"
 CONTROL_TOKEN = "corpus-control-token-42"
@@ -109,6 +111,35 @@ def _unknown_contents_field(request: pb.ModelInferRequest) -> None:
     request.inputs[0].contents.MergeFromString(b"\x4a" + length + data)
 
 
+def _length_delimited(data: bytes) -> bytes:
+    """Field 5 (inputs of a request, contents of an input), length-delimited, encoded by hand."""
+    length, head = len(data), bytearray(b"\x2a")
+    while length >= 0x80:
+        head.append(length & 0x7F | 0x80)
+        length >>= 7
+    return bytes([*head, length]) + data
+
+
+def _contents_in_parts(rows: np.ndarray) -> bytes:
+    """Issue 23.2: contents sent as many small fields, which protobuf merges into one."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="features", datatype="FP32",
+                                                   shape=rows.shape)  # fmt: skip
+    part = _length_delimited(pb.InferTensorContents(int64_contents=[1] * 1000).SerializeToString())
+    request = pb.ModelInferRequest(model_name=MODEL_NAME).SerializeToString()
+    return request + _length_delimited(tensor.SerializeToString() + part * 20)
+
+
+def _parameters(
+    where: Callable[[pb.ModelInferRequest], Any], count: int, key: str = ""
+) -> Callable[[pb.ModelInferRequest], object]:
+    def edit(request: pb.ModelInferRequest) -> None:
+        parameters = where(request)
+        for i in range(count):
+            parameters[key or f"p{i}"].bool_param = True
+
+    return edit
+
+
 def _unknown_varint_field(request: pb.ModelInferRequest) -> None:
     del request.raw_input_contents[:]
     request.inputs[0].contents.MergeFromString(b"\x48\x96\x01")  # field 9, a varint
@@ -138,8 +169,9 @@ def corpus(rows: np.ndarray) -> list[Case]:
         ("control chars", _edited(rows, _set(datatype="FP\n32\x00")), BAD, "got 'FP\\n32\\x00'"),
         ("rank 1", _edited(rows, _shape(60)), BAD, "got [60] (rank 1), expected rank 2"),
         ("rank 3", _edited(rows, _shape(2, 30, 1)), BAD, "(rank 3), expected rank 2"),
+        ("rank 32", _edited(rows, _shape(*[1] * 32)), BAD, "... (32 items)] (rank 32)"),
         ("rank 10000", _edited(rows, _shape(*[1] * 10_000)), BAD,
-         "... (10000 items)] (rank 10000)"),
+         "inputs[0].shape: got more than 32 dimensions, expected at most 32"),
         ("no shape", _edited(rows, _shape()), BAD, "got [] (rank 0)"),
         ("29 features", infer_request(rows[:, :29]), BAD, "shape[1]: got 29, expected 30"),
         ("31 features", _edited(rows, _shape(2, 31)), BAD, "shape[1]: got 31, expected 30"),
@@ -190,6 +222,32 @@ def corpus(rows: np.ndarray) -> list[Case]:
         ("unknown varint field", _edited(rows, _unknown_varint_field), BAD, "got 0 elements"),
         ("over size limit", infer_request(np.zeros((600, 30), np.float32)), TOO_BIG,
          "larger than max"),
+        # Issue 23.2: entries bounded on the bytes, before protobuf builds them.
+        ("2000 empty inputs", _edited(rows, lambda r: [r.inputs.add() for _ in range(2000)]),
+         BAD, "inputs: got more than 1024 entries, expected at most 1024"),
+        ("2000 empty outputs", _edited(rows, lambda r: [r.outputs.add() for _ in range(2000)]),
+         BAD, "outputs: got more than 1024 entries, expected at most 1024"),
+        ("2000 raw entries", _edited(rows, lambda r: r.raw_input_contents.extend([b""] * 2000)),
+         BAD, "raw_input_contents: got more than 1024 entries, expected at most 1024"),
+        ("65 parameters", _edited(rows, _parameters(lambda r: r.parameters, 65)), BAD,
+         "parameters: got more than 64 entries, expected at most 64"),
+        ("65 input parameters", _edited(rows, _parameters(lambda r: r.inputs[0].parameters, 65)),
+         BAD, "inputs[0].parameters: got more than 64 entries, expected at most 64"),
+        ("65 output parameters",
+         _edited(rows, _parameters(lambda r: r.outputs.add(name="label").parameters, 65)),
+         BAD, "outputs[0].parameters: got more than 64 entries, expected at most 64"),
+        ("20000 empty strings", _edited(rows, _contents([b""] * 20_000, "bytes_contents")), BAD,
+         "inputs[0].contents: got more than 16384 values, expected at most 16384"),
+        ("20000 packed int64", _edited(rows, _contents([1] * 20_000, "int64_contents")), BAD,
+         "inputs[0].contents: got more than 16384 values"),
+        ("contents sent in parts", _contents_in_parts(rows), BAD,
+         "inputs[0].contents: got more than 16384 values"),
+        ("long parameter key", _edited(rows, _parameters(lambda r: r.parameters, 1, "k" * 129)),
+         BAD, "parameters key: got 129 bytes, expected at most 128"),
+        ("long parameter value",
+         _edited(rows, lambda r: r.parameters["note"].MergeFrom(pb.InferParameter(
+             string_param="v" * 5000))),
+         BAD, "parameters['note'] value: got 5003 bytes, expected at most 4096"),
     ]  # fmt: skip
     cases = [Case(name, "ModelInfer", request, code, text) for name, request, code, text in infer]
     valid, model = infer_request(rows), MODEL_NAME
@@ -282,6 +340,27 @@ def test_every_malformed_request_gets_its_code_and_the_server_serves_on(
     assert "forged" not in "".join(line for line in log.splitlines() if line.startswith("INFO"))
     assert max(len(line) for line in log.splitlines()) < 1500
     assert "Traceback" not in log
+
+
+def test_requests_at_the_entry_bounds_are_answered(
+    server: ServerProcess, test_split: HeldOutSplit
+) -> None:
+    """64 parameters (the bound) on the request, its input and each output, keys of 128 bytes,
+    a 4,096-byte string value, rank 32 refused only by the contract: served as before."""
+    rows = test_split.features[:2]
+    request = infer_request(rows)
+    for i, parameters in enumerate((request.parameters, request.inputs[0].parameters)):
+        for j in range(63):
+            parameters[f"{i}-{j}".ljust(128, "k")].int64_param = j
+        parameters["note"].string_param = "v" * 4096
+    for name in ("probability", "label"):
+        wanted = request.outputs.add(name=name)
+        for j in range(64):
+            wanted.parameters[f"o{j}"].bool_param = False
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        reply = stub.ModelInfer(request, timeout=TIMEOUT, metadata=GOOD)
+    np.testing.assert_array_equal(outputs(reply)["probability"], test_split.probability[:2])
 
 
 def test_random_bytes_of_the_right_length_are_a_valid_request(
@@ -399,12 +478,49 @@ def test_decoding_random_requests_only_ever_refuses_with_invalid_request(
 def test_decoding_random_bytes_only_ever_refuses(
     data: bytes, inputs: tuple[TensorSpec, ...]
 ) -> None:
-    """The path garbage takes: parse (DecodeError is turned into INVALID_ARGUMENT), then decode."""
+    """The path garbage takes: the bounds on its bytes, parse (DecodeError and WireError are
+    turned into INVALID_ARGUMENT), then decode. Bytes protobuf parses are never called garbage by
+    the bounds' wire reader."""
     try:
         request = pb.ModelInferRequest.FromString(data)
     except DecodeError:
-        return
-    _decode_or_refuse(request, inputs)
+        request = None
+    try:
+        check_infer_bytes(data, max_values=64)
+    except InvalidRequestError:
+        pass
+    except WireError:
+        assert request is None, data
+    if request is not None:
+        _decode_or_refuse(request, inputs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_the_bounds_count_the_values_protobuf_builds(data: st.DataObject) -> None:
+    """An input's contents values, in any field and form, counted on the wire as protobuf counts
+    them: refused one past the bound, accepted at it."""
+    request = pb.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    for field in data.draw(
+        st.lists(st.sampled_from(sorted(_CONTENTS_VALUES)), min_size=1, max_size=3)
+    ):
+        values = _CONTENTS_VALUES[field]
+        getattr(tensor.contents, field).extend(values * data.draw(st.integers(1, 40)))
+    request.parameters["p"].string_param = "v"
+    request.outputs.add(name="y").parameters["q"].int64_param = -1
+    encoded = request.SerializeToString()
+    total = sum(len(values) for _, values in tensor.contents.ListFields())
+    check_infer_bytes(encoded, max_values=total)
+    with pytest.raises(InvalidRequestError, match=r"^inputs\[0\]\.contents: got more than"):
+        check_infer_bytes(encoded, max_values=total - 1)
+
+
+_CONTENTS_VALUES: dict[str, list[Any]] = {
+    "bool_contents": [True, False], "int_contents": [1, -1], "int64_contents": [2**40, 0],
+    "uint_contents": [7], "uint64_contents": [2**63], "fp32_contents": [0.5],
+    "fp64_contents": [1e300], "bytes_contents": [b"", b"x" * 300],
+}  # fmt: skip
 
 
 @settings(max_examples=100, deadline=None)

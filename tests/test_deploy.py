@@ -336,6 +336,8 @@ def test_runtime_images_declare_ports_user_stop_and_health() -> None:
         assert f"COPY --from=models /models {KSERVE_MOUNT}" in lines
         assert image_user(target)[0] >= 10000, "numeric non-root user"
         assert "STOPSIGNAL SIGTERM" in lines
+        # Not `/`: a relative path resolved by a library (ONNX external data) names nothing.
+        assert [line for line in lines if line.startswith("WORKDIR ")] == ["WORKDIR /srv/stablemlp"]
         assert any(line.startswith("HEALTHCHECK ") and '"python"' in line for line in lines)
         assert not any("torch" in line for line in lines if line.startswith(("RUN ", "COPY "))), (
             "the runtime stages must not install torch"

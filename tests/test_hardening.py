@@ -269,3 +269,112 @@ def test_identical_failures_are_logged_a_few_times_then_counted(
     assert "(and 35 more like it" in log or log.count("shape[1]: got 3") == BURST_LINES
     refused = next(line for line in log.splitlines() if "UNAUTHENTICATED" in line)
     assert "s3cret" not in log and "from ipv4:127.0.0.1:" in refused  # who was refused
+
+
+MALFORMED_HTTP = (  # each makes aiohttp's parser raise before any handler of ours runs
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\r\n\r\n",  # a TLS hello on the plain port
+    b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host
+)
+
+
+def test_library_errors_and_distinct_failures_cannot_flood_the_log(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit
+) -> None:
+    """Issue 23.8: 4,000 malformed HTTP requests wrote 2.28 MB of aiohttp tracebacks, and 9,000
+    distinct failing calls 9,000 lines. Now aiohttp's (and gRPC's) error records are one line
+    each through the burst limiter, and all failure lines together are capped per window."""
+    import socket
+
+    from stablemlp.serving.failures import TOTAL_LINES
+
+    with start_server(model_repository) as srv:
+        host, port = srv.rest_url.removeprefix("http://").rsplit(":", 1)
+        for i in range(400):
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT) as connection:
+                connection.sendall(MALFORMED_HTTP[i % len(MALFORMED_HTTP)])
+                with contextlib.suppress(OSError):
+                    connection.recv(4096)  # aiohttp's 400, then it closes
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for i in range(300):  # every one its own message: "model 'm-0': not found ..."
+                with pytest.raises(grpc.RpcError):
+                    stub.ModelInfer(infer_request(test_split.features[:1], model_name=f"m-{i}"),
+                                    timeout=TIMEOUT)  # fmt: skip
+        log = srv.wait_for_log("'m-0'")
+    assert "Traceback" not in log
+    library = [line for line in log.splitlines() if "aiohttp" in line]
+    assert 0 < len(library) <= len(MALFORMED_HTTP) * BURST_LINES, library
+    assert all("BadHttp" in line or "InvalidURL" in line for line in library)
+    failed = [line for line in log.splitlines() if "failed: NOT_FOUND" in line]
+    assert 0 < len(failed) <= TOTAL_LINES
+
+
+def _fifo(path: Path) -> None:
+    import os
+
+    path.unlink()
+    os.mkfifo(path)
+
+
+def test_a_fifo_in_a_version_folder_is_refused_at_once_and_other_versions_load(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Issue 23.4: opening a FIFO blocks until a writer comes, so a load that opened one held its
+    model's lock and a worker thread for good (and SIGTERM never finished). Now only regular
+    files are opened, without blocking, and other versions and models load beside it."""
+
+    repository = Path(shutil.copytree(model_repository, tmp_path / "repo"))
+    publish_version(repository, 2, edit=lambda folder: _fifo(folder / "manifest.json"))
+    publish_version(repository, 3, edit=lambda folder: _fifo(folder / "model.onnx"))
+    served = cpu_repository(repository, policy="all")
+    failures: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            served.load_all()
+        except BaseException as err:  # the test reads it below
+            failures.append(err)
+
+    loader = threading.Thread(target=load, daemon=True)  # before: blocked in open() for good
+    loader.start()
+    loader.join(timeout=30)
+    assert not loader.is_alive(), "the load is blocked on a FIFO"
+    assert len(failures) == 1 and "not a regular file" in str(failures[0])
+    reasons = {version: (state, reason) for _, version, state, reason in served.index()}
+    assert reasons["1"] == ("READY", "")
+    assert reasons["2"] == ("UNAVAILABLE", "manifest.json: not a regular file (a FIFO, device "
+                            "or folder)")  # fmt: skip
+    assert reasons["3"][1].endswith("model.onnx: not a regular file (a FIFO, device or folder)")
+
+
+def test_in_explicit_mode_a_fifo_neither_hangs_its_load_nor_holds_up_others(
+    repo_copy: Path, start_server: StartServer
+) -> None:
+    """Issue 23.4, explicit mode: the load of a model with a FIFO held the repository lock for
+    good, so every later load, unload and RepositoryIndex timed out. Now the load is refused at
+    once, with its reason in the index, and the other model loads and unloads as before."""
+    with (
+        _explicit(start_server, repo_copy) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        stuck = repo_copy / "stuck" / "1"  # published while the server runs
+        shutil.copytree(repo_copy / MODEL_NAME / "1", stuck)
+        _fifo(stuck / "manifest.json")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):  # before: the first never returned, the others waited on its lock
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="stuck"),
+                                         timeout=TIMEOUT, metadata=CONTROL)  # fmt: skip
+            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "manifest.json: not a regular file" in raised.value.details()
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=TIMEOUT)
+        reasons = {(m.name, m.version): m.reason for m in index.models}
+        assert "not a regular file" in reasons["stuck", "1"]
+        unload = pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME)
+        stub.RepositoryModelUnload(unload, timeout=TIMEOUT, metadata=CONTROL)
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=MODEL_NAME),
+                                 timeout=60, metadata=CONTROL)  # fmt: skip
+        ready = pb.ModelReadyRequest(name=MODEL_NAME)
+        assert stub.ModelReady(ready, timeout=TIMEOUT).ready

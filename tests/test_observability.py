@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import urllib.request
@@ -174,3 +175,39 @@ def test_json_formatter_and_log_format_choice(capsys: pytest.CaptureFixture[str]
     for argv in (["--log-format", "xml", "serve"], ["serve", "--log-format=xml"]):
         assert cli.main(argv) == 2
         assert "log format: got 'xml', expected text or json" in capsys.readouterr().err
+
+
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+
+def test_silent_connections_to_the_metrics_port_are_capped_and_closed(
+    server: ServerProcess,
+) -> None:
+    """Issue 23.7: each connection to /metrics held a thread, with no timeout (2,000 silent
+    sockets: 2,016 threads, none closed after 332 s). Now at most METRICS_CONNECTIONS are served
+    at once, the rest are closed unread, and a silent one is closed after METRICS_TIMEOUT_S."""
+    import socket
+    import time
+    import urllib.parse
+
+    from stablemlp.serving.metrics import METRICS_CONNECTIONS, METRICS_TIMEOUT_S
+
+    url = urllib.parse.urlsplit(server.metrics_url)
+    pid, before = server.process.pid, _threads(server.process.pid)
+    silent = [socket.create_connection((url.hostname, url.port), timeout=5) for _ in range(200)]
+    try:
+        time.sleep(0.5)  # bounded: lets the server accept them all
+        assert _threads(pid) <= before + METRICS_CONNECTIONS, "a thread per connection"
+        deadline = time.monotonic() + METRICS_TIMEOUT_S + 10
+        closed = 0
+        for connection in silent:  # each is closed by the server: recv sees EOF
+            connection.settimeout(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ConnectionError):
+                closed += connection.recv(1) == b""
+        assert closed == len(silent)
+    finally:
+        for connection in silent:
+            connection.close()
+    assert ("stablemlp_models_loaded", ()) in scrape(server)  # it scrapes on

@@ -343,8 +343,9 @@ def test_pipelined_requests_are_answered_in_order(
 def test_draining_answers_503_until_the_calls_in_flight_finish(
     model_repository: Path, test_split: HeldOutSplit
 ) -> None:
-    """Between SIGTERM and the port closing, REST callers are told to go elsewhere (503 with
-    Retry-After), as gRPC callers get UNAVAILABLE; readiness says not ready."""
+    """Between SIGTERM and the port closing, REST callers on open connections are told to go
+    elsewhere (503 with Retry-After and `Connection: close`), as gRPC callers get UNAVAILABLE;
+    readiness says not ready; new connections are refused."""
     import asyncio
 
     from stablemlp.serving.server import build_server
@@ -355,22 +356,106 @@ def test_draining_answers_503_until_the_calls_in_flight_finish(
     )  # fmt: skip
     body = json.dumps(infer_body(test_split.features[:1])).encode()
 
-    async def drain() -> tuple[Any, Any, Any, int]:
+    def request(connection: Any, method: str, path: str, data: bytes | None = None) -> Any:
+        connection.request(method, path, body=data)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+
+    async def drain() -> tuple[Any, Any, Any, int, bool]:
         built = await build_server(settings)
         await built.server.start()
         url = f"http://127.0.0.1:{built.http_port}"
-        before = await asyncio.to_thread(call, url, "POST", INFER, body)
+        infer, health = connect(url), connect(url)  # keep-alive connections, open before
+        before = await asyncio.to_thread(request, infer, "POST", INFER, body)
+        await asyncio.to_thread(request, health, "GET", "/v2/health/live")
         with built.dataplane.admission.admit():  # a call in flight: the drain waits for it
             stopping = asyncio.create_task(built.stop(30.0))
             while not built.dataplane.admission.closed:  # bounded: the task closes it at once
                 await asyncio.sleep(0.01)
-            during = await asyncio.to_thread(call, url, "POST", INFER, body)
-            ready = await asyncio.to_thread(call, url, "GET", "/v2/health/ready")
-        return before, during, ready, await asyncio.wait_for(stopping, 30)
+            during = await asyncio.to_thread(request, infer, "POST", INFER, body)
+            ready = await asyncio.to_thread(request, health, "GET", "/v2/health/ready")
+            try:  # no new connection is taken: refused, so the client knows nothing was sent
+                await asyncio.to_thread(call, url, "GET", "/v2/health/live")
+                refused = False
+            except ConnectionRefusedError:
+                refused = True
+        return before, during, ready, await asyncio.wait_for(stopping, 30), refused
 
-    before, during, ready, cut_off = asyncio.run(drain())
-    assert before.status == 200
-    assert during.status == 503 and during.headers["retry-after"] == "1"
-    assert "shutting down" in during.json()["error"]
-    assert ready.status == 503
+    before, during, ready, cut_off, refused = asyncio.run(drain())
+    assert before[0] == 200
+    assert during[0] == 503 and during[1]["Retry-After"] == "1"
+    assert during[1]["Connection"] == "close"
+    assert "shutting down" in json.loads(during[2])["error"]
+    assert ready[0] == 503 and ready[1]["Connection"] == "close"
+    assert refused
     assert cut_off == 0
+
+
+async def _reply(reader: Any) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 reply (status, lower-case headers, body), or (0, {}, b"") if the server
+    closed the connection without one."""
+    import asyncio
+
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    except asyncio.IncompleteReadError:
+        return 0, {}, b""
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_requests_in_flight_at_sigterm_get_an_answer_and_are_counted(
+    model_repository: Path, test_split: HeldOutSplit
+) -> None:
+    """Issue 23.5: at SIGTERM, a request whose body was still arriving got no answer at all,
+    even when the body came within the grace period (aiohttp's shutdown drops what arrives);
+    a keep-alive client's next request was closed unanswered; drain-time 503s lacked
+    `Connection: close`; and a body that never came was not counted as cut off."""
+    import asyncio
+
+    from stablemlp.serving.server import build_server
+
+    settings = load_settings(
+        {"model_repository": model_repository, "host": "127.0.0.1", "port": 0, "http_port": 0,
+         "metrics_port": -1, "warmup_runs": 1}, env={},
+    )  # fmt: skip
+    body = json.dumps(infer_body(test_split.features[:1])).encode()
+    head = (f"POST {INFER} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+
+    async def shutdown() -> tuple[list[Any], list[Any], int, float]:
+        built = await build_server(settings)
+        await built.server.start()
+        opened = [await asyncio.open_connection("127.0.0.1", built.http_port) for _ in range(6)]
+        for reader, writer in opened[:2]:  # keep-alive: one request answered, then quiet
+            writer.write(head + body)
+            assert (await _reply(reader))[0] == 200
+        for _, writer in opened[2:]:  # mid-body at SIGTERM
+            writer.write(head + body[:10])
+            await writer.drain()
+        await asyncio.sleep(0.2)  # bounded: lets the server read the partial bodies
+        started = asyncio.get_running_loop().time()
+        stopping = asyncio.create_task(built.stop(2.0))
+        while not built.dataplane.admission.closed:  # bounded: stop closes it at once
+            await asyncio.sleep(0.01)
+        for _, writer in opened[:2]:
+            writer.write(head + body)  # the keep-alive client's next request
+        for _, writer in opened[2:5]:
+            writer.write(body[10:])  # the rest of the body, within the grace period
+        kept = [await _reply(reader) for reader, _ in opened[:2]]
+        finished = [await _reply(reader) for reader, _ in opened[2:5]]
+        cut_off = await asyncio.wait_for(stopping, 30)  # opened[5] never sends its body
+        took = asyncio.get_running_loop().time() - started
+        for _, writer in opened:
+            writer.close()
+        return kept, finished, cut_off, took
+
+    kept, finished, cut_off, took = asyncio.run(shutdown())
+    for status, headers, reply in kept + finished:
+        assert status in (200, 503), (status, reply)
+        assert headers["connection"] == "close"
+        if status == 503:
+            assert "shutting down" in json.loads(reply)["error"]
+    assert cut_off == 1  # the body that never came
+    assert took < 10

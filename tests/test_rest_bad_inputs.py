@@ -50,7 +50,7 @@ class Case:
     status: int
     fragment: str
     path: str = INFER
-    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    headers: tuple[tuple[str, str | bytes], ...] = (("Content-Type", "application/json"),)
 
 
 def _edit(rows: np.ndarray, edit: Callable[[dict[str, Any]], object]) -> bytes:
@@ -115,12 +115,45 @@ def corpus(rows: np.ndarray) -> list[Case]:
          "binary_data: got a string, expected true or false"),
         ("parameters list", _edit(rows, lambda b: b.update(parameters=[])), 400,
          "request.parameters: got a list"),
+        # Issue 23.2: the gRPC front's entry bounds (request_bounds.py), before tensors are built.
+        ("2000 inputs", _edit(rows, lambda b: b.update(inputs=[{}] * 2000)), 400,
+         "inputs: got 2000 entries, expected at most 1024"),
+        ("2000 outputs", _edit(rows, lambda b: b.update(outputs=[{}] * 2000)), 400,
+         "outputs: got 2000 entries, expected at most 1024"),
+        ("65 parameters", _edit(rows, lambda b: b.update(
+            parameters={f"p{i}": 1 for i in range(65)})), 400,
+         "request.parameters: got 65 entries, expected at most 64"),
+        ("65 input parameters", _edit(rows, _tensor(parameters={f"p{i}": 1 for i in range(65)})),
+         400, "inputs[0].parameters: got 65 entries, expected at most 64"),
+        ("nested parameter", _edit(rows, lambda b: b.update(parameters={"p": [[], []]})), 400,
+         "request.parameters['p']: got a list, expected a string, number or boolean"),
+        ("long parameter", _edit(rows, lambda b: b.update(parameters={"p": "v" * 5000})), 400,
+         "got a string of 5000 characters, expected at most 4096"),
+        ("long parameter key", _edit(rows, lambda b: b.update(parameters={"k" * 129: 1})), 400,
+         "got 129 characters, expected at most 128"),
+        ("rank 10000", _edit(rows, _tensor(shape=[1] * 10_000)), 400,
+         "inputs[0].shape: got 10000 entries, expected at most 32"),
+        # Issue 23.6: what only the NaN-tolerant fallback parser read used to end in a 500.
+        ("huge integer and NaN", _edit(rows, _tensor(data=[10**400, float("nan"), *[0.5] * 58])),
+         400, "value at index [0, 0]: got inf, expected a finite number"),
+        ("lone surrogate id and NaN", _edit(rows, lambda b: b.update(id="\ud800", parameters={
+            "x": float("nan")})), 400, "not valid JSON (str is not valid UTF-8: surrogates"),
+        # Issue 23.11: FP32 data is numbers and null; numpy alone read these as numbers.
+        ("numeric text", _edit(rows, _tensor(data=["1.5", *[0.5] * 59])), 400,
+         "got a value that is not a number ('1.5')"),
+        ("nan text", _edit(rows, _tensor(data=[*[0.5] * 59, "nan"])), 400, "('nan')"),
+        ("boolean", _edit(rows, _tensor(data=[True, *[0.5] * 59])), 400, "(True)"),
         ("unknown model", _edit(rows, lambda b: None), 404, "model 'nope'"),
         ("version 9", _edit(rows, lambda b: None), 404, "got '9', expected one of [1]"),
     ]  # fmt: skip
     paths = {"unknown model": "/v2/models/nope/infer",
              "version 9": f"/v2/models/{MODEL_NAME}/versions/9/infer"}  # fmt: skip
     cases = [Case(n, b, s, f, paths.get(n, INFER)) for n, b, s, f in bad]
+    for text in ("1_1_3", "+113", "\u0661\u0661".encode()):  # int() reads each as 113 or 11
+        length_header = (("Inference-Header-Content-Length", text),)
+        name = f"header length {text!r}"
+        cases.append(Case(name, raw, 400, "expected a byte count (ASCII digits)", INFER,
+                          length_header))  # fmt: skip
     cases += [
         Case("header length text", raw, 400, "Inference-Header-Content-Length: got 'x'",
              headers=(("Inference-Header-Content-Length", "x"),)),
