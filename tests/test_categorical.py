@@ -217,11 +217,14 @@ def test_onnxruntime_on_raw_text_unseen_and_missing(mixed_repository: Path) -> N
     rows += [(*base, marker, "city1", "80331") for marker in MISSING_MARKERS]
     probability, label = session.run(None, _feeds(rows))
     assert probability.shape == label.shape == (len(rows), 1) and np.isfinite(probability).all()
+    # Rows with the same codes get the same probability up to the last bits (tolerances.py: the
+    # kernel may treat rows of one batch in different blocks); different codes differ far more.
     # Rare in training, never seen, a different spelling: all the one "other" code.
-    assert probability[1] == probability[2] == probability[3]
+    assert np.ptp(probability[1:4]) <= PROBABILITY
     # Every missing marker, the empty text included, is the "missing" code.
-    assert len(set(probability[4:, 0].tolist())) == 1
-    assert probability[0] != probability[1] and probability[1] != probability[4]
+    assert np.ptp(probability[4:]) <= PROBABILITY
+    assert abs(probability[0, 0] - probability[1, 0]) > 100 * PROBABILITY
+    assert abs(probability[1, 0] - probability[4, 0]) > 100 * PROBABILITY
     np.testing.assert_array_equal(label, (probability >= 0.5).astype(np.int64))
 
 

@@ -478,8 +478,10 @@ def test_eight_threads_of_two_hundred_requests_all_correct(
                     infer_request(test_split.features[index]), timeout=TIMEOUT
                 )
                 out = outputs(response)
+                # The reference ran these rows in another batch: the last bits may differ.
+                want = test_split.probability[index]
                 if not (
-                    np.array_equal(out["probability"], test_split.probability[index])
+                    np.allclose(out["probability"], want, rtol=0, atol=PROBABILITY)
                     and np.array_equal(out["label"], test_split.label[index])
                 ):
                     failures.append(f"thread {seed}: rows {index.tolist()}")
