@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,6 +44,29 @@ class MLPConfig:
             bn_momentum=float(data.get("bn_momentum", 0.1)),
             members=int(data.get("members", 1)),
         )
+
+
+class Dropout(nn.Module):
+    """nn.Dropout's function with cheaper randomness: torch's CPU bernoulli_ took 1.1 ms for a
+    512 x 256 mask (30 % of a training step), its rand_like 0.5 ms; numpy's PCG64 draws the same
+    mask's bytes in 0.13 ms. A unit is kept when its byte is >= round(256 p), so p is used to the
+    nearest 1/256 (0.1 -> 26/256). The generator is seeded from torch's, so a seeded run repeats
+    exactly. Identity in eval mode: nothing of it reaches the exported graph."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.cutoff = round(256 * p)
+        self.generator: np.random.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.cutoff == 0:
+            return x
+        if self.generator is None:
+            self.generator = np.random.default_rng(int(torch.randint(2**62, ()).item()))
+        raw = bytearray(self.generator.bytes(x.numel()))
+        keep = torch.frombuffer(raw, dtype=torch.uint8).view(x.shape) >= self.cutoff
+        return x * keep * (256.0 / (256 - self.cutoff))
 
 
 class PackedLinear(nn.Linear):
@@ -89,7 +113,7 @@ class Block(nn.Sequential):
             nn.ELU(),
         ]
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         super().__init__(*layers)
 
 
@@ -169,6 +193,7 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = [
     "Block",
+    "Dropout",
     "MLPConfig",
     "PackedLinear",
     "StabilizedMLP",
