@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rest_client import call as rest_call
 from rest_client import infer_body, reply_outputs
+from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
@@ -155,7 +156,9 @@ def test_mutual_tls_and_a_token_file_with_closed_health(
     token = (("authorization", f"Bearer {TOKEN}"),)
     with start_server(model_repository, *args, credentials=good, metadata=token) as srv:
         reply = _infer(srv.address, rows, good, token)
-        np.testing.assert_array_equal(outputs(reply)["probability"], test_split.probability[:3])
+        np.testing.assert_allclose(
+            outputs(reply)["probability"], test_split.probability[:3], rtol=0, atol=PROBABILITY
+        )
         anonymous = _credentials(pki)  # trusts the server, shows no certificate
         stranger = _credentials(pki, client_cert="stranger")  # a certificate from another CA
         for credentials in (anonymous, stranger):
