@@ -88,6 +88,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 Inputs = tuple[torch.Tensor, ...]
+EVAL_CHUNK = 8192  # rows per forward pass when evaluating
 
 
 def tensors(
@@ -151,7 +152,14 @@ def train_one_epoch(
 def evaluate(model: nn.Module, x: torch.Tensor | Inputs, y: torch.Tensor) -> dict[str, float]:
     """Loss, accuracy at 0.5 and ROC AUC in eval mode (BatchNorm uses running statistics)."""
     model.eval()
-    probability = mean_probability(model(*_as_inputs(x)))
+    inputs = _as_inputs(x)
+    # In chunks: the activations of 200k rows at once held ~1 GB (each block's output, 256 floats
+    # a row, several times over); a chunk's are a few MB, and the result is the same.
+    chunks = [
+        mean_probability(model(*(t[start : start + EVAL_CHUNK] for t in inputs)))
+        for start in range(0, len(y), EVAL_CHUNK)
+    ]
+    probability = torch.cat(chunks) if chunks else torch.empty(0, 1)
     # Clamped as BCE-with-logits would be stable: a member-averaged probability has no logit.
     loss = nn.functional.binary_cross_entropy(probability.clamp(1e-7, 1 - 1e-7), y).item()
     proba = probability.squeeze(1).numpy()
