@@ -210,6 +210,9 @@ def test_evaluation_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -
     chunked = train.evaluate(net, x, y)
     monkeypatch.setattr(train, "EVAL_CHUNK", 10_000)
     whole = train.evaluate(net, x, y)
-    # Rows are independent in eval mode; the loss's mean may sum in another order.
-    assert chunked["roc_auc"] == whole["roc_auc"] and chunked["accuracy"] == whole["accuracy"]
-    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    # Rows are independent in eval mode, but a chunk's shape may pick another kernel: last-bit
+    # differences could swap two near-equal rows (AUC moves by 1/(positives x negatives) = 4e-6
+    # a swap) or flip one row at 0.5 (accuracy moves by 1e-3); a wrong chunking moves far more.
+    assert chunked["roc_auc"] == pytest.approx(whole["roc_auc"], abs=1e-4)
+    assert chunked["accuracy"] == pytest.approx(whole["accuracy"], abs=1e-3)
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
