@@ -27,8 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from ..model.categories import is_missing
-
 Fitter = Callable[[Any, np.ndarray, Any, int], np.ndarray]
 
 
@@ -63,6 +61,8 @@ def penguins_csv(folder: Path) -> Path:
     """palmerpenguins' penguins.csv (344 rows; species, island text; NA cells), without the 11
     rows whose target `sex` is missing, written to `folder`. Read from the installed package's
     files without importing it (that would import pandas)."""
+    from ..model.categories import is_missing  # the model package needs torch: imported on use
+
     spec = importlib.util.find_spec("palmerpenguins")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("penguins_csv needs the palmerpenguins package (pip install it)")
