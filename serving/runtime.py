@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ContractError, ProviderError
+from .errors import ContractError, ProviderError, clip
 from .graph_files import refuse_file_references
 from .manifest import DTYPES, MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec, verify_file
 from .settings import Device, RunInline
@@ -101,6 +101,7 @@ def create_session(model: bytes, options: RuntimeOptions) -> ort.InferenceSessio
 
 
 def _check_graph(session: ort.InferenceSession, manifest: Manifest) -> None:
+    _check_threshold(session, manifest)
     for kind, nodes, specs in (
         ("input", session.get_inputs(), manifest.inputs),
         ("output", session.get_outputs(), manifest.outputs),
@@ -123,6 +124,26 @@ def _check_graph(session: ort.InferenceSession, manifest: Manifest) -> None:
                 raise ContractError(
                     f"model.onnx {kind} '{spec.name}': got dims {dims}, expected {list(spec.shape)}"
                 )
+
+
+def _check_threshold(session: ort.InferenceSession, manifest: Manifest) -> None:
+    """The graph decides labels with the threshold export recorded in its metadata_props; a
+    manifest saying another one would describe a model that is not the one served. Graphs
+    without that record (built elsewhere) are taken at the manifest's word."""
+    recorded = session.get_modelmeta().custom_metadata_map.get("threshold")
+    if recorded is None:
+        return
+    try:
+        value = float(recorded)
+    except ValueError:
+        raise ContractError(
+            f"model.onnx metadata 'threshold': got {clip(recorded)}, expected a number"
+        ) from None
+    if value != manifest.threshold:
+        raise ContractError(
+            f"manifest.json 'threshold': got {manifest.threshold!r}, expected {value!r} "
+            "(the threshold inside model.onnx)"
+        )
 
 
 class RunControl:

@@ -141,6 +141,17 @@ def test_runtime_refuses_a_manifest_breaking_the_contract(repo_copy: Path) -> No
         ModelRuntime(repo_copy / MODEL_NAME / "1", CPU_OPTIONS)
 
 
+def test_runtime_refuses_a_manifest_threshold_the_graph_does_not_use(repo_copy: Path) -> None:
+    """Issue 23.9: a manifest whose threshold disagrees with the graph's was served."""
+    manifest_path = repo_copy / MODEL_NAME / "1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["threshold"] = 0.3
+    manifest_path.write_text(json.dumps(manifest))
+    expected = r"'threshold': got 0.3, expected 0.5 \(the threshold inside model.onnx\)"
+    with pytest.raises(ContractError, match=expected):
+        ModelRuntime(repo_copy / MODEL_NAME / "1", CPU_OPTIONS)
+
+
 def test_runtime_matches_in_process_onnxruntime(
     model_repository: Path, test_split: HeldOutSplit
 ) -> None:
