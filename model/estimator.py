@@ -263,14 +263,15 @@ class StableMLPClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         """[N, 2]: the probabilities of classes_[0] and classes_[1] (the positive class)."""
         check_is_fitted(self, "checkpoint_")
         schema = self.checkpoint_.schema
-        features, _, strings, _, _ = read_table(X, schema.text_names, schema.columns)
-        numeric_names = [c for c in schema.columns if c in schema.names]
-        order = [numeric_names.index(n) for n in schema.names]
-        text_order = [list(schema.columns).index(n) for n in schema.text_names]
-        del text_order  # text columns come out of read_table in schema order already
+        # Text columns are read as text; every other column must be numbers, as in training.
+        # Both come out in the training order (the schema's columns are in file order).
+        features, numeric, strings, _, _ = read_table(X, schema.text_names, schema.columns)
+        if numeric != list(schema.names):
+            lost = [name for name in schema.names if name not in numeric]
+            raise DataError(f"X columns {lost}: expected numbers (or NaN), as in training")
         inputs: list[torch.Tensor] = []
         if schema.names:
-            inputs.append(torch.from_numpy(np.ascontiguousarray(features[:, order])))
+            inputs.append(torch.from_numpy(features))
         if schema.categorical:
             codes = [c.codes(strings[:, j]) for j, c in enumerate(schema.categorical)]
             inputs.append(torch.from_numpy(np.stack(codes, axis=1)))

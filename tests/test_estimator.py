@@ -105,6 +105,8 @@ def test_fit_predict_on_a_dataframe_with_text_and_missing_values() -> None:
     np.testing.assert_allclose(model.predict_proba(shuffled), proba, atol=1e-6)
     with pytest.raises(DataError, match="lacks the model's columns \\['income'\\]"):
         model.predict_proba(X.iloc[300:].drop(columns="income"))
+    with pytest.raises(DataError, match="X columns \\['age'\\]: expected numbers"):
+        model.predict_proba(X.iloc[300:].assign(age="old"))
 
 
 def test_arrays_params_clone_and_bad_params() -> None:
