@@ -122,9 +122,10 @@ class StableMLPClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         train, val = self._split(data)
         model, schema, encoding, encoder, prep = self._build(train)
         history = fit(model, train, val, prep, self._train_config(self.epochs), schema.categorical)
+        numbers = prep if train.feature_names else None
         scores = {
-            "train": evaluate(model, *tensors(train, prep, schema.categorical)),
-            "val": evaluate(model, *tensors(val, prep, schema.categorical)),
+            "train": evaluate(model, *tensors(train, schema.categorical), numbers),
+            "val": evaluate(model, *tensors(val, schema.categorical), numbers),
         }
         best = max(history.best_epoch, 1)
         if self.refit:
