@@ -218,3 +218,24 @@ def test_evaluation_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -
     assert chunked["roc_auc"] == pytest.approx(whole["roc_auc"], abs=1e-4)
     assert chunked["accuracy"] == pytest.approx(whole["accuracy"], abs=1e-3)
     assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+
+
+def test_numbers_are_encoded_up_front_only_within_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Small tables: the encoding once, for speed; large ones: raw, encoded batch by batch."""
+    from stablemlp.model import train
+
+    features = np.random.default_rng(0).normal(size=(3000, 3)).astype(np.float32)
+    features[::7, 1] = np.nan
+    mean, std = np.nanmean(features, 0), np.nanstd(features, 0)
+    encoding = NumericEncoding.learn(features, mean, std, bins=8)
+    prep = NumericEncoder(torch.from_numpy(mean), torch.from_numpy(std), encoding)
+    raw = (torch.from_numpy(features), torch.zeros(3000, 1, dtype=torch.int64))
+    (encoded, codes), left = train.encode_up_front(raw, prep)
+    assert left is None and codes is raw[1] and encoded.shape == (3000, encoding.width)
+    # Elementwise arithmetic only (no sums to reorder), so bit-equal whatever the chunking.
+    assert torch.equal(encoded[:100], prep(raw[0][:100]))
+    monkeypatch.setattr(train, "ENCODED_BYTES", 3000 * encoding.width * 4 - 1)
+    kept, left = train.encode_up_front(raw, prep)
+    assert left is prep and kept[0] is raw[0]
