@@ -17,7 +17,15 @@ from .checkpoint import CHECKPOINT_NAME, FeatureSchema
 from .csvdata import load_dataset
 from .data import DataError, Dataset
 from .encoding import DEFAULT_ENCODING, ENCODINGS
-from .estimator import DEFAULT_DROPOUT, DEFAULT_HIDDEN, DEFAULT_MEMBERS, StableMLPClassifier
+from .estimator import (
+    DEFAULT_DROPOUT,
+    DEFAULT_HIDDEN,
+    DEFAULT_MEMBERS,
+    REFIT_MAX_ROWS,
+    REFIT_MODES,
+    SCHEDULES,
+    StableMLPClassifier,
+)
 from .gradients import NonFiniteGradientError
 from .plots import plot_training
 from .preprocess import DEFAULT_BINS
@@ -110,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BINS,
         help="quantile bins of the piecewise-linear encoding per numeric column (0: none)",
     )
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="max epochs")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=TrainConfig.epochs,
+        help="epochs of the learning-rate schedule; early stopping may end sooner",
+    )
+    parser.add_argument("--schedule", choices=SCHEDULES, default=TrainConfig.schedule)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument(
         "--hidden", type=_hidden, default=DEFAULT_HIDDEN, help="widths per member, e.g. 32,32"
@@ -125,10 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--patience", type=int, default=TrainConfig.patience)
     parser.add_argument(
-        "--no-refit",
-        action="store_true",
-        help="keep the early-stopped model instead of training again on every row",
+        "--refit",
+        choices=REFIT_MODES,
+        default="auto",
+        help=f"train again on every row for the best epoch count (auto: <= {REFIT_MAX_ROWS} rows)",
     )
+    parser.add_argument("--no-refit", action="store_true", help="the same as --refit never")
     parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (off)")
     parser.add_argument("--threshold", type=float, default=0.5, help="decision threshold")
     parser.add_argument("--name", help="model name (default: the data set's name)")
@@ -193,7 +209,8 @@ def estimator_from(args: argparse.Namespace) -> StableMLPClassifier:
         encoding=args.encoding,
         min_category_count=args.min_category_count,
         max_categories=args.max_categories,
-        refit=not args.no_refit,
+        refit="never" if args.no_refit else args.refit,
+        schedule=args.schedule,
         threshold=args.threshold,
         random_state=args.seed,
         progress=not args.no_progress and sys.stderr.isatty(),

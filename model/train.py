@@ -32,12 +32,18 @@ class TrainConfig:
     Defaults chosen on the quality suite (bench/quality.py; README "Model quality").
     """
 
-    epochs: int = 100  # upper bound; early stopping usually ends sooner
+    # A cosine decay of the learning rate over 20 epochs, from 2e-3: on the suite (3 seeds) the
+    # mean ROC AUC of the constant 1e-3 for up to 100 epochs (0.8558 without Fertility), with
+    # mlc_churn 0.006 (not 0.012, as with 1e-3) behind HistGradientBoosting; nassCDS then stops
+    # after 19 epochs instead of 25 + 17 refit epochs.
+    epochs: int = 20  # the schedule's length; early stopping may end sooner
     batch_size: int = 0  # 0: auto_batch_size(rows)
-    learning_rate: float = 1e-3  # 2e-3 lowered the suite mean (Default by 0.012)
+    learning_rate: float = 2e-3  # the schedule's peak
     weight_decay: float = 1e-4  # AdamW's decoupled decay; 1e-2 made no difference
-    patience: int = 8  # epochs without a better validation ROC AUC; 12: same AUC, 2x the time
+    patience: int = 8  # epochs without a better validation ROC AUC
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    schedule: str = "cosine"  # or "constant"
+    schedule_epochs: int = 0  # the cosine's length (0: `epochs`); a refit keeps the first run's
     seed: int = 0
     progress: bool = True  # tqdm progress bar on stderr
 
@@ -149,6 +155,7 @@ def train_one_epoch(
     config: TrainConfig,
     generator: torch.Generator,
     prep: nn.Module | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> tuple[float, dict[str, float]]:
     """One pass in shuffled mini-batches; returns mean loss and mean per-layer gradient norms.
     `prep`: what turns the raw numeric block (the first input) into the network's numbers."""
@@ -175,6 +182,8 @@ def train_one_epoch(
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += loss.item() * len(batch)
     rows = sum(len(b) for b in batches)
     return total / rows, {name: s / len(batches) for name, s in norm_sums.items()}
@@ -230,9 +239,12 @@ def fit(
     x_train, prep = encode_up_front(x_train, numbers)
     x_val, y_val = tensors(val, columns) if val is not None else ((), None)
     x_val, val_prep = encode_up_front(x_val, numbers)
+    # fused: one kernel for every parameter's update (0.38 against 1.23 ms a step for the default
+    # 8 members of 32-32, whose block-diagonal weights are mostly zeros that never get a gradient).
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
     )
+    scheduler = learning_rate_schedule(optimizer, config, len(y_train))
     monitor = GradientMonitor(model.linear_layers())
     history, best, best_state = History(), -math.inf, copy.deepcopy(model.state_dict())
     # The ETA counts to `epochs`: an upper bound while early stopping may end sooner, exact for
@@ -241,7 +253,7 @@ def fit(
     bar = tqdm(range(1, config.epochs + 1), desc=desc, disable=not config.progress, leave=False)
     for epoch in bar:
         train_loss, norms = train_one_epoch(
-            model, x_train, y_train, optimizer, monitor, config, generator, prep
+            model, x_train, y_train, optimizer, monitor, config, generator, prep, scheduler
         )
         record: dict[str, float] = {"epoch": epoch, "train_loss": train_loss}
         history.grad_norms.append(norms)
@@ -265,6 +277,18 @@ def fit(
     return history
 
 
+def learning_rate_schedule(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, rows: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Cosine decay per step over the schedule's epochs; None for a constant rate."""
+    if config.schedule == "constant":
+        return None
+    size = config.batch_size or auto_batch_size(rows)
+    steps_per_epoch = sum(1 for start in range(0, rows, size) if rows - start > 1)
+    total = max(1, steps_per_epoch * (config.schedule_epochs or config.epochs))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+
+
 def history_to_dict(history: History) -> dict[str, Any]:
     return {
         "epochs": history.epochs,
@@ -282,6 +306,7 @@ __all__ = [
     "evaluate",
     "fit",
     "history_to_dict",
+    "learning_rate_schedule",
     "seed_everything",
     "tensors",
     "torch_threads",

@@ -18,11 +18,12 @@ from tolerances import PROBABILITY, logit_tolerance
 from stablemlp import StableMLPClassifier
 from stablemlp.export.cli import verify_main
 from stablemlp.export.errors import ExportError
+from stablemlp.model import estimator as estimator_module
 from stablemlp.model.cli import main as train_main
 from stablemlp.model.data import DataError
-from stablemlp.model.network import MLPConfig, StabilizedMLP
+from stablemlp.model.network import Dropout, MLPConfig, StabilizedMLP
 from stablemlp.model.preprocess import NumericEncoder, NumericEncoding
-from stablemlp.model.train import auto_batch_size
+from stablemlp.model.train import TrainConfig, auto_batch_size, learning_rate_schedule
 
 FAST = {"epochs": 8, "hidden": (16, 16), "members": 2, "patience": 4}
 
@@ -84,6 +85,55 @@ def test_packed_members_stay_separate_through_training() -> None:
     assert fresh.blocks[1][0].weight.abs().max() <= math.sqrt(2) * math.sqrt(3 / 4)
 
 
+def test_dropout_keeps_units_scaled_drops_about_p_and_is_identity_in_eval() -> None:
+    torch.manual_seed(0)
+    dropout, x = Dropout(0.1), torch.randn(512, 256, requires_grad=True)
+    y = dropout(x)
+    scale = 256 / (256 - 26)  # p = 0.1 is used as 26/256
+    kept = y != 0
+    assert torch.equal(y[kept], x[kept] * scale)  # kept units scaled by the same float product
+    # 131,072 draws of p = 26/256: the dropped share's standard deviation is 0.0008, so 0.005 is
+    # over six of them.
+    assert abs(1 - kept.float().mean().item() - 26 / 256) < 0.005
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() * scale)  # type: ignore[arg-type]
+    dropout.eval()
+    assert dropout(x) is x
+
+
+def test_cosine_schedule_spans_its_epochs_and_a_shorter_refit_keeps_it() -> None:
+    net = torch.nn.Linear(2, 1)
+
+    def rate_after(epochs: int, config: TrainConfig) -> float:
+        optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate)
+        schedule = learning_rate_schedule(optimizer, config, rows=101)
+        assert schedule is not None
+        for _ in range(epochs * 10):  # 101 rows in batches of 10: the one-row batch is skipped
+            optimizer.step()
+            schedule.step()
+        return float(optimizer.param_groups[0]["lr"])
+
+    full = TrainConfig(epochs=6, batch_size=10, learning_rate=1.0)
+    assert rate_after(3, full) == pytest.approx(0.5) and rate_after(6, full) == pytest.approx(0.0)
+    # The refit runs the best epoch count of the first run's schedule, not a schedule of its own.
+    refit = TrainConfig(epochs=3, batch_size=10, learning_rate=1.0, schedule_epochs=6)
+    assert rate_after(3, refit) == pytest.approx(0.5)
+    constant = TrainConfig(schedule="constant")
+    assert learning_rate_schedule(torch.optim.SGD(net.parameters(), lr=1.0), constant, 101) is None
+
+
+def test_refit_auto_trains_again_on_small_tables_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    X, y = _frame(rows=200)
+    small = StableMLPClassifier(**FAST).fit(X, y)
+    assert small.checkpoint_.metrics["refit_epochs"] == small.history_.best_epoch
+    assert small.checkpoint_.metrics["rows"]["final"] == 200
+    monkeypatch.setattr(estimator_module, "REFIT_MAX_ROWS", 199)
+    large = StableMLPClassifier(**FAST).fit(X, y)
+    assert large.checkpoint_.metrics["refit_epochs"] == 0
+    forced = StableMLPClassifier(**FAST, refit="always").fit(X, y)
+    assert forced.checkpoint_.metrics["refit_epochs"] == forced.history_.best_epoch
+
+
 def test_auto_batch_size_scales_with_rows() -> None:
     assert [auto_batch_size(n) for n in (100, 5_000, 20_000, 250_000)] == [32, 128, 512, 512]
 
@@ -123,6 +173,8 @@ def test_arrays_params_clone_and_bad_params() -> None:
         ("learning_rate", math.nan, "a finite number > 0"),
         ("epochs", 0, ">= 1"),
         ("batch_size", 1, "0 \\(auto\\) or >= 2"),
+        ("refit", "sometimes", "one of auto, always, never"),
+        ("schedule", "linear", "one of cosine, constant"),
     ]:
         with pytest.raises(ValueError, match=f"{name}={value!r}: expected {expected}"):
             StableMLPClassifier(**{name: value}).fit(numbers, y)
