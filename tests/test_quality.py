@@ -32,8 +32,12 @@ def test_smoke_run_on_one_small_table(tmp_path: Path, capsys: pytest.CaptureFixt
     # so a broken pipeline (shuffled labels, a dropped column) shows as a low AUC.
     assert all(0.95 < table[m]["auc"] <= 1.0 for m in table), table
     assert table["ours"]["seconds"] > 0 and (tmp_path / "quality.png").stat().st_size > 0
+    run = report["runs"]["CreditCard"][0]
+    ratio = run["ours"]["seconds"] / run["hgb"]["seconds"]
+    assert report["time_vs_hgb"]["CreditCard"] == pytest.approx(ratio)
     markdown = (tmp_path / "quality.md").read_text()
     assert "| CreditCard |" in markdown and "ours vs hgb:" in markdown
+    assert f"| {ratio:.1f}x |" in markdown
     assert "| CreditCard |" in capsys.readouterr().out
 
 
