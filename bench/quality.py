@@ -146,7 +146,11 @@ def fit_catboost(X: Any, y: np.ndarray, X_test: Any, seed: int) -> np.ndarray:
     from catboost import CatBoostClassifier
 
     text = _text_columns(X)
-    model = CatBoostClassifier(random_seed=seed, verbose=False, thread_count=-1)
+    # allow_writing_files: by default CatBoost leaves a catboost_info/ folder in the working
+    # directory, which then got into a commit.
+    model = CatBoostClassifier(
+        random_seed=seed, verbose=False, thread_count=-1, allow_writing_files=False
+    )
     model.fit(_as_text(X, text), y, cat_features=text)
     return np.asarray(model.predict_proba(_as_text(X_test, text))[:, 1])
 

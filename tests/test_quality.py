@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stablemlp.bench import quality
@@ -39,6 +40,15 @@ def test_smoke_run_on_one_small_table(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "| CreditCard |" in markdown and "ours vs hgb:" in markdown
     assert f"| {ratio:.1f}x |" in markdown
     assert "| CreditCard |" in capsys.readouterr().out
+
+
+def test_catboost_leaves_no_files_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("catboost")
+    pd = pytest.importorskip("pandas")
+    monkeypatch.chdir(tmp_path)
+    X = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0] * 5, "c": ["a", "b"] * 10})
+    proba = quality.fit_catboost(X, np.array([0, 1] * 10), X, seed=0)
+    assert proba.shape == (20,) and list(tmp_path.iterdir()) == []
 
 
 def test_unknown_table_is_refused_naming_the_suite(capsys: pytest.CaptureFixture[str]) -> None:
