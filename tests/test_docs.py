@@ -1,5 +1,6 @@
 """The README and docs/: every relative link and image names a file that exists, and every
-#anchor a heading of its target, so moving a page or renaming a heading cannot break them silently."""
+#anchor a heading of its target, so moving a page or renaming a heading cannot break them
+silently."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def links(page: Path) -> list[str]:
 
 
 def test_slug_follows_github() -> None:
-    assert slug("Model quality: `stablemlp bench quality`") == "model-quality-stablemlp-bench-quality"
+    assert (
+        slug("Model quality: `stablemlp bench quality`") == "model-quality-stablemlp-bench-quality"
+    )
     assert slug("What `train` writes (`--output DIR`)") == "what-train-writes---output-dir"
 
 
