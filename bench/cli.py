@@ -36,7 +36,7 @@ from .loadgen import LoadGenerator
 from .peers import parse_peers
 from .perfanalyzer import compare, resolve_wrapper, streaming_check
 from .report import FORMAT, clean_json, machine_facts, targets, write_report
-from .rest import rest_cells
+from .rest_cells import rest_cells
 from .scaling import parse_counts, scaling_main
 from .servers import ROOT, is_loopback, measure_import, pin_servers
 from .stats import cell_documents
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rest",
         action="store_true",
         help="also time REST (JSON and binary tensors) beside gRPC at batch 1 and 64, "
-        "concurrency 8 (bench/rest.py)",
+        "concurrency 8 (bench/rest_cells.py)",
     )
     p.add_argument(
         "--rest-peer",
