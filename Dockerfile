@@ -33,14 +33,16 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-# What `pip install .` needs, and nothing else of the build context.
+# What `pip install .` needs, and nothing else of the build context. Of bench/ only its empty
+# __init__.py: the package list names stablemlp.bench, and the benchmarks (load generators, peer
+# harnesses) stay out of every image; `stablemlp bench` there says it is not installed.
 FROM scratch AS source
 COPY pyproject.toml README.md __init__.py __main__.py cli.py files.py csvfile.py /src/
 COPY model/ /src/model/
 COPY export/ /src/export/
 COPY serving/ /src/serving/
 COPY protos/ /src/protos/
-COPY bench/ /src/bench/
+COPY bench/__init__.py /src/bench/
 
 # ---------------------------------------------------------------------------------------------
 # The serving install: the package with its base dependencies only (onnxruntime, grpcio, numpy,

@@ -80,3 +80,24 @@ def test_the_declared_python_is_the_one_the_code_needs() -> None:
     assert config["tool"]["ruff"]["target-version"] == "py311"
     assert config["tool"]["mypy"]["python_version"] == "3.11"
     assert "asyncio.timeout(" in (ROOT / "serving" / "rest_boundary.py").read_text()
+
+
+def test_bench_where_it_is_left_out_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The serving image installs bench/__init__.py alone (Dockerfile): `stablemlp bench` there
+    fails with one line naming the fix, not a traceback."""
+    from stablemlp.cli import main
+
+    monkeypatch.setitem(sys.modules, "stablemlp.bench.cli", None)  # import fails as in the image
+    assert main(["bench", "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stablemlp bench: error: the benchmarks are not installed here")
+    assert err.count("\n") == 1 and "pip install '.[bench]'" in err
+
+
+def test_the_serving_image_copies_no_benchmark_code() -> None:
+    copies = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if "bench" in line]
+    assert [line for line in copies if line.startswith("COPY")] == [
+        "COPY bench/__init__.py /src/bench/"
+    ]
