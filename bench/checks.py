@@ -12,8 +12,7 @@ import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
-from .cells import Cell
-from .grid import Target, model_path
+from .grid import Cell, Target, model_path
 from .payloads import feeds_of
 
 TOLERANCE = 1e-5  # probabilities, as export's parity check

@@ -20,10 +20,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cells import NARROW_SHAPES, build_grid, is_peer_cell
 from .checks import check_targets
 from .floors import read_manifests
-from .grid import Target, Timing, build_requests, compute_floors, run_grid
+from .grid import (
+    NARROW_SHAPES,
+    Target,
+    Timing,
+    build_grid,
+    build_requests,
+    compute_floors,
+    is_peer_cell,
+    run_grid,
+)
 from .lineup import (
     build_repository,
     checked_peers,

@@ -22,9 +22,8 @@ import grpc
 
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
-from .cells import Cell
 from .checks import check_peer
-from .grid import Target, model_path
+from .grid import Cell, Target, model_path
 from .peers import Peer, PeerError, describe, ensure_venv, free_port, requirements, write_peer
 from .servers import (
     OUR_SERVER_ENV,

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes
-from .cells import Cell
 from .checks import check_reply
 from .floors import read_manifests
-from .grid import Target, Timing, build_requests, model_path, run_grid
+from .grid import Cell, Target, Timing, build_requests, model_path, run_grid
 from .lineup import build_repository
 from .loadgen import LoadGenerator
 from .markdown import spread, table

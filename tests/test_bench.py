@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from stablemlp.bench import stats
-from stablemlp.bench.cells import Cell, build_grid, is_peer_cell
 from stablemlp.bench.cli import main as bench_main
+from stablemlp.bench.grid import Cell, build_grid, is_peer_cell
 from stablemlp.bench.loadgen import LoadGenerator, LoadSpec, inband_error
 from stablemlp.bench.markdown import markdown
 from stablemlp.bench.peers import (
