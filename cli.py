@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         func = _load(COMMANDS[command][0])
     except ModuleNotFoundError as err:
         if command == "bench" and (err.name or "").startswith("stablemlp.bench"):
-            # The serving image ships bench/__init__.py alone (Dockerfile): no load generators.
+            # The serving image leaves stablemlp.bench out (Dockerfile): no load generators.
             print(
                 "stablemlp bench: error: the benchmarks are not installed here (the serving image "
                 "leaves them out); from a checkout: pip install '.[bench]'",

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .markdown import table as markdown_table
+from .speed.markdown import table as markdown_table
 
 Fitter = Callable[[Any, np.ndarray, Any, int], np.ndarray]
 

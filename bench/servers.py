@@ -66,11 +66,11 @@ def our_server_command(repository: Path, extra: Sequence[str] = ()) -> list[str]
 
 
 def floor_server_command(repository: Path, run_model: bool = False) -> list[str]:
-    """The transport floor, or with `run_model` the model floor (bench/floors.py)."""
+    """The transport floor, or with `run_model` the model floor (bench/speed/floors.py)."""
     command = [
         sys.executable,
         "-m",
-        "stablemlp.bench.floors",
+        "stablemlp.bench.speed.floors",
         "--model-repository",
         str(repository),
     ]

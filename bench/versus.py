@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
-from .loadgen import LoadGenerator, LoadSpec
-from .markdown import table
 from .servers import cpu_seconds, floor_server_command, our_server_command, start_server
+from .speed.loadgen import LoadGenerator, LoadSpec
+from .speed.markdown import table
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CELLS = (("raw", 1, 1), ("raw", 1, 8), ("raw", 64, 8), ("fp32", 1, 1), ("fp32", 1, 8),

@@ -10,8 +10,8 @@ from typing import Any, cast
 import grpc
 import numpy as np
 
-from ..protos import grpc_service_pb2 as pb
-from ..protos import grpc_service_pb2_grpc as pb_grpc
+from ...protos import grpc_service_pb2 as pb
+from ...protos import grpc_service_pb2_grpc as pb_grpc
 from .grid import Cell, Target, model_path
 from .payloads import feeds_of
 

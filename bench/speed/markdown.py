@@ -242,7 +242,7 @@ def _perf_analyzer_streaming_rows(section: Mapping[str, Any] | None) -> list[str
 
 
 def rest_markdown(section: Mapping[str, Any]) -> str:
-    """The REST cells (bench/rest_cells.py): req/s per target, protocol and form, a column per
+    """The REST cells (bench/speed/rest_cells.py): req/s per target, protocol and form, a column per
     (batch, concurrency) in the order measured."""
     shapes = list(dict.fromkeys((c["batch"], c["concurrency"]) for c in section["cells"]))
     keys = dict.fromkeys((c["target"], c["protocol"], c["form"]) for c in section["cells"])
@@ -328,7 +328,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         *_perf_analyzer_rows(doc["perf_analyzer"]),
         *_perf_analyzer_streaming_rows(doc.get("perf_analyzer_streaming")),
     ]
-    if doc.get("rest"):  # `--rest`: REST servers beside our gRPC (bench/rest_cells.py)
+    if doc.get("rest"):  # `--rest`: REST servers beside our gRPC (bench/speed/rest_cells.py)
         out += ["", rest_markdown(doc["rest"])]
     out += ["", f"Plot: {doc['plot'] or 'not written (matplotlib missing)'}", ""]
     return "\n".join(out)

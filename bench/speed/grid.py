@@ -3,7 +3,7 @@ payloads, the compute floor, and the repeated timed windows.
 
 Each cell is run against every target back to back (order alternating between repeats), so the
 floor and our server see the same moment of a noisy machine and repeat i pairs across targets.
-The replies are checked first, in bench/checks.py.
+The replies are checked first, in bench/speed/checks.py.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 
 import grpc
 
-from ..protos import grpc_service_pb2 as pb
-from ..protos import grpc_service_pb2_grpc as pb_grpc
+from ...protos import grpc_service_pb2 as pb
+from ...protos import grpc_service_pb2_grpc as pb_grpc
+from ..servers import cpu_seconds, memory_mb
 from .floors import measure_compute
 from .loadgen import LoadGenerator, LoadSpec
 from .payloads import build_request, make_feeds
-from .servers import cpu_seconds, memory_mb
 from .stats import PHASES, latency_summary_us, measurement, median_figures, phase_means_us
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_bytes
+from ...files import atomic_write_bytes
+from ..servers import OUR_SERVER_ENV, our_server_command, start_server
 from .checks import check_reply
 from .floors import read_manifests
 from .grid import Cell, Target, Timing, build_requests, model_path, run_grid
@@ -29,7 +30,6 @@ from .loadgen import LoadGenerator
 from .markdown import spread, table
 from .payloads import feeds_of
 from .report import FORMAT, clean_json, machine_facts
-from .servers import OUR_SERVER_ENV, our_server_command, start_server
 from .stats import median_figures, paired_ratios, ratio_range
 
 SHAPES = ((1, 64), (64, 16))  # (batch, concurrency): enough in flight to keep 8 workers busy

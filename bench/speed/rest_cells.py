@@ -1,14 +1,15 @@
 """REST cells: KServe v2 REST servers (ours, or a peer's) beside our gRPC, in one run.
 
-    python -m stablemlp.bench.rest_cells --rest ours=127.0.0.1:8000 [--rest kserve=127.0.0.1:8080] \
-        [--grpc ours=127.0.0.1:8001] --model breast_cancer --width 30 [--repeats 3]
+    python -m stablemlp.bench.speed.rest_cells --rest ours=127.0.0.1:8000 \
+        [--rest kserve=127.0.0.1:8080] [--grpc ours=127.0.0.1:8001] --model breast_cancer \
+        --width 30 [--repeats 3]
 
 `stablemlp bench --rest` runs the same cells against the server it started (and any
 `--rest-peer NAME=HOST:PORT`). Each cell is one (batch, concurrency) and one form: `json` (the v2
 JSON body, the rows as a flat `data` list) or `binary` (Triton's binary tensor data extension);
 gRPC cells send raw_input_contents. Every target is checked to answer a cell's request with the
 right shape before any timing, then the targets are measured back to back, their order alternating
-per repeat, with bench/loadgen.py's workers (pre-serialized requests, keep-alive connections).
+per repeat, with bench/speed/loadgen.py's workers (pre-serialized requests, keep-alive connections).
 Loopback addresses only.
 """
 
@@ -26,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from ..servers import is_loopback
 from .grid import METHODS, Timing
 from .loadgen import LoadGenerator, LoadSpec
 from .markdown import rest_markdown
 from .payloads import build_request
-from .servers import is_loopback
 
 log = logging.getLogger(__name__)
 METHOD = METHODS[False]  # unary ModelInfer, the gRPC side of the comparison
