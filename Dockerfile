@@ -47,13 +47,16 @@ COPY bench/ /src/bench/
 # protobuf, prometheus-client); torch belongs to the `train` extra and is not installed.
 # pip_ca is an optional CA bundle secret for builds behind a TLS-intercepting proxy: it is read
 # during the RUN only and never lands in a layer. pip and setuptools are dropped from
-# the final venv.
+# the final venv, and so is stablemlp.bench: the wheel carries the benchmarks for those who run
+# them (load generators, peer harnesses), a server has no use for them; `stablemlp bench` in the
+# image says it is not installed.
 FROM python AS venv
 COPY --from=source /src /src
 RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install /src \
+    && rm -r /opt/venv/lib/python3*/site-packages/stablemlp/bench \
     && /opt/venv/bin/pip uninstall -y setuptools pip
 
 # onnxruntime-gpu in place of onnxruntime (both provide the `onnxruntime` module, so only one may
@@ -68,6 +71,7 @@ RUN --mount=type=secret,id=pip_ca \
     && /opt/venv/bin/pip install /src \
     && /opt/venv/bin/pip uninstall -y onnxruntime \
     && /opt/venv/bin/pip install "onnxruntime-gpu[cuda,cudnn]==${ONNXRUNTIME_GPU_VERSION}" \
+    && rm -r /opt/venv/lib/python3*/site-packages/stablemlp/bench \
     && /opt/venv/bin/pip uninstall -y setuptools pip
 
 # ---------------------------------------------------------------------------------------------

@@ -123,6 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         func = _load(COMMANDS[command][0])
     except ModuleNotFoundError as err:
+        if command == "bench" and (err.name or "").startswith("stablemlp.bench"):
+            # The serving image leaves stablemlp.bench out (Dockerfile): no load generators.
+            print(
+                "stablemlp bench: error: the benchmarks are not installed here (the serving image "
+                "leaves them out); from a checkout: pip install '.[bench]'",
+                file=sys.stderr,
+            )
+            return 2
         if (
             command in _NEEDS_TRAIN_EXTRA
             and err.name

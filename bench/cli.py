@@ -4,7 +4,7 @@ for, other KServe v2 servers), in one run.
 Starts (or targets) our server and the floors on 127.0.0.1, checks every server answers every
 payload correctly, times the grid (unary and streaming cells) from separate load processes, adds
 perf_analyzer's figures when its environment exists, and writes OUT/bench.json, OUT/bench.md and
-OUT/bench.png. `--workers-scaling` measures `--workers N` instead (bench/scaling.py).
+OUT/bench.png. `--workers-scaling` measures `--workers N` instead (bench/speed/scaling.py).
 `stablemlp bench quality ...` runs the model-quality suite instead (bench/quality.py).
 """
 
@@ -20,11 +20,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cells import NARROW_SHAPES, build_grid, is_peer_cell
-from .checks import check_targets
-from .floors import read_manifests
-from .grid import Target, Timing, build_requests, compute_floors, run_grid
-from .lineup import (
+from .peers.environments import parse_peers
+from .servers import ROOT, is_loopback, measure_import, pin_servers
+from .speed.checks import check_targets
+from .speed.floors import read_manifests
+from .speed.grid import (
+    NARROW_SHAPES,
+    Target,
+    Timing,
+    build_grid,
+    build_requests,
+    compute_floors,
+    is_peer_cell,
+    run_grid,
+)
+from .speed.lineup import (
     build_repository,
     checked_peers,
     install_peers,
@@ -32,14 +42,12 @@ from .lineup import (
     start_ours,
     start_peers,
 )
-from .loadgen import LoadGenerator
-from .peers import parse_peers
-from .perfanalyzer import compare, resolve_wrapper, streaming_check
-from .report import FORMAT, clean_json, machine_facts, targets, write_report
-from .rest import rest_cells
-from .scaling import parse_counts, scaling_main
-from .servers import ROOT, is_loopback, measure_import, pin_servers
-from .stats import cell_documents
+from .speed.loadgen import LoadGenerator
+from .speed.perfanalyzer import compare, resolve_wrapper, streaming_check
+from .speed.report import FORMAT, clean_json, machine_facts, targets, write_report
+from .speed.rest_cells import rest_cells
+from .speed.scaling import parse_counts, scaling_main
+from .speed.stats import cell_documents
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rest",
         action="store_true",
         help="also time REST (JSON and binary tensors) beside gRPC at batch 1 and 64, "
-        "concurrency 8 (bench/rest.py)",
+        "concurrency 8 (bench/speed/rest_cells.py)",
     )
     p.add_argument(
         "--rest-peer",

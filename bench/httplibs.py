@@ -2,14 +2,14 @@
 
     python -m stablemlp.bench.httplibs --model-onnx REPO/MODEL/1/model.onnx [--repeats 3]
 
-Each candidate serves the same v2 JSON infer on the asyncio loop of a (idle) grpc.aio server, as
-the REST front must: the JSON body is parsed, the rows become an FP32 array, the real model runs
-inline, the reply is built and encoded, so JSON encode and decode are in the figures. Candidates:
-aiohttp's server, uvicorn (httptools parser) with a bare ASGI app, and uvicorn with Starlette
-(what KServe's REST uses, less FastAPI's validation), each with the standard library's json and
-with orjson. The load is bench/loadgen.py's HTTP client (pre-serialized requests, keep-alive, a
-separate process); candidates are measured back to back, their order alternating per repeat.
-Libraries that are not installed are skipped; the choice is not re-made at run time.
+Each candidate serves the same v2 JSON infer on the asyncio loop of a (idle) grpc.aio server, as the
+REST front must: the JSON body is parsed, the rows become an FP32 array, the real model runs inline,
+the reply is built and encoded, so JSON encode and decode are in the figures. Candidates: aiohttp's
+server, uvicorn (httptools parser) with a bare ASGI app, and uvicorn with Starlette (what KServe's
+REST uses, less FastAPI's validation), each with the standard library's json and with orjson. The
+load is bench/speed/loadgen.py's HTTP client (pre-serialized requests, keep-alive, a separate
+process); candidates are measured back to back, their order alternating per repeat. Libraries that
+are not installed are skipped; the choice is not re-made at run time.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .loadgen import LoadGenerator, LoadSpec
 from .servers import child_env
+from .speed.loadgen import LoadGenerator, LoadSpec
 
 CANDIDATES = ("aiohttp", "uvicorn-asgi", "uvicorn-starlette")
 JSON_LIBS = ("json", "orjson")

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .speed.markdown import table as markdown_table
+
 Fitter = Callable[[Any, np.ndarray, Any, int], np.ndarray]
 
 
@@ -284,22 +286,19 @@ def summarize(
 
 
 def markdown(summary: dict[str, Any], methods: list[str], seeds: list[int]) -> str:
-    head = "| table | " + " | ".join(methods) + " | ours - best(LR, HGB) | ours / HGB time |"
+    rows = [
+        [item, *(f"{table[m]['auc']:.4f} ({table[m]['seconds']:.1f} s)" for m in methods),
+         f"{summary['vs_best_of_lr_hgb'][item]:+.4f}", f"{summary['time_vs_hgb'][item]:.1f}x"]
+        for item, table in summary["tables"].items()
+    ]  # fmt: skip
+    rows.append(["**mean**", *(f"**{summary['means'][m]:.4f}**" for m in methods), "", ""])
     lines = [
         f"ROC AUC on a held-out 20 %, mean over seeds {seeds} (train seconds in brackets; the"
         " time ratio is the median over seeds of ours' over HistGradientBoosting's).",
         "",
-        head,
-        "|" + " --- |" * (len(methods) + 3),
+        *markdown_table(["table", *methods, "ours - best(LR, HGB)", "ours / HGB time"], rows),
+        "",
     ]
-    for item, table in summary["tables"].items():
-        cells = [f"{table[m]['auc']:.4f} ({table[m]['seconds']:.1f} s)" for m in methods]
-        gap, ratio = summary["vs_best_of_lr_hgb"][item], summary["time_vs_hgb"][item]
-        lines.append(f"| {item} | " + " | ".join(cells) + f" | {gap:+.4f} | {ratio:.1f}x |")
-    lines.append(
-        "| **mean** | " + " | ".join(f"**{summary['means'][m]:.4f}**" for m in methods) + " | | |"
-    )
-    lines.append("")
     for m, v in summary["versus"].items():
         lines.append(
             f"- ours vs {m}: {v['wins']} wins, {v['losses']} losses, mean gap {v['mean_gap']:+.4f}"
@@ -445,17 +444,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def cost_markdown(cost: dict[str, Any]) -> str:
     now, before = cost["default"], cost["previous_default"]
-    lines = [
-        "",
-        f"Served graph, ONNX Runtime session.run (1 thread, median) on {cost['table']}:",
-        "",
-        "| batch | default | previous default (64-32-16) | ratio |",
-        "| --- | --- | --- | --- |",
-    ]
-    for rows in (1, 64):
-        a, b = now[f"batch_{rows}_us"], before[f"batch_{rows}_us"]
-        lines.append(f"| {rows} | {a:.1f} us | {b:.1f} us | {a / b:.2f}x |")
-    return "\n".join(lines) + "\n"
+    rows = []
+    for batch in (1, 64):
+        a, b = now[f"batch_{batch}_us"], before[f"batch_{batch}_us"]
+        rows.append([str(batch), f"{a:.1f} us", f"{b:.1f} us", f"{a / b:.2f}x"])
+    head = ["batch", "default", "previous default (64-32-16)", "ratio"]
+    intro = f"Served graph, ONNX Runtime session.run (1 thread, median) on {cost['table']}:"
+    return "\n".join(["", intro, "", *markdown_table(head, rows)]) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Server processes under test: start, wait for health SERVING, read CPU and memory, stop.
+"""The server harness that tests, bench and scripts share: start a server process, read the port
+it bound, wait for health SERVING, stop it; every wait bounded. Also its CPU and memory.
 
-Both our server and the transport floor log "ready: listening on HOST:PORT" once bound (port 0
-picks a free one); grpc.health.v1 is then polled with a deadline. CPU and RSS come from
-/proc/<pid> (Linux), so the benchmark needs no extra dependency.
+Our server and the benchmark's floors log "ready: listening on HOST:PORT" once bound (port 0 picks
+a free one); grpc.health.v1 is then watched until SERVING, within the same deadline. CPU and RSS
+come from /proc/<pid> (Linux), so the harness needs no extra dependency.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,8 +29,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 60.0  # import + load + warm-up on a busy 2-core machine
 STOP_TIMEOUT_S = 20.0
+LOG_POLL_S = 0.01  # wait_for_log re-reads the lines the reader thread appends
 _READY = re.compile(r"ready: listening on (\S+)")
+_REST = re.compile(r"rest: (https?://\S+?)/v2")
+_METRICS = re.compile(r"metrics: (http://\S+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # ONNX Runtime colours its own warnings
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class ServerStartError(RuntimeError):
+    """A server ended, or missed its deadline, before health said SERVING; the message ends with
+    the tail of its log."""
 
 
 def child_env() -> dict[str, str]:
@@ -44,34 +53,198 @@ def child_env() -> dict[str, str]:
 OUR_SERVER_ENV = {"STABLEMLP_METRICS_PORT": "0"}
 
 
+def serve_command(repository: Path, *flags: str) -> list[str]:
+    """`python -m stablemlp serve` on `repository`, gRPC on 127.0.0.1 and a free port, `flags`."""
+    command = [sys.executable, "-m", "stablemlp", "serve", "--model-repository", str(repository)]
+    return [*command, "--host", "127.0.0.1", "--port", "0", *flags]
+
+
 def our_server_command(repository: Path, extra: Sequence[str] = ()) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "stablemlp",
-        "serve",
-        "--model-repository",
-        str(repository),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--http-port",  # REST on a free port too (Triton's 8000 may be taken)
-        "0",
-        *extra,
-    ]
+    """Our server as the benchmark runs it: REST on a free port too (Triton's 8000 may be
+    taken)."""
+    return serve_command(repository, "--http-port", "0", *extra)
 
 
 def floor_server_command(repository: Path, run_model: bool = False) -> list[str]:
-    """The transport floor, or with `run_model` the model floor (bench/floors.py)."""
+    """The transport floor, or with `run_model` the model floor (bench/speed/floors.py)."""
     command = [
         sys.executable,
         "-m",
-        "stablemlp.bench.floors",
+        "stablemlp.bench.speed.floors",
         "--model-repository",
         str(repository),
     ]
     return [*command, "--run-model"] if run_model else command
+
+
+def channel_to(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A plaintext channel, or a TLS one that checks the server's certificate for `localhost`
+    (the harness's servers listen on 127.0.0.1)."""
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(
+        address, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+    )
+
+
+def wait_until_serving(
+    address: str,
+    deadline_s: float,
+    service: str = "",
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> None:
+    """Watch grpc.health.v1 until `service` is SERVING; TimeoutError after `deadline_s`."""
+    with channel_to(address, credentials) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=deadline_s,
+            wait_for_ready=True,
+            metadata=metadata or None,
+        )
+        try:
+            for response in watch:  # one message per status change; the deadline bounds it
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as err:
+            raise TimeoutError(f"{address}: health '{service}' not SERVING: {err.code()}") from err
+        finally:
+            watch.cancel()
+    raise TimeoutError(f"{address}: health stream for '{service}' ended before SERVING")
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess and its output (stdout and stderr, line by line, colours removed)."""
+
+    name: str
+    process: subprocess.Popen[str]
+    started: float  # time.monotonic() just before Popen
+    lines: list[str] = field(default_factory=list)
+    address: str = ""  # HOST:PORT from its ready line
+    seconds_to_ready: float = 0.0  # start to the ready line
+    seconds_to_serving: float = 0.0  # start to health SERVING
+    _ready: queue.Queue[str] = field(default_factory=queue.Queue, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def read_output(self) -> None:
+        """The reader thread's loop: keep every line, note the ready line's address."""
+        assert self.process.stdout is not None
+        for line in iter(self.process.stdout.readline, ""):
+            self.lines.append(_ANSI.sub("", line))
+            match = _READY.search(line)
+            if match:
+                self.seconds_to_ready = time.monotonic() - self.started
+                self._ready.put(match.group(1).rstrip('",'))  # also inside a JSON log line
+        self._ready.put("")  # EOF: the process ended
+
+    def wait_ready(self, timeout_s: float) -> str:
+        """The address from its ready line; "" when the process ended first. TimeoutError when
+        neither happens within `timeout_s`."""
+        try:
+            self.address = self._ready.get(timeout=max(timeout_s, 0.0))
+        except queue.Empty:
+            raise TimeoutError(f"{self.name}: no ready line in {timeout_s:.0f} s") from None
+        return self.address
+
+    def wait_for_log(self, text: str, count: int = 1, deadline_s: float = 10.0) -> str:
+        """The log once `text` occurs in it `count` times (lines arrive after the replies do)."""
+        deadline = time.monotonic() + deadline_s
+        while self.log().count(text) < count:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{text!r} not {count}x in the log:\n{self.log()}")
+            time.sleep(LOG_POLL_S)  # polling the reader thread's list, bounded by the deadline
+        return self.log()
+
+    def _logged_url(self, pattern: re.Pattern[str], what: str) -> str:
+        found = pattern.findall(self.log())
+        if not found:
+            raise LookupError(f"no {what} line in the server log")
+        return str(found[0]).rstrip('",')
+
+    @property
+    def rest_url(self) -> str:
+        """The REST front's base URL, e.g. http://127.0.0.1:PORT (no trailing /v2)."""
+        return self._logged_url(_REST, "REST")
+
+    @property
+    def metrics_url(self) -> str:
+        return self._logged_url(_METRICS, "metrics")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM (a graceful stop), SIGKILL after `timeout_s`; the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout=timeout_s)
+
+
+def spawn_server(
+    name: str,
+    command: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    base_env: Mapping[str, str] | None = None,
+) -> ServerProcess:
+    """Start `command` (environment: `base_env`, child_env() by default, plus `env`) with a
+    thread reading its output; it does not wait."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        list(command),
+        env={**(child_env() if base_env is None else base_env), **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    server = ServerProcess(name, process, started)
+    threading.Thread(target=server.read_output, daemon=True).start()
+    return server
+
+
+def start_server(
+    name: str,
+    command: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = START_TIMEOUT_S,
+    *,
+    base_env: Mapping[str, str] | None = None,
+    service: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> ServerProcess:
+    """Start `command` and wait, within `timeout_s` in all, until health says `service` is
+    SERVING (`credentials` and `metadata` for that call); ServerStartError, with the server
+    stopped, when it does not."""
+    server = spawn_server(name, command, env, base_env=base_env)
+    deadline = server.started + timeout_s
+    try:
+        if not server.wait_ready(deadline - time.monotonic()):
+            raise ServerStartError(f"{name} exited (code {server.process.wait(STOP_TIMEOUT_S)})")
+        wait_until_serving(
+            server.address,
+            max(deadline - time.monotonic(), 0.1),
+            service,
+            credentials=credentials,
+            metadata=metadata,
+        )
+    except (ServerStartError, TimeoutError, subprocess.TimeoutExpired) as err:
+        server.stop()
+        raise ServerStartError(
+            f"{name} did not become ready ({err}):\n{server.log()[-4000:]}"
+        ) from None
+    server.seconds_to_serving = time.monotonic() - server.started
+    return server
 
 
 def process_tree(pid: int) -> list[int]:
@@ -137,98 +310,6 @@ def memory_mb(pid: int) -> dict[str, float]:
     return {"rss_mb": found["VmRSS"], "peak_rss_mb": found["VmHWM"]}
 
 
-def wait_until_serving(address: str, deadline: float) -> None:
-    """Poll grpc.health.v1 Check("") until SERVING; TimeoutError at `deadline` (monotonic)."""
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(10_000):  # bounded; each call waits for the channel, not a sleep
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                reply = stub.Check(
-                    health_pb2.HealthCheckRequest(), timeout=remaining, wait_for_ready=True
-                )
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                continue
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-    raise TimeoutError(f"{address}: health not SERVING in time")
-
-
-def _drain(stream: IO[str], lines: list[str], ready: queue.Queue[str]) -> None:
-    for line in iter(stream.readline, ""):
-        lines.append(line)
-        match = _READY.search(line)
-        if match:
-            ready.put(match.group(1))
-    ready.put("")  # EOF: the process ended
-
-
-@dataclass
-class ServerProcess:
-    """A running server; `seconds_to_serving` runs from just before Popen to health SERVING."""
-
-    name: str
-    process: subprocess.Popen[str]
-    address: str
-    seconds_to_serving: float
-    lines: list[str]
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
-
-
-def start_server(
-    name: str,
-    command: list[str],
-    env: Mapping[str, str] | None = None,
-    timeout_s: float = START_TIMEOUT_S,
-) -> ServerProcess:
-    """Start `command` (environment: child_env() plus `env`) and wait until it serves."""
-    started = time.monotonic()
-    process = subprocess.Popen(
-        command,
-        env={**child_env(), **(env or {})},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    ready: queue.Queue[str] = queue.Queue()
-    assert process.stderr is not None
-    threading.Thread(target=_drain, args=(process.stderr, lines, ready), daemon=True).start()
-    server = ServerProcess(name, process, "", 0.0, lines)
-    try:
-        server.address = ready.get(timeout=timeout_s)
-        if not server.address:
-            raise RuntimeError(f"{name} exited before it was ready")
-        wait_until_serving(server.address, started + timeout_s)
-    except (queue.Empty, RuntimeError, TimeoutError) as err:
-        server.stop()
-        raise RuntimeError(
-            f"{name} did not become ready ({err}):\n{server.log()[-4000:]}"
-        ) from None
-    server.seconds_to_serving = time.monotonic() - started
-    return server
-
-
 @dataclass(frozen=True)
 class ImportTiming:
     seconds: float  # `import stablemlp.serving.server`, fresh interpreter, its start excluded
@@ -265,8 +346,13 @@ def is_loopback(address: str) -> bool:
 
 __all__ = [
     "OUR_SERVER_ENV",
+    "START_TIMEOUT_S",
+    "STOP_TIMEOUT_S",
     "ImportTiming",
     "ServerProcess",
+    "ServerStartError",
+    "channel_to",
+    "child_env",
     "cpu_seconds",
     "floor_server_command",
     "is_loopback",
@@ -276,6 +362,8 @@ __all__ = [
     "pin",
     "pin_servers",
     "process_tree",
+    "serve_command",
+    "spawn_server",
     "split_cores",
     "start_server",
     "wait_until_serving",

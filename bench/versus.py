@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
-from .loadgen import LoadGenerator, LoadSpec
 from .servers import cpu_seconds, floor_server_command, our_server_command, start_server
+from .speed.loadgen import LoadGenerator, LoadSpec
+from .speed.markdown import table
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CELLS = (("raw", 1, 1), ("raw", 1, 8), ("raw", 64, 8), ("fp32", 1, 1), ("fp32", 1, 8),
@@ -92,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers.values():
             server.stop()
-    print("| cell | before / floor | after / floor | after / before "
-          "| CPU µs/req before / after / floor |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- |")
+    rows = []
     for cell in CELLS:
         pair = {n: rps[(n, cell)] for n in servers}
         ratios = [
@@ -103,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             [a / b for a, b in zip(pair["after"], pair["before"], strict=True)],
         ]
         costs = " / ".join(f"{statistics.median(cpu[(n, cell)]):.0f}" for n in servers)
-        print(f"| {cell[0]} b{cell[1]} c{cell[2]} | " + " | ".join(map(_range, ratios))
-              + f" | {costs} |")  # fmt: skip
+        rows.append([f"{cell[0]} b{cell[1]} c{cell[2]}", *map(_range, ratios), costs])
+    head = ["cell", "before / floor", "after / floor", "after / before"]
+    print("\n".join(table([*head, "CPU µs/req before / after / floor"], rows)))
     return 0
 
 

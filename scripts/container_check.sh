@@ -6,7 +6,7 @@
 # 1. lint the Dockerfile (hadolint);
 # 2. make a local Debian base image with debootstrap when it is missing (no registry here);
 # 3. train + export a small model on the host, then build the `runtime` target from it;
-# 4. check the image: size, no torch, no compiler, no pip, numeric non-root user;
+# 4. check the image: size, no torch, no benchmarks, no compiler, no pip, numeric non-root user;
 # 5. run it on 127.0.0.1 (free ports), wait for gRPC health SERVING (bounded), send real rows
 #    through the published port and compare with in-process ONNX Runtime on the same export;
 #    run the README's REST curl example against the published REST port and check its answer;
@@ -147,10 +147,12 @@ user="$(podman image inspect --format '{{.Config.User}}' "$IMAGE")"
 inside() { podman run --rm --network none --entrypoint /bin/sh "$IMAGE" -c "$1"; }
 torch_out="$(inside 'python -c "import torch" 2>&1' || true)"
 [[ "$torch_out" == *"No module named 'torch'"* ]] || fail "torch is importable in the image: $torch_out"
+bench_out="$(inside 'stablemlp bench --help 2>&1' || true)"
+[[ "$bench_out" == "stablemlp bench: "*"not installed"* ]] || fail "stablemlp bench runs in the image: $bench_out"
 # shellcheck disable=SC2016  # $c is expanded by the container's shell
 inside 'for c in gcc cc c++ g++ clang pip pip3; do command -v "$c" && exit 1; done; exit 0' >/dev/null ||
   fail "a compiler or pip is on the image's PATH"
-log "image: user $user, no torch, no compiler, no pip"
+log "image: user $user, no torch, no bench, no compiler, no pip"
 
 # --- 5. run and talk to it ------------------------------------------------------------------
 read -r grpc_port metrics_port http_port < <("$PY" - <<'EOF'

@@ -1,19 +1,15 @@
 """scripts/gpu_check.py's side of the wire: `stablemlp serve` processes and bounded load loops.
 
-Servers are started through the CLI on 127.0.0.1 port 0 and spoken to over the KServe v2 gRPC
-protocol and the client API only; each wait has a deadline, each load loop a count and a time limit.
+Servers are started through the CLI on 127.0.0.1 port 0 by the harness tests and bench share
+(stablemlp.bench.servers) and spoken to over the KServe v2 gRPC protocol and the client API only;
+each wait has a deadline, each load loop a count and a time limit.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import queue
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,19 +17,17 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from stablemlp.bench.servers import ServerProcess, serve_command, spawn_server, wait_until_serving
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving.client import predict
 
 READINESS = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-READY = re.compile(r"ready: listening on (\S+)")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")  # ONNX Runtime colours its own warnings
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # ONNX Runtime and podman colour their output
 ORT_ERROR = re.compile(r"(?:\[ONNXRuntimeError\] : \d+ : \w+ : |EP Error )(.+)$")
 ORT_LINE = re.compile(r"(.{1,400})$")  # any other error line: its end
 RPC_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 20.0
 WARMUP_CALLS = 3
 
 
@@ -50,112 +44,60 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 def wait_serving(address: str, timeout_s: float) -> None:
     """Returns once grpc.health.v1 reports the inference service SERVING; bounded by timeout_s."""
-    with grpc.insecure_channel(address) as channel:
-        request = health_pb2.HealthCheckRequest(service=READINESS)
-        watch = health_pb2_grpc.HealthStub(channel).Watch(
-            request, timeout=timeout_s, wait_for_ready=True
-        )
-        try:
-            for reply in watch:  # one message per status change; the deadline bounds it
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError as err:
-            raise CheckError(f"{address}: health not SERVING: {err.code().name}") from None
-        finally:
-            watch.cancel()
-    raise CheckError(f"{address}: health stream ended before SERVING")
+    try:
+        wait_until_serving(address, timeout_s, READINESS)
+    except TimeoutError as err:
+        raise CheckError(str(err)) from None
 
 
-class Server:
-    """`stablemlp serve --device DEVICE` on 127.0.0.1:0; its stdout and stderr kept line by line."""
+def wait_ready(server: ServerProcess, timeout_s: float) -> str:
+    """The address it listens on; "" when the process ended without getting there."""
+    try:
+        return server.wait_ready(timeout_s)
+    except TimeoutError as err:
+        raise CheckError(str(err)) from None
 
-    def __init__(self, repository: Path, device: str, extra: list[str], env: dict[str, str]):
-        self.device = device
-        command = [sys.executable, "-m", "stablemlp", "serve", "--model-repository"]
-        command += [str(repository), "--host", "127.0.0.1", "--port", "0", "--device", device]
-        command += ["--metrics-port", "-1", "--http-port", "-1", *extra]
-        self.started = time.perf_counter()
-        self.process = subprocess.Popen(
-            command,
-            env=child_env({"STABLEMLP_LOG_LEVEL": "INFO", **env}),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.ready_s = 0.0  # process start to the "ready: listening on" line
-        self.serving_s = 0.0  # process start to health SERVING
-        self._address: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._drain, daemon=True).start()
 
-    def _drain(self) -> None:
-        assert self.process.stdout is not None
-        for line in iter(self.process.stdout.readline, ""):
-            self.lines.append(ANSI.sub("", line.rstrip("\n")))
-            match = READY.search(line)
-            if match:
-                self.ready_s = time.perf_counter() - self.started
-                self._address.put(match.group(1).rstrip('",'))
-        self._address.put("")  # EOF: the process ended
+def stop_reason(server: ServerProcess) -> str:
+    """Its own one-line reason for stopping ("stablemlp serve: ..."), else its last line."""
+    lines = [line.strip() for line in server.lines]
+    said = [line for line in lines if line.startswith("stablemlp serve:")]
+    return (said or [line for line in lines if line] or ["(no output)"])[-1]
 
-    def wait_ready(self, timeout_s: float) -> str:
-        """The address it listens on; "" when the process ended without getting there."""
-        try:
-            return self._address.get(timeout=timeout_s)
-        except queue.Empty:
-            wait = f"{timeout_s:.0f} s"
-            raise CheckError(f"serve --device {self.device}: no ready line in {wait}") from None
 
-    def wait_serving(self, address: str, timeout_s: float) -> float:
-        """Seconds from process start until health reports the inference service SERVING."""
-        wait_serving(address, timeout_s)
-        self.serving_s = time.perf_counter() - self.started
-        return self.serving_s
-
-    def reason(self) -> str:
-        """Its own one-line reason for stopping ("stablemlp serve: ..."), else its last line."""
-        said = [line for line in self.lines if line.startswith("stablemlp serve:")]
-        return (said or [line for line in self.lines if line.strip()] or ["(no output)"])[-1]
-
-    def onnxruntime_errors(self) -> list[str]:
-        """ONNX Runtime's own error messages (why a provider did not load, say), shortened."""
-        found = [line for line in self.lines if "[E:onnxruntime" in line or "EP Error" in line]
-        return [(ORT_ERROR.search(line) or ORT_LINE.search(line)).group(1) for line in found]
-
-    def stop(self) -> int:
-        """SIGTERM (a graceful stop), then SIGKILL after STOP_TIMEOUT_S; the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
+def onnxruntime_errors(server: ServerProcess) -> list[str]:
+    """ONNX Runtime's own error messages (why a provider did not load, say), shortened."""
+    found = [line for line in server.lines if "[E:onnxruntime" in line or "EP Error" in line]
+    return [(ORT_ERROR.search(line) or ORT_LINE.search(line)).group(1) for line in found]
 
 
 class Fleet:
-    """Every server one run starts, so that all of them are stopped on the way out."""
+    """Every server one run starts (`stablemlp serve --device DEVICE` on 127.0.0.1:0, through the
+    shared harness), so that all of them are stopped on the way out."""
 
     def __init__(self, repository: Path, extra: list[str], start_timeout_s: float) -> None:
         self.repository, self.extra, self.start_timeout_s = repository, extra, start_timeout_s
-        self.servers: list[Server] = []
+        self.servers: list[ServerProcess] = []
 
-    def spawn(self, device: str, env: dict[str, str] | None = None) -> Server:
-        server = Server(self.repository, device, self.extra, env or {})
+    def spawn(self, device: str, env: dict[str, str] | None = None) -> ServerProcess:
+        flags = ["--device", device, "--metrics-port", "-1", "--http-port", "-1", *self.extra]
+        command = serve_command(self.repository, *flags)
+        base = child_env({"STABLEMLP_LOG_LEVEL": "INFO"})
+        server = spawn_server(f"serve --device {device}", command, env, base_env=base)
         self.servers.append(server)
         return server
 
-    def serving(self, device: str, env: dict[str, str] | None = None) -> tuple[Server, str]:
+    def serving(self, device: str, env: dict[str, str] | None = None) -> tuple[ServerProcess, str]:
         """A server that must start: (it, its address) once health says SERVING."""
         server = self.spawn(device, env)
-        address = server.wait_ready(self.start_timeout_s)
+        address = wait_ready(server, self.start_timeout_s)
         if not address:
             server.stop()
-            said = server.onnxruntime_errors()
+            said = onnxruntime_errors(server)
             why = f"; ONNX Runtime: {said[-1]}" if said else ""
-            raise CheckError(f"serve --device {device} did not start: {server.reason()}{why}")
-        server.wait_serving(address, self.start_timeout_s)
+            raise CheckError(f"serve --device {device} did not start: {stop_reason(server)}{why}")
+        wait_serving(address, self.start_timeout_s)
+        server.seconds_to_serving = time.monotonic() - server.started
         return server, address
 
     def stop_all(self) -> None:

@@ -18,10 +18,13 @@ from gpu_check_serving import (
     Fleet,
     chunk_requests,
     describe,
+    onnxruntime_errors,
     sequential,
     served,
+    stop_reason,
     stub_for,
     timed,
+    wait_ready,
     windowed,
 )
 
@@ -93,14 +96,14 @@ def check_serve(run: Run, role: str, device: str, report: dict[str, Any]) -> dic
     report["startup"].append(
         {
             "server": f"{role}: --device {device}",
-            "ready_s": server.ready_s,
-            "serving_s": server.serving_s,
+            "ready_s": server.seconds_to_ready,
+            "serving_s": server.seconds_to_serving,
         }
     )
     kind, first = ("KIND_GPU", CUDA) if device == "cuda" else ("KIND_CPU", CPU)
     passed = config["kind"] == kind and config["providers"][:1] == [first]
     detail = f"ModelConfig: {config['kind']}, providers {','.join(config['providers'])}"
-    detail += f"; SERVING {server.serving_s:.2f} s after start"
+    detail += f"; SERVING {server.seconds_to_serving:.2f} s after start"
     return {"device": device, **config, "passed": passed, "detail": detail}
 
 
@@ -195,9 +198,9 @@ def check_figures(run: Run, provider: str, role: str, report: dict[str, Any]) ->
 
 def check_refusal(run: Run) -> dict[str, Any]:
     server = run.fleet.spawn("cuda", NO_GPU)
-    address = server.wait_ready(run.args.start_timeout)
+    address = wait_ready(server, run.args.start_timeout)
     code = server.stop() if address else server.process.wait(timeout=run.args.start_timeout)
-    reason = server.reason()
+    reason = stop_reason(server)
     passed = not address and code != 0 and "cuda" in reason.lower()
     detail = "it started and served" if address else f"exit {code}: {reason}"
     return {
@@ -205,7 +208,7 @@ def check_refusal(run: Run) -> dict[str, Any]:
         "exit_code": code,
         "started": bool(address),
         "reason": reason,
-        "onnxruntime_errors": server.onnxruntime_errors()[-3:],
+        "onnxruntime_errors": onnxruntime_errors(server)[-3:],
         "passed": passed,
         "detail": detail,
     }
@@ -214,7 +217,7 @@ def check_refusal(run: Run) -> dict[str, Any]:
 def check_auto(run: Run, env: dict[str, str], want: str) -> dict[str, Any]:
     server, address = run.fleet.serving("auto", env)
     config = describe(address, run.model)
-    warnings = [line for line in server.lines if "WARNING" in line and "CPU" in line]
+    warnings = [line.strip() for line in server.lines if "WARNING" in line and "CPU" in line]
     server.stop()
     kind = "KIND_GPU" if want == CUDA else "KIND_CPU"
     passed = config["kind"] == kind and config["providers"][:1] == [want]

@@ -31,21 +31,18 @@ Helpers (plain functions)
     break_version(repository, version, kind)      publish a version that must be refused:
                                                   truncate | flip | garbage | shape
 
-Servers are subprocesses (`python -m stablemlp serve ...`), as in production; the bound port is read
-from the "ready: listening on HOST:PORT" log line, then grpc.health.v1 is watched with a deadline.
+Servers are subprocesses (`python -m stablemlp serve ...`), as in production, started, waited for
+and stopped by the harness bench and scripts use too (stablemlp.bench.servers): the bound port is
+read from the "ready: listening on HOST:PORT" log line, then grpc.health.v1 is watched with a
+deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,13 +52,19 @@ import grpc
 import numpy as np
 import pytest
 
+from stablemlp.bench.servers import ServerProcess as ServerProcess
+from stablemlp.bench.servers import serve_command
+from stablemlp.bench.servers import start_server as start_process
+from stablemlp.bench.servers import wait_until_serving as wait_until_serving
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "breast_cancer"
-START_TIMEOUT_S = 60.0  # import + load + warm-up on a busy 2-core machine
-STOP_TIMEOUT_S = 20.0
-_READY = re.compile(r"ready: listening on (\S+)")
-_METRICS = re.compile(r"metrics: (http://\S+)")
-_REST = re.compile(r"rest: (https?://\S+?)/v2")
+# Every test server: one warm-up run (start-up speed), Prometheus and REST on free ports, no
+# repository polling unless a test's own flags (later, so they win) ask for it.
+SERVER_FLAGS = (
+    *("--warmup-runs", "1", "--metrics-port", "0"),
+    *("--http-port", "0", "--repository-poll-s", "0"),
+)
 
 
 def pytest_report_header() -> str:
@@ -137,93 +140,6 @@ def test_split(run_dir: Path, reference: Reference, model_repository: Path) -> H
     return HeldOutSplit(features, probability, label, tuple(manifest["feature_names"]))
 
 
-def _drain(stream: object, lines: list[str], ready: queue.Queue[str]) -> None:
-    for line in iter(stream.readline, ""):  # type: ignore[attr-defined]
-        lines.append(line)
-        match = _READY.search(line)
-        if match:
-            ready.put(match.group(1).rstrip('",'))  # also inside a JSON log line
-    ready.put("")  # EOF: the process ended
-
-
-class ServerProcess:
-    """A `stablemlp serve` subprocess; every wait is bounded."""
-
-    def __init__(
-        self,
-        repository: Path,
-        *args: str,
-        env: dict[str, str] | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        child_env = {
-            **os.environ,
-            "STABLEMLP_LOG_LEVEL": "INFO",
-            **(env or {}),
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "stablemlp",
-            "serve",
-            "--model-repository",
-            str(repository),
-        ]
-        command += ["--host", "127.0.0.1", "--port", "0", "--warmup-runs", "1"]
-        command += ["--metrics-port", "0", "--http-port", "0", "--repository-poll-s", "0", *args]
-        self.process = subprocess.Popen(
-            command, env=child_env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        self._lines: list[str] = []
-        ready: queue.Queue[str] = queue.Queue()
-        threading.Thread(
-            target=_drain, args=(self.process.stderr, self._lines, ready), daemon=True
-        ).start()
-        try:
-            address = ready.get(timeout=START_TIMEOUT_S)
-        except queue.Empty:
-            address = ""
-        if not address:
-            self.stop()
-            raise RuntimeError(f"server did not become ready:\n{self.log()}")
-        self.address = address
-        wait_until_serving(address, START_TIMEOUT_S, credentials=credentials, metadata=metadata)
-
-    def log(self) -> str:
-        return "".join(self._lines)
-
-    def wait_for_log(self, text: str, count: int = 1, deadline_s: float = 10.0) -> str:
-        """The log once `text` occurs in it `count` times (lines arrive after the replies do)."""
-        deadline = time.monotonic() + deadline_s
-        while self.log().count(text) < count:
-            assert time.monotonic() < deadline, f"{text!r} not {count}x in the log:\n{self.log()}"
-            time.sleep(0.01)  # polling the log reader thread, bounded by the deadline
-        return self.log()
-
-    @property
-    def rest_url(self) -> str:
-        """The REST front's base URL, e.g. http://127.0.0.1:PORT (no trailing /v2)."""
-        found = _REST.findall(self.log())
-        assert found, "no REST line in the server log"
-        return str(found[0]).rstrip('",')
-
-    @property
-    def metrics_url(self) -> str:
-        found = _METRICS.findall(self.log())
-        assert found, "no metrics line in the server log"
-        return str(found[0]).rstrip('",')
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
-
-
 def run_isolated(code: str, cwd: Path) -> str:
     """`code` in a fresh interpreter that cannot see the project (-I: neither the cwd nor
     PYTHONPATH nor user site on sys.path); its stdout. It must exit 0."""
@@ -241,49 +157,18 @@ def run_isolated(code: str, cwd: Path) -> str:
     return done.stdout
 
 
-def channel_to(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
-    """A plaintext channel, or a TLS one checking the server against the test CA's `localhost`."""
-    if credentials is None:
-        return grpc.insecure_channel(address)
-    return grpc.secure_channel(
-        address, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
-    )
-
-
-def wait_until_serving(
-    address: str,
-    deadline_s: float,
-    service: str = "",
-    *,
-    credentials: grpc.ChannelCredentials | None = None,
-    metadata: tuple[tuple[str, str], ...] = (),
-) -> None:
-    """Watch grpc.health.v1 until `service` is SERVING; fails after `deadline_s`."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with channel_to(address, credentials) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service=service),
-            timeout=deadline_s,
-            wait_for_ready=True,
-            metadata=metadata or None,
-        )
-        try:
-            for response in watch:  # one message per status change; the deadline bounds it
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError as err:
-            raise TimeoutError(f"{address}: health '{service}' not SERVING: {err.code()}") from err
-        finally:
-            watch.cancel()
-    raise TimeoutError(f"{address}: health stream for '{service}' ended before SERVING")
-
-
 @pytest.fixture(scope="session")
 def start_server() -> Callable[..., contextlib.AbstractContextManager[ServerProcess]]:
     @contextlib.contextmanager
-    def start(repository: Path, *args: str, **options: Any) -> Iterator[ServerProcess]:
-        server = ServerProcess(repository, *args, **options)
+    def start(
+        repository: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> Iterator[ServerProcess]:
+        command = serve_command(repository, *SERVER_FLAGS, *args)
+        server = start_process("server", command, env, credentials=credentials, metadata=metadata)
         try:
             yield server
         finally:

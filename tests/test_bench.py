@@ -19,12 +19,8 @@ import grpc
 import numpy as np
 import pytest
 
-from stablemlp.bench import stats
-from stablemlp.bench.cells import Cell, build_grid, is_peer_cell
 from stablemlp.bench.cli import main as bench_main
-from stablemlp.bench.loadgen import LoadGenerator, LoadSpec, inband_error
-from stablemlp.bench.markdown import markdown
-from stablemlp.bench.peers import (
+from stablemlp.bench.peers.environments import (
     PEERS,
     parse_peers,
     requirements,
@@ -32,10 +28,14 @@ from stablemlp.bench.peers import (
     write_mlserver,
     write_peer,
 )
-from stablemlp.bench.perfanalyzer import find_wrapper, parse_csv, run_perf_analyzer
-from stablemlp.bench.report import targets
-from stablemlp.bench.scaling import parse_counts, placement
 from stablemlp.bench.servers import child_env, floor_server_command, is_loopback, start_server
+from stablemlp.bench.speed import stats
+from stablemlp.bench.speed.grid import Cell, build_grid, is_peer_cell
+from stablemlp.bench.speed.loadgen import LoadGenerator, LoadSpec, inband_error
+from stablemlp.bench.speed.markdown import markdown
+from stablemlp.bench.speed.perfanalyzer import find_wrapper, parse_csv, run_perf_analyzer
+from stablemlp.bench.speed.report import targets
+from stablemlp.bench.speed.scaling import parse_counts, placement
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -241,7 +241,7 @@ def test_peers_are_named_and_pinned() -> None:
 
 
 def test_a_peer_that_cannot_be_installed_is_reported_with_the_reason(tmp_path: Path) -> None:
-    from stablemlp.bench.lineup import install_peers
+    from stablemlp.bench.speed.lineup import install_peers
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")  # the venv would go below a file: `python -m venv` fails at once
@@ -561,7 +561,7 @@ def test_pin_binds_every_thread_of_a_process_tree() -> None:
 
 
 def _numbers_request(rows: int, width: int, form: str) -> Any:
-    from stablemlp.bench.payloads import build_request, make_feeds
+    from stablemlp.bench.speed.payloads import build_request, make_feeds
 
     manifest = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, width]}]}
     return build_request("breast_cancer", manifest, make_feeds(manifest, rows), form)
@@ -571,7 +571,7 @@ def _numbers_request(rows: int, width: int, form: str) -> Any:
 def test_payloads_carry_numbers_and_text_both_ways(form: str) -> None:
     """A text model's bench rows: numbers, and text from the vocabulary plus an unseen and a
     missing value; the request decodes back to the same feeds (what the model floor runs)."""
-    from stablemlp.bench.payloads import build_request, feeds_of, make_feeds
+    from stablemlp.bench.speed.payloads import build_request, feeds_of, make_feeds
 
     manifest = {
         "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 3]},

@@ -80,3 +80,25 @@ def test_the_declared_python_is_the_one_the_code_needs() -> None:
     assert config["tool"]["ruff"]["target-version"] == "py311"
     assert config["tool"]["mypy"]["python_version"] == "3.11"
     assert "asyncio.timeout(" in (ROOT / "serving" / "rest_boundary.py").read_text()
+
+
+def test_bench_where_it_is_left_out_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The serving image leaves stablemlp.bench out (Dockerfile): `stablemlp bench` there fails
+    with one line naming the fix, not a traceback."""
+    from stablemlp.cli import main
+
+    monkeypatch.setitem(sys.modules, "stablemlp.bench.cli", None)  # import fails as in the image
+    assert main(["bench", "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stablemlp bench: error: the benchmarks are not installed here")
+    assert err.count("\n") == 1 and "pip install '.[bench]'" in err
+
+
+def test_the_serving_images_drop_the_benchmarks() -> None:
+    """Both venv stages (CPU, CUDA) remove stablemlp.bench right after installing the package."""
+    text = (ROOT / "Dockerfile").read_text()
+    drop = "&& rm -r /opt/venv/lib/python3*/site-packages/stablemlp/bench \\"
+    installs = [line for line in text.splitlines() if "/opt/venv/bin/pip install /src" in line]
+    assert len(installs) == 2 and text.count(drop) == 2

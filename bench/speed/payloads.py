@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..protos import grpc_service_pb2 as pb
+from ...protos import grpc_service_pb2 as pb
 
 Feeds = dict[str, np.ndarray]
 _PREFIX = 4  # bytes of a raw BYTES element's little-endian length

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .cells import Cell
+if TYPE_CHECKING:  # grid imports this module
+    from .grid import Cell
 
 PERCENTILES = (50, 90, 99)
 # Triton's ModelStatistics phases, as our server's statistics report them

@@ -10,10 +10,9 @@ from typing import Any, cast
 import grpc
 import numpy as np
 
-from ..protos import grpc_service_pb2 as pb
-from ..protos import grpc_service_pb2_grpc as pb_grpc
-from .cells import Cell
-from .grid import Target, model_path
+from ...protos import grpc_service_pb2 as pb
+from ...protos import grpc_service_pb2_grpc as pb_grpc
+from .grid import Cell, Target, model_path
 from .payloads import feeds_of
 
 TOLERANCE = 1e-5  # probabilities, as export's parity check

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .servers import ROOT
+from ..servers import ROOT
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_bytes
+from ...files import atomic_write_bytes
 from .markdown import markdown
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,15 @@
 """Closed-loop gRPC or HTTP load from worker processes sharing nothing with the server under test.
 
-Each worker (`python -m stablemlp.bench.loadgen`) runs one asyncio loop with K calls outstanding on
-its grpc.aio channel(s) and sends pre-serialized request bytes through a generic unary-unary call
-with no (de)serializer, so the client spends as little CPU per request as Python allows; the same
-workers drive the transport floor and our server, so their ratio is fair. Streaming mode keeps S
-ModelStreamInfer calls open (generic stream-stream, raw bytes) with at most K/S messages
-unanswered on each; a reply belongs to the oldest unanswered message (replies come in order).
-With protocol "http" the payload is a whole pre-serialized HTTP/1.1 request, written as it is on
-K keep-alive connections (one request outstanding on each), and each reply is read by its
-Content-Length: no HTTP client library, so REST servers (ours, a peer's) are measured with the
-same small client cost. The parent speaks JSON lines on the workers' stdin/stdout. Windows are
+Each worker (`python -m stablemlp.bench.speed.loadgen`) runs one asyncio loop with K calls
+outstanding on its grpc.aio channel(s) and sends pre-serialized request bytes through a generic
+unary-unary call with no (de)serializer, so the client spends as little CPU per request as Python
+allows; the same workers drive the transport floor and our server, so their ratio is fair. Streaming
+mode keeps S ModelStreamInfer calls open (generic stream-stream, raw bytes) with at most K/S
+messages unanswered on each; a reply belongs to the oldest unanswered message (replies come in
+order). With protocol "http" the payload is a whole pre-serialized HTTP/1.1 request, written as it
+is on K keep-alive connections (one request outstanding on each), and each reply is read by its
+Content-Length: no HTTP client library, so REST servers (ours, a peer's) are measured with the same
+small client cost. The parent speaks JSON lines on the workers' stdin/stdout. Windows are
 absolute CLOCK_MONOTONIC times (system-wide on Linux), so every worker warms up and measures over
 the same interval.
 """
@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from .servers import child_env
+from ..servers import child_env
 
 START_TIMEOUT_S = 30.0  # a worker imports grpc: well under a second unless the machine is busy
 RPC_TIMEOUT_S = 10.0
@@ -307,7 +307,7 @@ class LoadGenerator:
     """A pool of worker processes, started once and reused for every measurement."""
 
     def __init__(self, processes: int) -> None:
-        command = [sys.executable, "-m", "stablemlp.bench.loadgen"]
+        command = [sys.executable, "-m", "stablemlp.bench.speed.loadgen"]
         self._procs = [
             subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(), bufsize=0

@@ -2,8 +2,8 @@
 
 Transport floor: a bare grpc.aio server with our generated stubs whose ModelInfer returns a fixed,
 pre-built reply of the right shape without running a model, and whose ModelStreamInfer answers each
-message with it as the message arrives (`python -m stablemlp.bench.floors ...`, its own process,
-like our server). It also answers the metadata RPCs perf_analyzer asks for, from
+message with it as the message arrives (`python -m stablemlp.bench.speed.floors ...`, its own
+process, like our server). It also answers the metadata RPCs perf_analyzer asks for, from
 the models' manifest.json. Compute floor: ONNX Runtime `session.run` in-process on the same rows.
 
 Model floor (`--run-model`): the transport floor that also views the request's rows (no copy) and
@@ -29,9 +29,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-from ..protos import grpc_service_pb2 as pb
-from ..protos import grpc_service_pb2_grpc as pb_grpc
-from ..protos import model_config_pb2 as mc
+from ...protos import grpc_service_pb2 as pb
+from ...protos import grpc_service_pb2_grpc as pb_grpc
+from ...protos import model_config_pb2 as mc
 from .payloads import Feeds, feeds_of
 
 READY_LINE = "ready: listening on {address}"  # the line our server logs too
@@ -255,7 +255,7 @@ def measure_compute(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m stablemlp.bench.floors",
+        prog="python -m stablemlp.bench.speed.floors",
         description="the transport- and model-floor gRPC servers",
     )
     parser.add_argument("--model-repository", type=Path, required=True)

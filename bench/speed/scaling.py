@@ -20,16 +20,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_bytes
-from .cells import Cell
+from ...files import atomic_write_bytes
+from ..servers import OUR_SERVER_ENV, our_server_command, start_server
 from .checks import check_reply
 from .floors import read_manifests
-from .grid import Target, Timing, build_requests, model_path, run_grid
+from .grid import Cell, Target, Timing, build_requests, model_path, run_grid
 from .lineup import build_repository
 from .loadgen import LoadGenerator
+from .markdown import spread, table
 from .payloads import feeds_of
 from .report import FORMAT, clean_json, machine_facts
-from .servers import OUR_SERVER_ENV, our_server_command, start_server
 from .stats import median_figures, paired_ratios, ratio_range
 
 SHAPES = ((1, 64), (64, 16))  # (batch, concurrency): enough in flight to keep 8 workers busy
@@ -109,19 +109,19 @@ def markdown(doc: Mapping[str, Any]) -> str:
         f"processes x {s['connections_per_process']} connections; raw_input_contents. "
         f"`{' '.join(doc['command'])}`",
         "",
-        "| batch | conc | workers | req/s | vs fewest workers (range) | p50/p99 µs "
-        "| server CPU-s per 1,000 req | RSS MB |",
-        "|" + " --- |" * 8,
     ]
+    rows = []
     for c in doc["cells"]:
-        f, vs, rng = c["figures"], c["vs_fewest_workers"], c["vs_fewest_workers_range"]
-        spread = f"({rng[0]:.2f}..{rng[1]:.2f})" if len(rng) == 2 else ""
-        out.append(
-            f"| {c['batch']} | {c['concurrency']} | {c['workers']} "
-            f"| {f['requests_per_s']:,.0f} | {vs.get('requests_per_s') or 0:.2f} {spread} "
-            f"| {f['p50_us']:,.0f}/{f['p99_us']:,.0f} "
-            f"| {f.get('server_cpu_s_per_1000') or 0:.3f} | {f.get('rss_mb') or 0:,.0f} |"
-        )
+        f, vs = c["figures"], c["vs_fewest_workers"]
+        rows.append([
+            str(c["batch"]), str(c["concurrency"]), str(c["workers"]),
+            f"{f['requests_per_s']:,.0f}",
+            f"{vs.get('requests_per_s') or 0:.2f} {spread(c['vs_fewest_workers_range'])}",
+            f"{f['p50_us']:,.0f}/{f['p99_us']:,.0f}", f"{f.get('server_cpu_s_per_1000') or 0:.3f}",
+            f"{f.get('rss_mb') or 0:,.0f}",
+        ])  # fmt: skip
+    head = ["batch", "conc", "workers", "req/s", "vs fewest workers (range)", "p50/p99 µs"]
+    out += table([*head, "server CPU-s per 1,000 req", "RSS MB"], rows)
     return "\n".join(out) + "\n"
 
 

@@ -1,6 +1,7 @@
 """The servers one benchmark run measures: ours (its cold starts timed), the transport and model
-floors, and the peers (started from the files bench/peers.py writes, ready once their ServerReady
-and ModelReady say so); each on 127.0.0.1, each stopped when the run's ExitStack closes."""
+floors, and the peers (started from the files bench/peers/environments.py writes, ready once their
+ServerReady and ModelReady say so); each on 127.0.0.1, each stopped when the run's ExitStack
+closes."""
 
 from __future__ import annotations
 
@@ -20,13 +21,18 @@ from typing import IO, Any
 
 import grpc
 
-from ..protos import grpc_service_pb2 as pb
-from ..protos import grpc_service_pb2_grpc as pb_grpc
-from .cells import Cell
-from .checks import check_peer
-from .grid import Target, model_path
-from .peers import Peer, PeerError, describe, ensure_venv, free_port, requirements, write_peer
-from .servers import (
+from ...protos import grpc_service_pb2 as pb
+from ...protos import grpc_service_pb2_grpc as pb_grpc
+from ..peers.environments import (
+    Peer,
+    PeerError,
+    describe,
+    ensure_venv,
+    free_port,
+    requirements,
+    write_peer,
+)
+from ..servers import (
     OUR_SERVER_ENV,
     ServerProcess,
     child_env,
@@ -36,6 +42,8 @@ from .servers import (
     process_tree,
     start_server,
 )
+from .checks import check_peer
+from .grid import Cell, Target, model_path
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,7 @@ def build_repository(
     if wide_model:
         jobs.append((wide_model, ["--epochs", "2", "--hidden", "256,256,256"]))
     if text_model and importlib.util.find_spec("palmerpenguins") is not None:
-        from .quality import PENGUINS_TARGET, penguins_csv
+        from ..quality import PENGUINS_TARGET, penguins_csv
 
         data = penguins_csv(root)
         jobs.append(
@@ -100,7 +108,7 @@ def start_ours(
 
 
 def start_floors(repository: Path, stack: contextlib.ExitStack) -> tuple[Target, Target]:
-    """The transport floor and the model floor (bench/floors.py), each its own process."""
+    """The transport floor and the model floor (bench/speed/floors.py), each its own process."""
     targets = []
     for name, run_model in (("transport_floor", False), ("model_floor", True)):
         server = start_server(name, floor_server_command(repository, run_model=run_model))

@@ -1,14 +1,15 @@
 """REST cells: KServe v2 REST servers (ours, or a peer's) beside our gRPC, in one run.
 
-    python -m stablemlp.bench.rest --rest ours=127.0.0.1:8000 [--rest kserve=127.0.0.1:8080] \
-        [--grpc ours=127.0.0.1:8001] --model breast_cancer --width 30 [--repeats 3]
+    python -m stablemlp.bench.speed.rest_cells --rest ours=127.0.0.1:8000 \
+        [--rest kserve=127.0.0.1:8080] [--grpc ours=127.0.0.1:8001] --model breast_cancer \
+        --width 30 [--repeats 3]
 
 `stablemlp bench --rest` runs the same cells against the server it started (and any
 `--rest-peer NAME=HOST:PORT`). Each cell is one (batch, concurrency) and one form: `json` (the v2
 JSON body, the rows as a flat `data` list) or `binary` (Triton's binary tensor data extension);
 gRPC cells send raw_input_contents. Every target is checked to answer a cell's request with the
 right shape before any timing, then the targets are measured back to back, their order alternating
-per repeat, with bench/loadgen.py's workers (pre-serialized requests, keep-alive connections).
+per repeat, with bench/speed/loadgen.py's workers (pre-serialized requests, keep-alive connections).
 Loopback addresses only.
 """
 
@@ -26,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from ..servers import is_loopback
 from .grid import METHODS, Timing
 from .loadgen import LoadGenerator, LoadSpec
+from .markdown import rest_markdown
 from .payloads import build_request
-from .servers import is_loopback
 
 log = logging.getLogger(__name__)
 METHOD = METHODS[False]  # unary ModelInfer, the gRPC side of the comparison
@@ -161,19 +163,6 @@ def rest_cells(
                    timing.repeats, timing.warmup_s, timing.window_s)  # fmt: skip
 
 
-def markdown(section: dict[str, Any]) -> str:
-    lines = ["## REST beside gRPC", "", section["note"], "",
-             "| target | protocol | form | " + " | ".join(f"b{b} c{c} req/s" for b, c in SHAPES)
-             + " |", "| --- | --- | --- |" + " --- |" * len(SHAPES)]  # fmt: skip
-    keys = dict.fromkeys((c["target"], c["protocol"], c["form"]) for c in section["cells"])
-    for key in keys:
-        figures = {(c["batch"], c["concurrency"]): c["requests_per_s"] for c in section["cells"]
-                   if (c["target"], c["protocol"], c["form"]) == key}  # fmt: skip
-        cells = " | ".join(f"{figures.get(shape, float('nan')):.0f}" for shape in SHAPES)
-        lines.append(f"| {' | '.join(key)} | {cells} |")
-    return "\n".join(lines) + "\n"
-
-
 def _named(text: str) -> tuple[str, str]:
     name, _, address = text.rpartition("=")
     return (name or address), address
@@ -201,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         section = measure(generator, rest, grpc_targets, args.model, args.input, args.width,
                           args.repeats, args.warmup_s, args.window_s)  # fmt: skip
     print(json.dumps(section, indent=1))
-    print(markdown(section), file=sys.stderr)
+    print(rest_markdown(section), file=sys.stderr)
     return 0
 
 
@@ -209,4 +198,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["FORMS", "SHAPES", "check_http", "http_request", "markdown", "measure", "rest_cells"]
+__all__ = ["FORMS", "SHAPES", "check_http", "http_request", "measure", "rest_cells"]

@@ -2,8 +2,8 @@
 
 Each peer is pinned in its own environment (.venv-kserve, .venv-mlserver: made on first use with
 pip; nothing enters ours), serves the same model.onnx through its documented custom-model API (the
-glue is bench/peer_kserve.py or bench/peer_mlserver.py, copied into a temporary folder), binds
-127.0.0.1 on free ports, and counts as started once its ServerReady and ModelReady say so.
+glue is bench/peers/peer_kserve.py or bench/peers/peer_mlserver.py, copied into a temporary folder),
+binds 127.0.0.1 on free ports, and counts as started once its ServerReady and ModelReady say so.
 `mlserver-inline` is MLServer with its parallel inference workers off (`parallel_workers: 0`).
 """
 
