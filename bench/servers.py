@@ -126,6 +126,7 @@ class ServerProcess:
     seconds_to_ready: float = 0.0  # start to the ready line
     seconds_to_serving: float = 0.0  # start to health SERVING
     _ready: queue.Queue[str] = field(default_factory=queue.Queue, repr=False)
+    _reader: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -183,10 +184,15 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=timeout_s)
+            code = self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            return self.process.wait(timeout=timeout_s)
+            code = self.process.wait(timeout=timeout_s)
+        # The reader may still be behind the exited process by a pipe's worth of lines: the log
+        # is complete only once it reached the end (bounded: the pipe closes with the process).
+        if self._reader is not None:
+            self._reader.join(timeout_s)
+        return code
 
 
 def spawn_server(
@@ -208,7 +214,8 @@ def spawn_server(
         text=True,
     )
     server = ServerProcess(name, process, started)
-    threading.Thread(target=server.read_output, daemon=True).start()
+    server._reader = threading.Thread(target=server.read_output, daemon=True)
+    server._reader.start()
     return server
 
 

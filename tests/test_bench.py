@@ -28,7 +28,13 @@ from stablemlp.bench.peers.environments import (
     write_mlserver,
     write_peer,
 )
-from stablemlp.bench.servers import child_env, floor_server_command, is_loopback, start_server
+from stablemlp.bench.servers import (
+    child_env,
+    floor_server_command,
+    is_loopback,
+    spawn_server,
+    start_server,
+)
 from stablemlp.bench.speed import stats
 from stablemlp.bench.speed.grid import Cell, build_grid, is_peer_cell
 from stablemlp.bench.speed.loadgen import LoadGenerator, LoadSpec, inband_error
@@ -52,6 +58,18 @@ TRAIN_TIMEOUT_S = 300.0
 def test_percentile_matches_numpy_linear(q: float) -> None:
     values = np.random.default_rng(1).exponential(size=101).tolist()
     assert stats.percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_a_stopped_servers_log_holds_every_line_it_wrote() -> None:
+    """stop() returns once the reader has reached the end of the output: a process that exits
+    with 64 KB still in the pipe had its last lines missing from log() (a test checking a log line
+    after the server stopped failed under load)."""
+    lines = 50_000  # 100 KB: more than a pipe holds, so the reader is behind when it exits
+    command = [sys.executable, "-c", f"import sys; sys.stdout.write('x\\n' * {lines})"]
+    server = spawn_server("writer", command)
+    assert server.process.wait(timeout=30) == 0  # it wrote everything and exited
+    assert server.stop() == 0
+    assert server.log().count("x\n") == lines
 
 
 def test_percentile_edges() -> None:
