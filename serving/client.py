@@ -24,7 +24,7 @@ import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
 from ..protos import grpc_service_pb2_grpc as pb_grpc
-from .manifest import DTYPES
+from .datatypes import BYTES, DTYPES, FP32
 from .tables import ClientError, Columns, Schema, from_rows
 
 PROBABILITY, LABEL = "probability", "label"  # output names of the model contract
@@ -92,10 +92,14 @@ def _text_bytes(values: list[str]) -> bytes:
 def request_for(columns: Columns, schema: Schema, version: str, tag: str = "") -> Any:
     request = pb.ModelInferRequest(model_name=schema.model, model_version=version, id=tag)
     if schema.numeric_input:
-        request.inputs.add(name=schema.numeric_input, datatype="FP32", shape=columns.numeric.shape)
-        request.raw_input_contents.append(np.ascontiguousarray(columns.numeric, "<f4").tobytes())
+        request.inputs.add(
+            name=schema.numeric_input, datatype=FP32.name, shape=columns.numeric.shape
+        )
+        request.raw_input_contents.append(
+            np.ascontiguousarray(columns.numeric, FP32.dtype).tobytes()
+        )
     for name in schema.text_columns:
-        request.inputs.add(name=name, datatype="BYTES", shape=[columns.rows, 1])
+        request.inputs.add(name=name, datatype=BYTES.name, shape=[columns.rows, 1])
         request.raw_input_contents.append(_text_bytes(columns.text[name]))
     return request
 

@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
-from .encoder import CONTENTS_FIELD, ReplyEncoder
+from .datatypes import BYTES, DATATYPES, FP32, LENGTH_PREFIX_BYTES
+from .encoder import ReplyEncoder
 from .errors import InvalidRequestError, clip, clip_items
 from .manifest import Manifest, TensorSpec
 
@@ -28,8 +29,7 @@ from .manifest import Manifest, TensorSpec
 # itself: (field number 6 << 3) | 2, length-delimited (protobuf encoding; grpc_service.proto).
 _FP32_TAG = 6 << 3 | 2
 MAX_TEXT_BYTES = 1024  # longest text element; categories are words, not documents
-_PREFIX = 4  # bytes of a raw BYTES element's length prefix
-_NUMBER_TYPES = frozenset({float, int, type(None)})  # an FP32 value from JSON; None: missing
+_PREFIX = LENGTH_PREFIX_BYTES
 
 
 class WireTensor(NamedTuple):
@@ -121,8 +121,8 @@ class _Input:
 
     def __init__(self, spec: TensorSpec) -> None:
         self.name, self.datatype, self.width = spec.name, spec.datatype, spec.width
-        self.text = spec.datatype == "BYTES"
-        self.row_bytes = 4 * spec.width  # FP32
+        self.text = spec.datatype == BYTES.name
+        self.row_bytes = FP32.width * spec.width
 
     def from_raw(self, data: bytes, rows: int) -> np.ndarray | None:
         if self.text:
@@ -130,7 +130,7 @@ class _Input:
             return None if items is None else text_array(items, (rows, self.width))
         if len(data) != rows * self.row_bytes:
             return None
-        array = np.ndarray((rows, self.width), "<f4", data)  # a view: no copy
+        array = np.ndarray((rows, self.width), FP32.dtype, data)  # a view: no copy
         return None if np.isinf(array).any() else array
 
     def from_contents(self, contents: pb.InferTensorContents, rows: int) -> np.ndarray | None:
@@ -155,7 +155,7 @@ class _Input:
                 break
         if length != body or start + length != len(data):
             return None
-        array = np.ndarray((rows, self.width), "<f4", data, start)
+        array = np.ndarray((rows, self.width), FP32.dtype, data, start)
         return None if np.isinf(array).any() else array
 
 
@@ -175,7 +175,7 @@ class Codec:
     def max_request_bytes(self) -> int:
         """The largest well-formed request's tensor data (either content form)."""
         per_row = sum(
-            spec.width * (_PREFIX + MAX_TEXT_BYTES if spec.datatype == "BYTES" else 4)
+            spec.width * (_PREFIX + MAX_TEXT_BYTES if spec.datatype == BYTES.name else FP32.width)
             for spec in self.inputs
         )
         return self.max_batch_size * per_row
@@ -274,16 +274,16 @@ class Codec:
                     f"input '{name}': got both contents.{next(iter(tensor.values))} and "
                     "raw_input_contents, expected exactly one"
                 )
-            if spec.datatype == "BYTES":
+            if spec.datatype == BYTES.name:
                 items = split_raw_text(tensor.raw, count, name)
                 return _checked(text_array(items or [], shape, name))
-            if len(tensor.raw) != count * 4:
+            if len(tensor.raw) != count * FP32.width:
                 raise InvalidRequestError(
                     f"raw_input_contents for input '{name}': got {len(tensor.raw)} bytes, "
-                    f"expected {count * 4} (shape {list(shape)} x 4 bytes FP32)"
+                    f"expected {count * FP32.width} (shape {list(shape)} x {FP32.width} bytes FP32)"
                 )
-            return _finite(name, np.frombuffer(tensor.raw, "<f4").reshape(shape))
-        field = CONTENTS_FIELD[spec.datatype]
+            return _finite(name, np.frombuffer(tensor.raw, FP32.dtype).reshape(shape))
+        field = DATATYPES[spec.datatype].contents_field
         other = next((f for f in tensor.values if f != field), None)
         if other is not None:
             raise InvalidRequestError(
@@ -295,18 +295,18 @@ class Codec:
                 f"input '{name}' contents.{field}: got {len(values)} elements, "
                 f"expected {count} (shape {list(shape)})"
             )
-        if spec.datatype == "BYTES":
+        if spec.datatype == BYTES.name:
             return _checked(text_array(values, shape, name))
         # JSON (REST) gives a list; numpy would read "1.5", "nan" and true as numbers, so only
         # numbers and null (missing) pass. protobuf's repeated float holds floats alone.
-        if isinstance(values, list) and not _NUMBER_TYPES.issuperset(map(type, values)):
-            bad = next(v for v in values if type(v) not in _NUMBER_TYPES)
+        if isinstance(values, list) and not FP32.json_types.issuperset(map(type, values)):
+            bad = next(v for v in values if type(v) not in FP32.json_types)
             raise InvalidRequestError(
                 f"input '{name}' contents.{field}: got a value that is not a number "
                 f"({clip(repr(bad))}), expected {count} numbers (null = missing)"
             )
         try:
-            array = np.asarray(values, dtype="<f4").reshape(shape)
+            array = np.asarray(values, dtype=FP32.dtype).reshape(shape)
         except (TypeError, ValueError, OverflowError):  # a front's values that are not numbers
             raise InvalidRequestError(
                 f"input '{name}' contents.{field}: got a value that is not a number, expected "

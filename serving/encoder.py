@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
-from .manifest import DTYPES, TensorSpec
+from .datatypes import DATATYPES, DTYPES
+from .manifest import TensorSpec
 
-# The InferTensorContents field that carries each datatype (protocol spec, "Tensor Data").
-CONTENTS_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents", "BYTES": "bytes_contents"}
 MAX_TEMPLATES = 256  # reply shapes kept: the common batch sizes; bounded
 
 
@@ -76,7 +75,7 @@ class ReplyEncoder:
 
 
 def _fields(outputs: Sequence[TensorSpec]) -> list[tuple[str, np.dtype[Any], str]]:
-    return [(s.name, DTYPES[s.datatype], CONTENTS_FIELD[s.datatype]) for s in outputs]
+    return [(s.name, DTYPES[s.datatype], DATATYPES[s.datatype].contents_field) for s in outputs]
 
 
 def _cast(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
@@ -84,4 +83,4 @@ def _cast(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     return array if array.dtype == dtype else array.astype(dtype)
 
 
-__all__ = ["CONTENTS_FIELD", "ReplyEncoder"]
+__all__ = ["ReplyEncoder"]

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .datatypes import DATATYPES
+
 JSON = "application/json"
 REF = "#/components/schemas/"
-DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-             "FP16", "FP32", "FP64", "BYTES", "BF16"]  # fmt: skip
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -51,13 +51,13 @@ TENSOR_META: dict[str, Any] = {
     "required": ["name", "datatype", "shape"],
     "properties": {
         "name": {"type": "string"},
-        "datatype": {"enum": DATATYPES},
+        "datatype": {"enum": list(DATATYPES)},
         "shape": {"type": "array", "items": {"type": "integer"}},
     },
 }
 DATA = {
-    "description": "row-major values, flat or nested; FP32: numbers, null = missing (NaN); "
-    "INT64: integers; BOOL: true/false; BYTES: strings",
+    "description": "row-major values, flat or nested; "
+    + "; ".join(f"{name}: {DATATYPES[name].json}" for name in ("FP32", "INT64", "BOOL", "BYTES")),
     "type": "array",
 }
 PARAMETERS = {"type": "object", "additionalProperties": True}

@@ -14,13 +14,12 @@ import json
 from ..protos import grpc_service_pb2 as pb
 from ..protos import model_config_pb2 as mc
 from .batcher import BatchingOptions
+from .datatypes import DATATYPES
 from .manifest import MODEL_FILE, PLATFORM
 from .metrics import Duration, VersionStats
 from .policy import VersionPolicy
 from .runtime import CUDA
 from .versions import Loaded
-
-CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "INT64": mc.TYPE_INT64, "BYTES": mc.TYPE_STRING}
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
@@ -67,10 +66,12 @@ def model_config(
     else:
         config.version_policy.specific.versions.extend(policy.versions)
     for spec in manifest.inputs:
-        config.input.add(name=spec.name, data_type=CONFIG_TYPES[spec.datatype], dims=spec.shape[1:])
+        config.input.add(
+            name=spec.name, data_type=DATATYPES[spec.datatype].config_type, dims=spec.shape[1:]
+        )
     for spec in manifest.outputs:
         config.output.add(
-            name=spec.name, data_type=CONFIG_TYPES[spec.datatype], dims=spec.shape[1:]
+            name=spec.name, data_type=DATATYPES[spec.datatype].config_type, dims=spec.shape[1:]
         )
     if batching is not None:
         config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
@@ -95,4 +96,4 @@ def model_config(
     return config
 
 
-__all__ = ["CONFIG_TYPES", "model_config", "model_statistics"]
+__all__ = ["model_config", "model_statistics"]

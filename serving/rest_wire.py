@@ -26,18 +26,10 @@ import orjson
 
 from .batcher import Results
 from .codec import Codec, Decoded, WireTensor
+from .datatypes import DATATYPES, DTYPES
 from .errors import InvalidRequestError, clip
-from .manifest import DTYPES
 from .request_bounds import MAX_INPUTS, MAX_OUTPUTS, MAX_RANK, check_count, check_parameters
 
-# The InferTensorContents field of each datatype (protocol spec, "Tensor Data"): what the codec
-# expects a typed value list to be called, whichever front built it.
-CONTENTS_FIELDS = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-    "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-    "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}  # fmt: skip
 MAX_DATA_DEPTH = 32  # nesting of one tensor's `data` (its rank); far above any real tensor
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
@@ -148,7 +140,9 @@ def _tensor(index: int, doc: Any, binary: memoryview, offset: int) -> tuple[Wire
     values: dict[str, list[Any]] = {}
     if "data" in doc:
         data = _expect(doc["data"], list, f"{where}.data", "a list")
-        field = CONTENTS_FIELDS.get(datatype, "data")
+        # Named as the typed contents field the codec expects, whichever front built it.
+        known = DATATYPES.get(datatype)
+        field = known.contents_field if known is not None and known.contents_field else "data"
         values[field] = _flatten(data, f"{where}.data")
     elif raw is None:
         raise InvalidRequestError(
@@ -239,7 +233,6 @@ WIRE = RestWire()
 
 __all__ = [
     "BINARY_CONTENT_TYPE",
-    "CONTENTS_FIELDS",
     "JSON_CONTENT_TYPE",
     "MAX_DATA_DEPTH",
     "WIRE",

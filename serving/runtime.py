@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .datatypes import BY_ORT_TYPE, DTYPES
 from .errors import ContractError, ProviderError, clip
 from .graph_files import refuse_file_references
-from .manifest import DTYPES, MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec, verify_file
+from .manifest import MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec, verify_file
 from .settings import Device, RunInline
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # ONNX Runtime's type strings for the protocol datatypes we carry.
-ORT_TYPES = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(string)": "BYTES"}
 # Timed runs per batch size when deciding where runs happen; the fastest counts (the others
 # include the odd preemption on a busy machine).
 CALIBRATION_RUNS = 5
@@ -113,7 +113,8 @@ def _check_graph(session: ort.InferenceSession, manifest: Manifest) -> None:
                 raise ContractError(
                     f"model.onnx {kind} '{spec.name}': missing (graph has {sorted(graph)})"
                 )
-            datatype = ORT_TYPES.get(node.type, node.type)
+            known = BY_ORT_TYPE.get(node.type)
+            datatype = node.type if known is None else known.name
             dims = [d if isinstance(d, int) else -1 for d in node.shape]
             if datatype != spec.datatype or len(dims) != len(spec.shape):
                 raise ContractError(

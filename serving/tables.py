@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..csvfile import BATCH_ROWS, open_csv
+from .datatypes import BYTES
 
 MISSING = {"", "na", "nan", "null", "none", "?", "n/a"}
 
@@ -50,7 +51,7 @@ class Schema:
         return (*self.feature_names, *self.text_columns)
 
 
-_TYPE_STRING = 13  # model_config.proto DataType.TYPE_STRING
+_TYPE_STRING = BYTES.config_type  # text inputs
 
 
 @dataclass(frozen=True)

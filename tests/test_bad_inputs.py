@@ -23,8 +23,9 @@ from tolerances import PROBABILITY
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving.codec import Codec
+from stablemlp.serving.datatypes import DTYPES
 from stablemlp.serving.errors import CLIP_CHARS, InvalidRequestError
-from stablemlp.serving.manifest import DTYPES, FileEntry, Manifest, TensorSpec
+from stablemlp.serving.manifest import FileEntry, Manifest, TensorSpec
 from stablemlp.serving.protowire import WireError
 from stablemlp.serving.request_bounds import check_infer_bytes
 
