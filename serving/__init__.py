@@ -30,13 +30,12 @@ from .errors import (
     ProviderError,
     ServingError,
 )
-from .flags import load_settings
 from .manifest import Manifest, TensorSpec
-from .policy import VersionPolicy
-from .settings import Settings
+from .repository.policy import VersionPolicy
+from .settings import Settings, load_settings
 
-_LAZY = {"build_server": "server", "main": "server", "serve": "server", "predict": "client",
-         "Security": "client"}  # fmt: skip
+_LAZY = {"build_server": "server", "main": "server", "serve": "server", "predict": "client.calls",
+         "Security": "client.calls"}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

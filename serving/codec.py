@@ -14,22 +14,30 @@ whitespace stripped; raw form: each element a 4-byte little-endian length, then 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..protos import grpc_service_pb2 as pb
 from .datatypes import BYTES, DATATYPES, FP32, LENGTH_PREFIX_BYTES
-from .encoder import ReplyEncoder
 from .errors import InvalidRequestError, clip, clip_items
-from .manifest import Manifest, TensorSpec
+from .grpc.wire import ReplyEncoder
+from .manifest import MAX_TENSORS, Manifest, TensorSpec
 
 # A packed fp32_contents serializes as its tag, a varint length, then the little-endian array
 # itself: (field number 6 << 3) | 2, length-delimited (protobuf encoding; grpc_service.proto).
 _FP32_TAG = 6 << 3 | 2
 MAX_TEXT_BYTES = 1024  # longest text element; categories are words, not documents
 _PREFIX = LENGTH_PREFIX_BYTES
+# Entry counts and parameters a request may hold, whichever front read it (grpc/bounds.py checks
+# them on a message's bytes, rest/wire.py on parsed JSON): the model contract's with room.
+MAX_INPUTS = MAX_TENSORS  # `inputs` entries (and raw_input_contents): a manifest's most tensors
+MAX_OUTPUTS = MAX_TENSORS
+MAX_RANK = 32  # `shape` entries of one input (the contract's tensors have 2)
+MAX_PARAMETERS = 64  # entries of one `parameters` map (request, each input, each output)
+MAX_PARAMETER_KEY_BYTES = 128
+MAX_PARAMETER_VALUE_BYTES = 4096  # a string parameter's UTF-8 bytes
 
 
 class WireTensor(NamedTuple):
@@ -391,11 +399,47 @@ def _finite(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def check_count(items: Sized, where: str, limit: int) -> None:
+    """A parsed (REST) list or object: at most `limit` entries."""
+    if len(items) > limit:
+        raise InvalidRequestError(f"{where}: got {len(items)} entries, expected at most {limit}")
+
+
+def check_parameters(parameters: Mapping[str, Any], where: str) -> None:
+    """A parsed (REST) `parameters` object: few entries, short keys, scalar values (a string of
+    at most MAX_PARAMETER_VALUE_BYTES), as the gRPC InferParameter allows."""
+    check_count(parameters, where, MAX_PARAMETERS)
+    for key, value in parameters.items():
+        if len(key) > MAX_PARAMETER_KEY_BYTES:
+            raise InvalidRequestError(
+                f"{where} key '{clip(key)}': got {len(key)} characters, expected at most "
+                f"{MAX_PARAMETER_KEY_BYTES}"
+            )
+        if isinstance(value, str) and len(value) > MAX_PARAMETER_VALUE_BYTES:
+            raise InvalidRequestError(
+                f"{where}['{clip(key)}']: got a string of {len(value)} characters, expected at "
+                f"most {MAX_PARAMETER_VALUE_BYTES}"
+            )
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            raise InvalidRequestError(
+                f"{where}['{clip(key)}']: got a {type(value).__name__}, expected a string, "
+                "number or boolean"
+            )
+
+
 __all__ = [
+    "MAX_INPUTS",
+    "MAX_OUTPUTS",
+    "MAX_PARAMETERS",
+    "MAX_PARAMETER_KEY_BYTES",
+    "MAX_PARAMETER_VALUE_BYTES",
+    "MAX_RANK",
     "MAX_TEXT_BYTES",
     "Codec",
     "Decoded",
     "WireTensor",
+    "check_count",
+    "check_parameters",
     "split_raw_text",
     "text_array",
     "wire_tensors",

@@ -18,18 +18,17 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .batcher import Results
 from .codec import Codec, Decoded
 from .errors import ControlDisabledError
-from .limits import Admission
 from .manifest import Manifest
-from .metrics import Telemetry, VersionStats
-from .repository import ModelRepository
+from .observe.telemetry import Telemetry, VersionStats
+from .repository.models import Loaded, ModelRepository
+from .runtime.admission import Admission
+from .runtime.batcher import Results
 from .settings import ControlMode
-from .versions import Loaded
 
 if TYPE_CHECKING:  # the hook's module imports this one
-    from .observe import Hook
+    from .observe.hook import Hook
 
 log = logging.getLogger(__name__)
 

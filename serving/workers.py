@@ -41,10 +41,10 @@ from multiprocessing.context import SpawnProcess
 from typing import Any
 
 from .errors import ServingError
-from .failures import LibraryLines
-from .metrics import serve_metrics
+from .observe.call_log import LibraryLines
+from .observe.telemetry import serve_metrics
+from .observe.worker_metrics import WorkerMetrics
 from .settings import Settings
-from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving.codec import Codec
 from stablemlp.serving.datatypes import DTYPES
 from stablemlp.serving.errors import CLIP_CHARS, InvalidRequestError
+from stablemlp.serving.grpc.bounds import check_infer_bytes
 from stablemlp.serving.manifest import FileEntry, Manifest, TensorSpec
 from stablemlp.serving.protowire import WireError
-from stablemlp.serving.request_bounds import check_infer_bytes
 
 TOKEN = "corpus-token-0123456789"
 CONTROL_TOKEN = "corpus-control-token-42"

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
-from stablemlp.serving.grpc_boundary import BURST_LINES
+from stablemlp.serving.grpc.boundary import BURST_LINES
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 TIMEOUT = 10.0
@@ -199,7 +199,7 @@ def test_a_watcher_hears_a_shutdown_that_comes_while_its_last_reply_is_being_sen
     Driven on the servicer itself, so the interleaving is exact rather than left to chance."""
     import asyncio
 
-    from stablemlp.serving.health import HealthServicer
+    from stablemlp.serving.grpc.health import HealthServicer
 
     async def interleave() -> list[int]:
         health = HealthServicer()
@@ -287,7 +287,7 @@ def test_library_errors_and_distinct_failures_cannot_flood_the_log(
     each through the burst limiter, and all failure lines together are capped per window."""
     import socket
 
-    from stablemlp.serving.failures import TOTAL_LINES
+    from stablemlp.serving.observe.call_log import TOTAL_LINES
 
     with start_server(model_repository) as srv:
         host, port = srv.rest_url.removeprefix("http://").rsplit(":", 1)

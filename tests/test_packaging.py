@@ -79,4 +79,4 @@ def test_the_declared_python_is_the_one_the_code_needs() -> None:
     assert config["project"]["requires-python"] == ">=3.11"
     assert config["tool"]["ruff"]["target-version"] == "py311"
     assert config["tool"]["mypy"]["python_version"] == "3.11"
-    assert "asyncio.timeout(" in (ROOT / "serving" / "rest_boundary.py").read_text()
+    assert "asyncio.timeout(" in (ROOT / "serving" / "rest" / "guard.py").read_text()

@@ -25,7 +25,7 @@ from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
-from stablemlp.serving.flags import load_settings
+from stablemlp.serving.settings import load_settings
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 TOKEN, CONTROL_TOKEN = "rest-token-0123", "rest-control-4567"
@@ -195,7 +195,7 @@ def _schema(document: dict[str, Any], ref: str) -> jsonschema.Draft202012Validat
 def test_openapi_document_covers_every_route_and_matches_replies(
     srv: ServerProcess, test_split: HeldOutSplit
 ) -> None:
-    from stablemlp.serving.rest import ROUTES
+    from stablemlp.serving.rest.app import ROUTES
 
     document = get(srv, "/v2/openapi.json").json()
     assert document["openapi"].startswith("3.1")

@@ -25,7 +25,7 @@ from test_bad_inputs import codec_for
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving.errors import InvalidRequestError
 from stablemlp.serving.manifest import TensorSpec
-from stablemlp.serving.rest_wire import MAX_DATA_DEPTH, WIRE, parse_infer
+from stablemlp.serving.rest.wire import MAX_DATA_DEPTH, WIRE, parse_infer
 
 TOKEN = "rest-corpus-token-0123"
 GOOD = (("authorization", f"Bearer {TOKEN}"),)
@@ -115,7 +115,7 @@ def corpus(rows: np.ndarray) -> list[Case]:
          "binary_data: got a string, expected true or false"),
         ("parameters list", _edit(rows, lambda b: b.update(parameters=[])), 400,
          "request.parameters: got a list"),
-        # Issue 23.2: the gRPC front's entry bounds (request_bounds.py), before tensors are built.
+        # Issue 23.2: the gRPC front's entry bounds (grpc/bounds.py), before tensors are built.
         ("2000 inputs", _edit(rows, lambda b: b.update(inputs=[{}] * 2000)), 400,
          "inputs: got 2000 entries, expected at most 1024"),
         ("2000 outputs", _edit(rows, lambda b: b.update(outputs=[{}] * 2000)), 400,
