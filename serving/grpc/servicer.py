@@ -1,5 +1,7 @@
-"""inference.GRPCInferenceService: the gRPC front. Each method turns its message into a dataplane
-call and the answer back into a message; `grpc_boundary.rpc` maps every failure.
+"""inference.GRPCInferenceService: the gRPC front, and its port. Each method turns its message into
+a dataplane call and the answer back into a message (ModelInfer: wire.py reads the request into
+neutral tensors and writes the reply); `boundary.rpc` maps every failure. The port's options bound
+what clients can make gRPC hold before any handler runs.
 
 ModelMetadata.platform stays Triton's exact "onnxruntime_onnx" because clients compare it;
 ServerMetadata.extensions lists the Triton extensions served plus one `providers=...` entry.
@@ -9,66 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
 from ...protos import grpc_service_pb2 as pb
 from ...protos import grpc_service_pb2_grpc as pb_grpc
-from ..codec import Codec, Decoded
-from ..dataplane import DataPlane
+from ..dataplane import DataPlane, Inference
 from ..errors import InvalidRequestError, clip
 from ..manifest import PLATFORM, TensorSpec
 from ..repository.policy import VersionPolicy
-from ..runtime.batcher import BatchingOptions, Results
+from ..runtime.batcher import BatchingOptions
 from ..settings import Settings, address
 from ..triton import model_config, model_statistics
 from .boundary import Undecodable, cancelled_status, check_decoded, failure, lenient, rpc
 from .bounds import check_infer_bytes, values_bound
+from .wire import reply_of, request_of
 
 Context = Any  # grpc.aio.ServicerContext; the generated stubs are untyped
 SERVER_NAME = "stablemlp"
+PROTOCOL = "grpc"  # what traces and request logs say these calls came over
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 # Requests of one stream running at once; beyond, the stream is not read (HTTP/2 flow control
 # then holds the client back): bounded memory per stream, and room for them to batch.
 STREAM_WINDOW = 64
-
-
-class GrpcWire:
-    """ModelInferRequest in, ModelInferResponse out, through the version's codec."""
-
-    protocol = "grpc"
-
-    @staticmethod
-    def decode(codec: Codec, request: pb.ModelInferRequest) -> Decoded:
-        return codec.decode(request)
-
-    @staticmethod
-    def encode(
-        codec: Codec, request: pb.ModelInferRequest, decoded: Decoded, results: Results
-    ) -> pb.ModelInferResponse:
-        return codec.replies.encode(request, results, decoded.outputs, decoded.rows, decoded.raw)
-
-
-class StreamWire:
-    """The same decode, with each reply written straight into a ModelStreamInferResponse."""
-
-    protocol = "grpc"
-    decode = staticmethod(GrpcWire.decode)
-
-    @staticmethod
-    def encode(
-        codec: Codec, request: pb.ModelInferRequest, decoded: Decoded, results: Results
-    ) -> pb.ModelStreamInferResponse:
-        reply = pb.ModelStreamInferResponse()
-        codec.replies.encode(
-            request, results, decoded.outputs, decoded.rows, decoded.raw, reply.infer_response
-        )
-        return reply
-
-
-WIRE, STREAM_WIRE = GrpcWire(), StreamWire()
 
 
 def _tensors(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -91,19 +58,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._server_version = server_version
         self._streams: set[asyncio.Future[None]] = set()  # each open stream's reader
 
-    def _infer(self, request: pb.ModelInferRequest, context: Context) -> Any:
+    @rpc
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
+        async with self._infer(request, context) as inferred:
+            return reply_of(request, inferred)
+
+    def _infer(self, request: pb.ModelInferRequest, context: Context) -> Inference:
         return self._dataplane.infer(
-            request.model_name, request.model_version, request, WIRE,
+            request.model_name, request.model_version, request_of(request), PROTOCOL,
             lambda: cancelled_status(context), context.invocation_metadata,
         )  # fmt: skip
-
-    @rpc
-    def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Context
-    ) -> Awaitable[pb.ModelInferResponse]:
-        # Not a coroutine itself: `rpc` awaits the dataplane's directly (one frame less a call).
-        response: Awaitable[pb.ModelInferResponse] = self._infer(request, context)
-        return response
 
     @rpc
     async def ModelStreamInfer(
@@ -153,10 +119,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStreamInferResponse:
         try:
             check_decoded(request)
-            reply: pb.ModelStreamInferResponse = await self._dataplane.infer(
-                request.model_name, request.model_version, request, STREAM_WIRE,
-                lambda: cancelled_status(context), context.invocation_metadata,
-            )  # fmt: skip
+            async with self._infer(request, context) as inferred:
+                reply = pb.ModelStreamInferResponse()
+                reply_of(request, inferred, reply.infer_response)  # written in place: no copy
         except Exception as err:  # one message's failure, answered in-band
             reply = pb.ModelStreamInferResponse(
                 error_message=failure(err, "ModelStreamInfer", context.peer())[1]
@@ -343,11 +308,7 @@ __all__ = [
     "EXTENSIONS",
     "SERVER_NAME",
     "STREAM_WINDOW_BYTES",
-    "STREAM_WIRE",
-    "WIRE",
-    "GrpcWire",
     "InferenceServicer",
-    "StreamWire",
     "add_inference_service",
     "bind_grpc",
     "grpc_server",

@@ -172,7 +172,11 @@ class Call:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, _: Any) -> None:
-        if kind is None:
+        self.finish(err)
+
+    def finish(self, err: BaseException | None) -> None:
+        """Count the call once: a success, or a failure by the status `err` maps to."""
+        if err is None:
             code = OK
         elif isinstance(err, asyncio.CancelledError):
             code = self.cancelled()

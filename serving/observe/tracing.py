@@ -19,24 +19,12 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OK
 
-
-class Watched(Protocol):
-    """What a traced inference exposes (observe.Watched; a protocol: no import back)."""
-
-    call: Any
-    carrier: Any
-    protocol: str
-    name: str
-    version: str
-    decode_ns: int
-    encode_ns: int
-    encoded_ns: int
-
-    def served_version(self) -> str: ...
+if TYPE_CHECKING:  # the dataplane imports the hook, which imports this module
+    from ..dataplane import Inference
 
 
 log = logging.getLogger(__name__)
@@ -114,16 +102,16 @@ class Tracing:
         self._status: Any = Status
         self._error_code: Any = StatusCode.ERROR
 
-    def record(self, watched: Watched, code: str, ended_ns: int) -> None:
+    def record(self, inference: Inference, code: str, ended_ns: int) -> None:
         """One span for the call and one per phase it reached; times are perf_counter_ns."""
-        call = watched.call
+        call = inference.call
         offset = time.time_ns() - time.perf_counter_ns()  # perf_counter -> Unix time
-        parent = self._propagator.extract(_headers(watched.carrier))
+        parent = self._propagator.extract(_headers(inference.carrier))
         attributes: dict[str, Any] = {
-            "rpc.system" if watched.protocol == "grpc" else "network.protocol.name":
-                watched.protocol,
-            "stablemlp.model.name": watched.name,
-            "stablemlp.model.version": watched.served_version() or watched.version,
+            "rpc.system" if inference.protocol == "grpc" else "network.protocol.name":
+                inference.protocol,
+            "stablemlp.model.name": inference.name,
+            "stablemlp.model.version": inference.served_version(),
             "stablemlp.status": code,
         }  # fmt: skip
         if call.rows:
@@ -132,16 +120,16 @@ class Tracing:
         if executed is not None:
             attributes["stablemlp.batch_rows"] = executed.batch_rows  # rows of the merged run
         span = self._tracer.start_span(
-            f"{watched.protocol} infer", context=parent, kind=self._server,
+            f"{inference.protocol} infer", context=parent, kind=self._server,
             start_time=call.start + offset, attributes=attributes,
         )  # fmt: skip
         if not span.is_recording():  # sampled out (OTEL_TRACES_SAMPLER): no children either
             return
-        phases = [("decode", watched.decode_ns, call.decoded if call.rows else 0)]
+        phases = [("decode", inference.decode_ns, call.decoded if call.rows else 0)]
         if executed is not None:
             phases += [("queue", call.decoded, executed.started_ns),
                        ("run", executed.started_ns, executed.ended_ns)]  # fmt: skip
-        phases.append(("encode", watched.encode_ns, watched.encoded_ns))
+        phases.append(("encode", inference.encode_ns, ended_ns))
         context = self._in_context(span)
         for name, start, end in phases:
             if start and end:

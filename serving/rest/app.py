@@ -34,14 +34,15 @@ from .openapi import openapi_document
 from .wire import (
     BINARY_CONTENT_TYPE,
     JSON_CONTENT_TYPE,
-    WIRE,
-    RestReply,
     dump_json,
     load_json,
     parse_infer,
+    reply_of,
+    request_of,
 )
 
 log = logging.getLogger(__name__)
+PROTOCOL = "http"  # what traces and request logs say these calls came over
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
 MODEL = "/v2/models/{name}"
 VERSION = "/v2/models/{name}/versions/{version}"
@@ -205,9 +206,10 @@ class RestFront:
             )
         header_length = None if header is None else int(header)
         inference = parse_infer(await request.read(), header_length)
-        reply: RestReply = await self._dataplane.infer(
-            name, version, inference, WIRE, _cancelled, request.headers.items
-        )
+        async with self._dataplane.infer(
+            name, version, request_of(inference), PROTOCOL, _cancelled, request.headers.items
+        ) as inferred:
+            reply = reply_of(inference, inferred)
         if reply.header_length is None:
             return web.Response(body=reply.body, content_type=JSON_CONTENT_TYPE)
         return web.Response(

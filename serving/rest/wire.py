@@ -1,5 +1,5 @@
-"""The REST front's wire: KServe v2 JSON inference requests and replies, with Triton's binary
-tensor data extension, mapped to the version's codec.
+"""The REST front's wire: KServe v2 JSON inference requests read into the codec's neutral tensors,
+and replies written from an inference's outputs, with Triton's binary tensor data extension.
 
 A request body is JSON, or (binary extension) a JSON header of `Inference-Header-Content-Length`
 bytes followed by the inputs' bytes, each input saying how many are its own in
@@ -28,15 +28,14 @@ from ..codec import (
     MAX_INPUTS,
     MAX_OUTPUTS,
     MAX_RANK,
-    Codec,
-    Decoded,
+    InferRequest,
     WireTensor,
     check_count,
     check_parameters,
 )
+from ..dataplane import Inferred
 from ..datatypes import DATATYPES, DTYPES
 from ..errors import InvalidRequestError, clip
-from ..runtime.batcher import Results
 
 MAX_DATA_DEPTH = 32  # nesting of one tensor's `data` (its rank); far above any real tensor
 JSON_CONTENT_TYPE = "application/json"
@@ -196,58 +195,50 @@ def parse_infer(body: bytes, header_length: int | None) -> RestInference:
     return RestInference(request_id, tensors, names, frozenset(binary_names), every)
 
 
-class RestWire:
-    """RestInference in, RestReply out, through the version's codec (dataplane.Wire)."""
-
-    protocol = "http"
-
-    @staticmethod
-    def decode(codec: Codec, request: RestInference) -> Decoded:
-        return codec.decode_tensors(request.tensors, request.outputs, mixed_forms=True)
-
-    @staticmethod
-    def encode(
-        codec: Codec, request: RestInference, decoded: Decoded, results: Results
-    ) -> RestReply:
-        outputs: list[dict[str, Any]] = []
-        chunks: list[bytes] = []
-        for spec in decoded.outputs:
-            array = results[spec.name]
-            dtype = DTYPES[spec.datatype]
-            array = array if array.dtype == dtype else array.astype(dtype)
-            entry: dict[str, Any] = {
-                "name": spec.name, "datatype": spec.datatype, "shape": [decoded.rows, spec.width]
-            }  # fmt: skip
-            if request.binary_all or spec.name in request.binary:
-                data = np.ascontiguousarray(array).tobytes()
-                entry["parameters"] = {"binary_data_size": len(data)}
-                chunks.append(data)
-            else:
-                entry["data"] = array.ravel().tolist()
-            outputs.append(entry)
-        reply: dict[str, Any] = {"model_name": codec.model_name}
-        reply["model_version"] = codec.model_version
-        if request.id:
-            reply["id"] = request.id
-        reply["outputs"] = outputs
-        header = orjson.dumps(reply)
-        if not chunks:
-            return RestReply(header, None)
-        return RestReply(b"".join([header, *chunks]), len(header))
+def request_of(inference: RestInference) -> InferRequest:
+    """What the dataplane decodes: each input in the form it chose (JSON data or binary data)."""
+    return InferRequest(inference.id, inference.tensors, inference.outputs, 0, True)
 
 
-WIRE = RestWire()
+def reply_of(inference: RestInference, inferred: Inferred) -> RestReply:
+    """The reply: JSON, or a JSON header and the outputs asked for as binary data."""
+    decoded, codec = inferred.decoded, inferred.codec
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for spec in decoded.outputs:
+        array = inferred.results[spec.name]
+        dtype = DTYPES[spec.datatype]
+        array = array if array.dtype == dtype else array.astype(dtype)
+        entry: dict[str, Any] = {
+            "name": spec.name, "datatype": spec.datatype, "shape": [decoded.rows, spec.width]
+        }  # fmt: skip
+        if inference.binary_all or spec.name in inference.binary:
+            data = np.ascontiguousarray(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = array.ravel().tolist()
+        outputs.append(entry)
+    reply: dict[str, Any] = {"model_name": codec.model_name}
+    reply["model_version"] = codec.model_version
+    if inference.id:
+        reply["id"] = inference.id
+    reply["outputs"] = outputs
+    header = orjson.dumps(reply)
+    if not chunks:
+        return RestReply(header, None)
+    return RestReply(b"".join([header, *chunks]), len(header))
 
 
 __all__ = [
     "BINARY_CONTENT_TYPE",
     "JSON_CONTENT_TYPE",
     "MAX_DATA_DEPTH",
-    "WIRE",
     "RestInference",
     "RestReply",
-    "RestWire",
     "dump_json",
     "load_json",
     "parse_infer",
+    "reply_of",
+    "request_of",
 ]

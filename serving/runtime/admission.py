@@ -30,6 +30,13 @@ class Admission:
         return self
 
     def __enter__(self) -> None:
+        self.enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.leave()
+
+    def enter(self) -> None:
+        """Take one of the `limit` places (each `enter` that returns is followed by one `leave`)."""
         if self._closed:
             raise ModelUnavailableError("server shutting down: retry on another replica")
         if self.inflight >= self.limit:
@@ -39,7 +46,7 @@ class Admission:
             )
         self.inflight += 1
 
-    def __exit__(self, *exc: object) -> None:
+    def leave(self) -> None:
         self.inflight -= 1
         if self._closed and not self.inflight:
             self._idle.set()
