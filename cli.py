@@ -59,7 +59,7 @@ def _load(target: str) -> Callable[[list[str]], int]:
 
 
 LOG_FORMATS = ("text", "json")
-_LOG_FIELDS = ("rpc", "code", "peer")  # `extra=` fields of a failed call's line (errors.py)
+_LOG_FIELDS = ("rpc", "code", "peer")  # `extra=` of a failed call's line (call_log.py)
 
 
 class JsonFormatter(logging.Formatter):

@@ -14,25 +14,21 @@ after every change has finished, even when the call that asked for it was cancel
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from .codec import Codec, Decoded, InferRequest
 from .errors import ControlDisabledError
 from .manifest import Manifest
+from .observe.hook import Hook
 from .observe.telemetry import Telemetry, VersionStats
 from .repository.models import Loaded, ModelRepository
 from .runtime.admission import Admission
 from .runtime.batcher import Results
 from .settings import ControlMode
 
-if TYPE_CHECKING:  # the hook's module imports this one
-    from .observe.hook import Hook
-
-log = logging.getLogger(__name__)
 # The call's headers (gRPC metadata, HTTP headers), read only by the hook (trace context).
 Carrier = Callable[[], Iterable[tuple[str, str]]] | None
 

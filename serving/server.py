@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import importlib.metadata
@@ -90,14 +91,7 @@ def server_version() -> str:
 
 def _runtime_options(settings: Settings) -> RuntimeOptions:
     return RuntimeOptions(
-        device=settings.device,
-        intra_op_threads=settings.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-        cuda_device_id=settings.cuda_device_id,
-        cuda_memory_limit=settings.cuda_memory_limit,
-        max_batch_size=settings.max_batch_size,
-        run_inline=settings.run_inline,
-        inline_threshold_us=settings.inline_threshold_us,
+        **{f.name: getattr(settings, f.name) for f in dataclasses.fields(RuntimeOptions)}
     )
 
 

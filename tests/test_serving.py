@@ -47,7 +47,8 @@ from stablemlp.serving.errors import (
     ModelNotFoundError,
     ServingError,
 )
-from stablemlp.serving.grpc.boundary import GRPC_CODES, failure
+from stablemlp.serving.grpc.boundary import GRPC_CODES
+from stablemlp.serving.observe.call_log import failure
 from stablemlp.serving.repository.models import ModelRepository
 from stablemlp.serving.runtime.session import CUDA, ModelRuntime, RuntimeOptions
 from stablemlp.serving.settings import Settings, VersionPolicy, load_settings

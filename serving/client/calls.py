@@ -170,22 +170,9 @@ def results(
             request = request_for(chunk, schema, version)
             yield results_of(stub.ModelInfer(request, timeout=timeout, metadata=security.metadata))
         return
-    yield from _stream(stub, chunks, schema, version, timeout, security, window, count)
-
-
-def _stream(
-    stub: Any,
-    chunks: Iterable[Columns],
-    schema: Schema,
-    version: str,
-    timeout: float,
-    security: Security,
-    window: int,
-    count: int,
-) -> Iterator[list[Result]]:
-    """Every chunk through one ModelStreamInfer call, at most `window` unanswered at once. An
-    error raised while reading the chunks ends the stream and is raised here (gRPC would only
-    report that iterating the requests failed)."""
+    # Streamed: every chunk through one ModelStreamInfer call, at most `window` unanswered at
+    # once. An error raised while reading the chunks ends the stream and is raised here (gRPC
+    # would only report that iterating the requests failed).
     room = threading.Semaphore(max(1, window))
     sent, failed = [0], []  # rows sent, an error met reading the chunks
 

@@ -16,8 +16,9 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from ..errors import AuthenticationError
+from ..observe.call_log import failure
 from ..tokens import bearer_matches
-from .boundary import GRPC_CODES, failure
+from .boundary import GRPC_CODES
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 CONTROL_RPCS = ("RepositoryModelLoad", "RepositoryModelUnload")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from ..errors import CANCELLED, DEADLINE_EXCEEDED, STATUS_NAMES, InvalidRequestError, clip
-from ..observe.call_log import BURST_LINES, failure, log_failure
+from ..observe.call_log import failure, log_failure
 from ..protowire import WireError
 
 # errors.py's status names are the gRPC codes' names.
@@ -74,7 +74,6 @@ def check_decoded(request: object) -> None:
         request.check()
 
 
-S = TypeVar("S")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -115,16 +114,11 @@ def rpc(method: F) -> F:
     return unary  # type: ignore[return-value]
 
 
-Handler = Callable[[S, Any, Any], Awaitable[Any]]
-
 __all__ = [
-    "BURST_LINES",
     "GRPC_CODES",
     "Undecodable",
     "cancelled_status",
     "check_decoded",
-    "failure",
     "lenient",
-    "log_failure",
     "rpc",
 ]

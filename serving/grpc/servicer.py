@@ -21,11 +21,12 @@ from ...protos import grpc_service_pb2_grpc as pb_grpc
 from ..dataplane import DataPlane, Inference
 from ..errors import InvalidRequestError, clip
 from ..manifest import PLATFORM, TensorSpec
+from ..observe.call_log import failure
 from ..repository.policy import VersionPolicy
 from ..runtime.batcher import BatchingOptions
 from ..settings import Settings, address
 from ..triton import model_config, model_statistics
-from .boundary import Undecodable, cancelled_status, check_decoded, failure, lenient, rpc
+from .boundary import Undecodable, cancelled_status, check_decoded, lenient, rpc
 from .bounds import check_infer_bytes, values_bound
 from .wire import reply_of, request_of
 

@@ -65,6 +65,19 @@ DURATION = {
     "type": "object",
     "properties": {"count": {"type": "integer"}, "ns": {"type": "integer"}},
 }
+# A tensor with its values: an inference request's input and a reply's output are alike.
+TENSOR_DATA = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        **TENSOR_META["properties"],
+        "parameters": {
+            "type": "object",
+            "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+        },
+        "data": DATA,
+    },
+}
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "Live": {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}},
@@ -93,18 +106,7 @@ SCHEMAS: dict[str, Any] = {
             "outputs": {"type": "array", "items": TENSOR_META},
         },
     },
-    "RequestInput": {
-        "type": "object",
-        "required": ["name", "datatype", "shape"],
-        "properties": {
-            **TENSOR_META["properties"],
-            "parameters": {
-                "type": "object",
-                "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
-            },
-            "data": DATA,
-        },
-    },
+    "RequestInput": TENSOR_DATA,
     "RequestOutput": {
         "type": "object",
         "required": ["name"],
@@ -129,18 +131,7 @@ SCHEMAS: dict[str, Any] = {
             "outputs": {"type": "array", "items": _ref("RequestOutput")},
         },
     },
-    "ResponseOutput": {
-        "type": "object",
-        "required": ["name", "datatype", "shape"],
-        "properties": {
-            **TENSOR_META["properties"],
-            "parameters": {
-                "type": "object",
-                "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
-            },
-            "data": DATA,
-        },
-    },
+    "ResponseOutput": TENSOR_DATA,
     "InferenceResponse": {
         "type": "object",
         "required": ["model_name", "outputs"],

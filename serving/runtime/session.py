@@ -13,12 +13,14 @@ and numpy only: no wire protocol (the version's codec is codec.py's, built besid
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -26,29 +28,34 @@ import onnxruntime as ort
 from ..datatypes import BY_ORT_TYPE, DTYPES
 from ..errors import ContractError, ProviderError, clip
 from ..manifest import MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec, verify_file
-from ..settings import Device, RunInline
+from ..settings import Device, RunInline, Settings
 from .graph_files import refuse_file_references
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-# ONNX Runtime's type strings for the protocol datatypes we carry.
 # Timed runs per batch size when deciding where runs happen; the fastest counts (the others
 # include the odd preemption on a busy machine).
 CALIBRATION_RUNS = 5
 
 
+# Settings' defaults: said (and explained) there only.
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings)}
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
+    """What a session needs of the settings: the same names, copied by name (server.py)."""
+
     device: Device  # cpu | cuda | auto
     intra_op_threads: int
     inter_op_threads: int
-    cuda_device_id: int = 0
-    cuda_memory_limit: int = 0  # bytes; 0 = ONNX Runtime's default (no limit)
-    max_batch_size: int = 1024  # most rows per request (capped by the manifest's own)
-    run_inline: RunInline = "auto"  # session.run on the event loop: auto | always | never
-    inline_threshold_us: float = 1000.0  # `auto`: inline while a run is predicted under this
+    cuda_device_id: int = _DEFAULTS["cuda_device_id"]
+    cuda_memory_limit: int = _DEFAULTS["cuda_memory_limit"]  # bytes; 0 = no limit
+    max_batch_size: int = _DEFAULTS["max_batch_size"]  # capped by the manifest's own
+    run_inline: RunInline = _DEFAULTS["run_inline"]  # session.run on the event loop?
+    inline_threshold_us: float = _DEFAULTS["inline_threshold_us"]  # `auto`: runs under this
 
 
 def _providers(options: RuntimeOptions) -> list[str | tuple[str, dict[str, str]]]:
