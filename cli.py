@@ -85,7 +85,7 @@ def configure_logging(log_format: str | None = None) -> None:
     log_format = log_format or os.environ.get("STABLEMLP_LOG_FORMAT", "text").lower()
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format: got {log_format!r}, expected text or json")
-    from .serving.observe.call_log import LibraryLines
+    from .serving.observe.call_log import LibraryLines  # light: errors and the limiter only
 
     handler = logging.StreamHandler()
     if log_format == "json":

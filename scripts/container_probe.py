@@ -31,7 +31,7 @@ import onnxruntime as ort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stablemlp.protos import grpc_service_pb2 as pb
-from stablemlp.serving.client.calls import predict
+from stablemlp.serving.client import predict
 
 READINESS_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MISSING_FRACTION = 0.05

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
-from stablemlp.serving.client.calls import predict
+from stablemlp.serving.client import predict
 
 READINESS = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 READY = re.compile(r"ready: listening on (\S+)")

@@ -87,8 +87,9 @@ class Inference:
         self.encode_ns = time.perf_counter_ns()
         return Inferred(codec, decoded, executed.results)
 
-    async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None,
-                        _: Any) -> None:  # fmt: skip
+    async def __aexit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, _: Any
+    ) -> None:
         self._end(err)
 
     def served_version(self) -> str:
@@ -125,8 +126,8 @@ class DataPlane:
         self.repository, self.admission, self.telemetry = repository, admission, telemetry
         self.control_mode = control_mode
         self.on_change: Callable[[], Awaitable[None]] | None = None  # health republishes
-        # Tracing and request logs (observe.py); None when both are off, and then an inference
-        # pays two `is None` checks for them.
+        # Tracing and request logs (observe/hook.py); None when both are off, and then an
+        # inference pays one `is None` check for them.
         self.hook: Hook | None = None
         self._changes: set[asyncio.Future[Any]] = set()
 
