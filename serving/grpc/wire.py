@@ -49,17 +49,15 @@ def _values(tensor: pb.ModelInferRequest.InferInputTensor) -> dict[str, Any]:
     if not tensor.HasField("contents"):
         return {}
     contents = tensor.contents
-    fields = contents.ListFields()
-    if len(fields) == 1 and fields[0][0].name == FP32.contents_field:
-        view = _packed_fp32(contents)
-        if view is not None:
-            return {FP32.contents_field: view}
-    return {field.name: values for field, values in fields}
+    view = _packed_fp32(contents)  # the common case, tried first: ListFields costs as much
+    if view is not None:
+        return {FP32.contents_field: view}
+    return {field.name: values for field, values in contents.ListFields()}
 
 
 def _packed_fp32(contents: pb.InferTensorContents) -> np.ndarray | None:
-    """fp32_contents as a view of the serialized bytes, if that is all they hold (an unknown
-    field would add bytes: then None, and the values are read as protobuf parsed them)."""
+    """fp32_contents as a view of the serialized bytes, if that is all they hold (any other field,
+    known or not, would add bytes: then None, and the values are read as protobuf parsed them)."""
     data = contents.SerializeToString()
     if len(data) < 2 or data[0] != _FP32_TAG:
         return None
