@@ -117,7 +117,7 @@ RUN groupadd --system --gid 10001 stablemlp \
     && useradd --no-log-init --system --uid 10001 --gid 10001 --no-create-home stablemlp
 # An empty, root-owned working directory: a relative path names nothing the server could read
 # (without one it is `/`, and ONNX Runtime resolves a graph's relative external data location
-# against it; serving/graph_files.py refuses such graphs before that).
+# against it; serving/runtime/graph_files.py refuses such graphs before that).
 WORKDIR /srv/stablemlp
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": ("stablemlp.serving.server:main", "serve a model repository over KServe v2 gRPC"),
     "predict": (
-        "stablemlp.serving.predict_cli:main",
+        "stablemlp.serving.client.cli:main",
         "send rows to a running server and print predictions",
     ),
     "bench": (
@@ -59,7 +59,7 @@ def _load(target: str) -> Callable[[list[str]], int]:
 
 
 LOG_FORMATS = ("text", "json")
-_LOG_FIELDS = ("rpc", "code", "peer")  # `extra=` fields of a failed call's line (errors.py)
+_LOG_FIELDS = ("rpc", "code", "peer")  # `extra=` of a failed call's line (call_log.py)
 
 
 class JsonFormatter(logging.Formatter):
@@ -85,7 +85,7 @@ def configure_logging(log_format: str | None = None) -> None:
     log_format = log_format or os.environ.get("STABLEMLP_LOG_FORMAT", "text").lower()
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format: got {log_format!r}, expected text or json")
-    from .serving.failures import LibraryLines  # light: errors and the limiter only
+    from .serving.observe.call_log import LibraryLines  # light: errors and the limiter only
 
     handler = logging.StreamHandler()
     if log_format == "json":

@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..serving.ports import JSON_EXPANSION  # the REST body limit over the gRPC message limit
+from ..serving.rest.app import JSON_EXPANSION  # the REST body limit over the gRPC message limit
 from .flood import Sampler, message_limit, publish
 from .servers import memory_mb, our_server_command, start_server
 

@@ -18,8 +18,8 @@ from google.protobuf.message import DecodeError
 
 from ..model.categories import CategoricalColumn
 from ..serving.errors import ContractError as ManifestError
-from ..serving.graph_files import refuse_file_references
 from ..serving.manifest import Manifest
+from ..serving.runtime.graph_files import refuse_file_references
 from . import documents
 from .errors import ContractError, VerifyError
 from .formats import OPSET, check_onnx, load_torchscript, metadata_of

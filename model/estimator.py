@@ -2,8 +2,9 @@
 
 fit: a stratified validation split picks the number of epochs by ROC AUC (early stopping), then,
 on tables of up to REFIT_MAX_ROWS rows, the network is trained again on every row for that many
-epochs (`refit`), so no row the user gives is left out of the final model where it counts most. Everything learned from data (means, bins, vocabularies)
-travels in the checkpoint and, at export, inside the graph.
+epochs (`refit`), so no row the user gives is left out of the final model where it counts most.
+Everything learned from data (means, bins, vocabularies) travels in the checkpoint and, at
+export, inside the graph.
 """
 
 from __future__ import annotations

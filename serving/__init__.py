@@ -1,18 +1,17 @@
 """stablemlp.serving: a KServe v2 / Triton server for exported models, and its client. No torch.
 
-Layers, in reading order: settings -> manifest (the published contract) -> runtime (one ONNX
-Runtime session; graph_files refuses a model.onnx that names a file) and codec (a version's wire
-decode/encode) -> scheduler (batcher) -> versions -> repository (what is loaded; readiness) ->
-dataplane (protocol-neutral: admit, resolve, decode, run, encode, count; its optional hook,
-observe.py: tracing and request_log) -> the fronts: servicer (gRPC; grpc_boundary maps failures,
-request_bounds bounds a request's entries before it is built, replies builds Triton's messages)
-and rest (KServe v2 over HTTP; rest_wire reads and writes its tensors, rest_boundary checks and
-maps, rest_connections caps connections, openapi documents) -> ports (each port and its bounds)
--> server (assembly, health, signals). Beside them: errors (the exception tree), failures (the one
-log line of a failed call), metrics, limits (admission), auth (TLS, tokens), protowire (protobuf
-bytes read without building them), watcher (polling), workers (several processes on one port;
-worker_metrics merges their /metrics). client.py talks to a running server. The server and client
-are imported on first use.
+The folders draw the layers, from the bottom: the neutral core here (settings, errors, manifest:
+the published contract, datatypes: each v2 datatype once, codec: a version's judgement of a
+request's neutral tensors) -> runtime/ (one ONNX Runtime session, batcher, scheduler, admission;
+neither grpc nor the protos) -> repository/ (what is loaded, versions, readiness; polling) ->
+dataplane (protocol-neutral: admit, resolve, decode, run, count; its hook in observe/) -> the
+fronts, grpc/ and rest/, which never import each other: each reads its protocol into neutral
+tensors, calls the dataplane and writes the neutral result back (triton builds Triton's config
+and statistics messages for both) -> server (assembly, ports, health, signals; workers runs
+several processes on one port). Beside them: observe/ (telemetry, call_log, tracing, request
+logs), tokens, protowire (protobuf bytes read without building them). Only the fronts, triton and
+client/ (talks to a running server) import protobuf. The server and client are imported on first
+use.
 """
 
 from typing import Any
@@ -30,13 +29,12 @@ from .errors import (
     ProviderError,
     ServingError,
 )
-from .flags import load_settings
 from .manifest import Manifest, TensorSpec
-from .policy import VersionPolicy
-from .settings import Settings
+from .repository.policy import VersionPolicy
+from .settings import Settings, load_settings
 
-_LAZY = {"build_server": "server", "main": "server", "serve": "server", "predict": "client",
-         "Security": "client"}  # fmt: skip
+_LAZY = {"build_server": "server", "main": "server", "serve": "server", "predict": "client.calls",
+         "Security": "client.calls"}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -1,12 +1,12 @@
-"""The wire codec of one model version: KServe v2 tensors in, numpy arrays out, and back.
+"""The codec of one model version: a request's neutral tensors in, numpy arrays out.
 
-Compiled once per loaded version from its manifest, then shared by every request to it. Every
-judgement about a request's tensors is made in this module, so no request can be judged two ways:
-`decode` first tries `_recognize`, which accepts only well-formed requests (declared names and
-datatypes, one content form, sizes that add up, finite numbers, clean text) with a few attribute
-reads and one np.frombuffer per numeric input, and never refuses anything; whatever it does not
-recognize goes to `decode_tensors`, which holds every check and error message. The REST front
-builds the same neutral `WireTensor`s from JSON and calls `decode_tensors` directly.
+Each front reads its protocol into an `InferRequest` of `WireTensor`s (grpc/wire.py from protobuf,
+rest/wire.py from JSON) without judging them; this module, compiled once per loaded version from
+its manifest and shared by every request to it, makes every judgement, so no request can be judged
+two ways: `decode` first tries `_recognize`, which accepts only well-formed requests (declared
+names and datatypes, one content form, sizes that add up, finite numbers, clean text) with a few
+attribute reads and no copy of numeric data, and never refuses anything; whatever it does not
+recognize goes to `decode_tensors`, which holds every check and error message.
 
 Datatypes: FP32 (NaN = missing; an infinity is refused) and BYTES (UTF-8 text, surrounding
 whitespace stripped; raw form: each element a 4-byte little-endian length, then its bytes).
@@ -14,22 +14,25 @@ whitespace stripped; raw form: each element a 4-byte little-endian length, then 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..protos import grpc_service_pb2 as pb
-from .encoder import CONTENTS_FIELD, ReplyEncoder
+from .datatypes import BYTES, DATATYPES, FP32, LENGTH_PREFIX_BYTES
 from .errors import InvalidRequestError, clip, clip_items
-from .manifest import Manifest, TensorSpec
+from .manifest import MAX_TENSORS, Manifest, TensorSpec
 
-# A packed fp32_contents serializes as its tag, a varint length, then the little-endian array
-# itself: (field number 6 << 3) | 2, length-delimited (protobuf encoding; grpc_service.proto).
-_FP32_TAG = 6 << 3 | 2
 MAX_TEXT_BYTES = 1024  # longest text element; categories are words, not documents
-_PREFIX = 4  # bytes of a raw BYTES element's length prefix
-_NUMBER_TYPES = frozenset({float, int, type(None)})  # an FP32 value from JSON; None: missing
+_PREFIX = LENGTH_PREFIX_BYTES
+# Entry counts and parameters a request may hold, whichever front read it (grpc/bounds.py checks
+# them on a message's bytes, rest/wire.py on parsed JSON): the model contract's with room.
+MAX_INPUTS = MAX_TENSORS  # `inputs` entries (and raw_input_contents): a manifest's most tensors
+MAX_OUTPUTS = MAX_TENSORS
+MAX_RANK = 32  # `shape` entries of one input (the contract's tensors have 2)
+MAX_PARAMETERS = 64  # entries of one `parameters` map (request, each input, each output)
+MAX_PARAMETER_KEY_BYTES = 128
+MAX_PARAMETER_VALUE_BYTES = 4096  # a string parameter's UTF-8 bytes
 
 
 class WireTensor(NamedTuple):
@@ -39,7 +42,18 @@ class WireTensor(NamedTuple):
     datatype: str
     shape: Sequence[int]
     raw: bytes | None  # raw_input_contents / binary data, if sent so
-    values: Mapping[str, Sequence[Any]]  # typed contents field name -> values, for each one set
+    # typed contents field name -> values, for each one set (a front may hold FP32 as an array)
+    values: Mapping[str, Sequence[Any] | np.ndarray]
+
+
+class InferRequest(NamedTuple):
+    """An inference request as a front read it, before any check."""
+
+    id: str
+    tensors: Sequence[WireTensor]
+    outputs: Sequence[str]  # asked for by name, in order (empty: every output)
+    raw_entries: int  # gRPC: how many raw_input_contents the message held (all inputs or none)
+    mixed_forms: bool  # REST: each input chooses JSON data or binary data (Triton's extension)
 
 
 class Decoded(NamedTuple):  # a tuple: built per request, cheaper than a dataclass
@@ -85,7 +99,9 @@ def _refuse(name: str, problem: str) -> None:
         raise InvalidRequestError(f"raw_input_contents for input '{name}' {problem}")
 
 
-def text_array(items: Sequence[Any], shape: tuple[int, int], name: str = "") -> np.ndarray | None:
+def text_array(
+    items: Sequence[Any] | np.ndarray, shape: tuple[int, int], name: str = ""
+) -> np.ndarray | None:
     """UTF-8 elements as an object array of stripped str. Without `name` (the fast path) None
     if one is not UTF-8 of at most MAX_TEXT_BYTES; with it, InvalidRequestError naming the row."""
     values = []
@@ -121,8 +137,8 @@ class _Input:
 
     def __init__(self, spec: TensorSpec) -> None:
         self.name, self.datatype, self.width = spec.name, spec.datatype, spec.width
-        self.text = spec.datatype == "BYTES"
-        self.row_bytes = 4 * spec.width  # FP32
+        self.text = spec.datatype == BYTES.name
+        self.row_bytes = FP32.width * spec.width
 
     def from_raw(self, data: bytes, rows: int) -> np.ndarray | None:
         if self.text:
@@ -130,32 +146,26 @@ class _Input:
             return None if items is None else text_array(items, (rows, self.width))
         if len(data) != rows * self.row_bytes:
             return None
-        array = np.ndarray((rows, self.width), "<f4", data)  # a view: no copy
+        array = np.ndarray((rows, self.width), FP32.dtype, data)  # a view: no copy
         return None if np.isinf(array).any() else array
 
-    def from_contents(self, contents: pb.InferTensorContents, rows: int) -> np.ndarray | None:
+    def from_values(
+        self, values: Mapping[str, Sequence[Any] | np.ndarray], rows: int
+    ) -> np.ndarray | None:
+        """Typed contents: text elements, or FP32 values a front already holds as a float32 array
+        (grpc/wire.py views packed fp32_contents so); a plain list takes the checked path."""
+        if len(values) != 1:
+            return None
+        count = rows * self.width
         if self.text:
-            items = contents.bytes_contents
-            if len(items) != rows * self.width or len(contents.ListFields()) != 1:
+            items = values.get(BYTES.contents_field)
+            if items is None or len(items) != count:
                 return None
-            return text_array(list(items), (rows, self.width))
-        data = contents.SerializeToString()
-        body = rows * self.row_bytes
-        # exactly: tag, varint length, body (anything else set would add bytes)
-        if len(data) < 2 or data[0] != _FP32_TAG:
+            return text_array(items, (rows, self.width))
+        array = values.get(FP32.contents_field)
+        if not isinstance(array, np.ndarray) or array.dtype != FP32.dtype or len(array) != count:
             return None
-        length, start = 0, 1
-        for shift in range(0, 35, 7):  # the body's length: a varint of at most 5 bytes here
-            if start >= len(data):
-                return None
-            byte = data[start]
-            start += 1
-            length |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                break
-        if length != body or start + length != len(data):
-            return None
-        array = np.ndarray((rows, self.width), "<f4", data, start)
+        array = array.reshape(rows, self.width)
         return None if np.isinf(array).any() else array
 
 
@@ -170,34 +180,34 @@ class Codec:
         self._specs = {spec.name: spec for spec in self.inputs}
         self._by_output = {spec.name: spec for spec in self.outputs}
         self._selections: dict[tuple[str, ...], tuple[TensorSpec, ...]] = {}
-        self.replies = ReplyEncoder(self.outputs, name, version)  # the gRPC replies
 
     def max_request_bytes(self) -> int:
         """The largest well-formed request's tensor data (either content form)."""
         per_row = sum(
-            spec.width * (_PREFIX + MAX_TEXT_BYTES if spec.datatype == "BYTES" else 4)
+            spec.width * (_PREFIX + MAX_TEXT_BYTES if spec.datatype == BYTES.name else FP32.width)
             for spec in self.inputs
         )
         return self.max_batch_size * per_row
 
     # ------------------------------------------------------------------ decode
 
-    def decode(self, request: pb.ModelInferRequest) -> Decoded:
+    def decode(self, request: InferRequest) -> Decoded:
         """The request's arrays, or InvalidRequestError naming the field and what was expected."""
         decoded = self._recognize(request)
         if decoded is None:
-            names = [wanted.name for wanted in request.outputs]
-            raw = len(request.raw_input_contents)
-            decoded = self.decode_tensors(wire_tensors(request), names, raw)
+            decoded = self.decode_tensors(
+                request.tensors, request.outputs, request.raw_entries, request.mixed_forms
+            )
         return decoded
 
-    def _recognize(self, request: pb.ModelInferRequest) -> Decoded | None:
-        tensors, raw, plans = request.inputs, request.raw_input_contents, self._plans
-        if len(tensors) != len(plans) or (raw and len(raw) != len(tensors)):
+    def _recognize(self, request: InferRequest) -> Decoded | None:
+        tensors, plans, entries = request.tensors, self._plans, request.raw_entries
+        if len(tensors) != len(plans) or (entries and entries != len(tensors)):
             return None
         arrays: dict[str, np.ndarray] = {}
         rows = 0
-        for i, tensor in enumerate(tensors):
+        raw = True
+        for tensor in tensors:
             plan = plans.get(tensor.name)
             shape = tensor.shape
             if plan is None or tensor.datatype != plan.datatype or len(shape) != 2:
@@ -207,17 +217,18 @@ class Codec:
             if rows and shape[0] != rows:
                 return None
             rows = shape[0]
-            if raw:
-                array = None if tensor.HasField("contents") else plan.from_raw(raw[i], rows)
+            if tensor.raw is not None:
+                array = None if tensor.values else plan.from_raw(tensor.raw, rows)
             else:
-                array = plan.from_contents(tensor.contents, rows)
+                raw = False
+                array = plan.from_values(tensor.values, rows)
             if array is None:
                 return None
             arrays[plan.name] = array
-        outputs = self._requested([o.name for o in request.outputs], strict=False)
+        outputs = self._requested(request.outputs, strict=False)
         if outputs is None or len(arrays) != len(plans):
             return None
-        return Decoded(arrays, outputs, bool(raw), rows)
+        return Decoded(arrays, outputs, raw, rows)
 
     def decode_tensors(
         self,
@@ -274,16 +285,16 @@ class Codec:
                     f"input '{name}': got both contents.{next(iter(tensor.values))} and "
                     "raw_input_contents, expected exactly one"
                 )
-            if spec.datatype == "BYTES":
+            if spec.datatype == BYTES.name:
                 items = split_raw_text(tensor.raw, count, name)
                 return _checked(text_array(items or [], shape, name))
-            if len(tensor.raw) != count * 4:
+            if len(tensor.raw) != count * FP32.width:
                 raise InvalidRequestError(
                     f"raw_input_contents for input '{name}': got {len(tensor.raw)} bytes, "
-                    f"expected {count * 4} (shape {list(shape)} x 4 bytes FP32)"
+                    f"expected {count * FP32.width} (shape {list(shape)} x {FP32.width} bytes FP32)"
                 )
-            return _finite(name, np.frombuffer(tensor.raw, "<f4").reshape(shape))
-        field = CONTENTS_FIELD[spec.datatype]
+            return _finite(name, np.frombuffer(tensor.raw, FP32.dtype).reshape(shape))
+        field = DATATYPES[spec.datatype].contents_field
         other = next((f for f in tensor.values if f != field), None)
         if other is not None:
             raise InvalidRequestError(
@@ -295,18 +306,18 @@ class Codec:
                 f"input '{name}' contents.{field}: got {len(values)} elements, "
                 f"expected {count} (shape {list(shape)})"
             )
-        if spec.datatype == "BYTES":
+        if spec.datatype == BYTES.name:
             return _checked(text_array(values, shape, name))
         # JSON (REST) gives a list; numpy would read "1.5", "nan" and true as numbers, so only
         # numbers and null (missing) pass. protobuf's repeated float holds floats alone.
-        if isinstance(values, list) and not _NUMBER_TYPES.issuperset(map(type, values)):
-            bad = next(v for v in values if type(v) not in _NUMBER_TYPES)
+        if isinstance(values, list) and not FP32.json_types.issuperset(map(type, values)):
+            bad = next(v for v in values if type(v) not in FP32.json_types)
             raise InvalidRequestError(
                 f"input '{name}' contents.{field}: got a value that is not a number "
                 f"({clip(repr(bad))}), expected {count} numbers (null = missing)"
             )
         try:
-            array = np.asarray(values, dtype="<f4").reshape(shape)
+            array = np.asarray(values, dtype=FP32.dtype).reshape(shape)
         except (TypeError, ValueError, OverflowError):  # a front's values that are not numbers
             raise InvalidRequestError(
                 f"input '{name}' contents.{field}: got a value that is not a number, expected "
@@ -339,21 +350,6 @@ class Codec:
         if len(self._selections) < 64:  # orders of the outputs: few; bounded anyway
             self._selections[key] = found
         return found
-
-
-def wire_tensors(request: pb.ModelInferRequest) -> list[WireTensor]:
-    """The request's inputs as protobuf parsed them (unknown fields ignored, as protobuf does)."""
-    raw = request.raw_input_contents
-    return [
-        WireTensor(
-            tensor.name,
-            tensor.datatype,
-            list(tensor.shape),
-            raw[i] if i < len(raw) else None,
-            {field.name: values for field, values in tensor.contents.ListFields()},
-        )
-        for i, tensor in enumerate(request.inputs)
-    ]
 
 
 def _check_shape(spec: TensorSpec, shape: list[int], max_batch_size: int) -> tuple[int, int]:
@@ -391,12 +387,47 @@ def _finite(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def check_count(items: Sized, where: str, limit: int) -> None:
+    """A parsed (REST) list or object: at most `limit` entries."""
+    if len(items) > limit:
+        raise InvalidRequestError(f"{where}: got {len(items)} entries, expected at most {limit}")
+
+
+def check_parameters(parameters: Mapping[str, Any], where: str) -> None:
+    """A parsed (REST) `parameters` object: few entries, short keys, scalar values (a string of
+    at most MAX_PARAMETER_VALUE_BYTES), as the gRPC InferParameter allows."""
+    check_count(parameters, where, MAX_PARAMETERS)
+    for key, value in parameters.items():
+        if len(key) > MAX_PARAMETER_KEY_BYTES:
+            raise InvalidRequestError(
+                f"{where} key '{clip(key)}': got {len(key)} characters, expected at most "
+                f"{MAX_PARAMETER_KEY_BYTES}"
+            )
+        if isinstance(value, str) and len(value) > MAX_PARAMETER_VALUE_BYTES:
+            raise InvalidRequestError(
+                f"{where}['{clip(key)}']: got a string of {len(value)} characters, expected at "
+                f"most {MAX_PARAMETER_VALUE_BYTES}"
+            )
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            raise InvalidRequestError(
+                f"{where}['{clip(key)}']: got a {type(value).__name__}, expected a string, "
+                "number or boolean"
+            )
+
+
 __all__ = [
+    "MAX_INPUTS",
+    "MAX_OUTPUTS",
+    "MAX_PARAMETERS",
+    "MAX_PARAMETER_KEY_BYTES",
+    "MAX_PARAMETER_VALUE_BYTES",
+    "MAX_RANK",
     "MAX_TEXT_BYTES",
     "Codec",
     "Decoded",
     "WireTensor",
+    "check_count",
+    "check_parameters",
     "split_raw_text",
     "text_array",
-    "wire_tensors",
 ]

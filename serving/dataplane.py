@@ -1,47 +1,109 @@
 """The protocol-neutral core both fronts (gRPC, REST) call: inference, readiness, metadata, control.
 
-An inference is admitted (limits.py), resolves one version (kept for the whole call), is decoded by
-that version's codec, runs where its scheduler says, is encoded and is counted once (metrics.py).
-The front supplies a `Wire`: how its requests are decoded and its replies encoded, with the same
-codec. Model control follows Triton's modes: `none` (the models found at start, fixed), `poll`
-(the repository is rescanned; load/unload refused) and `explicit` (load/unload over the API only,
-behind a control token the fronts check). Health is republished after every change has finished,
-even when the call that asked for it was cancelled first.
+A front reads its protocol into a neutral `InferRequest` (codec.py), then
+`async with dataplane.infer(...) as inferred:` admits the call (runtime/admission.py), resolves
+one version (kept for the whole call), decodes the request with that version's codec and runs it
+where its scheduler says; the front writes its reply from the neutral `Inferred` inside the block,
+and leaving the block counts the call once (observe/telemetry.py) and hands it to the hook
+(observe/hook.py: tracing, request logs). Model control follows Triton's modes: `none` (the models
+found at start, fixed), `poll` (the repository is rescanned; load/unload refused) and `explicit`
+(load/unload over the API only, behind a control token the fronts check). Health is republished
+after every change has finished, even when the call that asked for it was cancelled first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, NamedTuple
 
-from .batcher import Results
-from .codec import Codec, Decoded
+from .codec import Codec, Decoded, InferRequest
 from .errors import ControlDisabledError
-from .limits import Admission
 from .manifest import Manifest
-from .metrics import Telemetry, VersionStats
-from .repository import ModelRepository
+from .observe.hook import Hook
+from .observe.telemetry import Telemetry, VersionStats
+from .repository.models import Loaded, ModelRepository
+from .runtime.admission import Admission
+from .runtime.batcher import Results
 from .settings import ControlMode
-from .versions import Loaded
 
-if TYPE_CHECKING:  # the hook's module imports this one
-    from .observe import Hook
-
-log = logging.getLogger(__name__)
+# The call's headers (gRPC metadata, HTTP headers), read only by the hook (trace context).
+Carrier = Callable[[], Iterable[tuple[str, str]]] | None
 
 
-class Wire(Protocol):
-    """How one front's inference requests and replies map to the version's codec."""
+class Inferred(NamedTuple):
+    """What an inference gives its front to write the reply from."""
 
-    protocol: str  # "grpc" or "http": what traces and request logs say the call came over
+    codec: Codec  # the version that answered (its names; the front's per-version reply state)
+    decoded: Decoded  # the outputs asked for, the rows, the content form the request used
+    results: Results  # output name -> array
 
-    def decode(self, codec: Codec, request: Any) -> Decoded: ...
 
-    def encode(self, codec: Codec, request: Any, decoded: Decoded, results: Results) -> Any: ...
+class Inference:
+    """One inference call, entered by its front: entering admits, resolves, decodes and runs it;
+    the block writes the reply; leaving counts the call once, whatever happened, and gives it to
+    the hook. Keeps the facts tracing and request logs read (times are perf_counter_ns)."""
+
+    __slots__ = ("admitted", "call", "carrier", "codec", "decode_ns", "decoded", "encode_ns",
+                 "name", "plane", "protocol", "request", "results", "version")  # fmt: skip
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        name: str,
+        version: str,
+        request: InferRequest,
+        protocol: str,
+        cancelled: Callable[[], str],
+        carrier: Carrier,
+    ) -> None:
+        self.plane, self.name, self.version, self.request = plane, name, version, request
+        self.protocol, self.carrier = protocol, carrier  # protocol: "grpc" or "http"
+        self.call = plane.telemetry.track(cancelled)
+        self.codec: Codec | None = None
+        self.decoded: Decoded | None = None
+        self.results: Results | None = None
+        self.decode_ns = self.encode_ns = 0  # when decoding, and writing the reply, began
+        self.admitted = False
+
+    async def __aenter__(self) -> Inferred:
+        plane, call = self.plane, self.call
+        try:
+            plane.admission.enter()
+            self.admitted = True
+            loaded = plane.repository.get(self.name, self.version)
+            call.stats, live = loaded.stats, loaded.live
+            codec = self.codec = live.codec
+            self.decode_ns = time.perf_counter_ns()
+            decoded = self.decoded = codec.decode(self.request)
+            call.decoded, call.rows = time.perf_counter_ns(), decoded.rows
+            executed = call.executed = await live.scheduler.run(decoded.inputs, decoded.rows)
+        except BaseException as err:  # refused, failed or cancelled: counted all the same
+            self._end(err)
+            raise
+        self.results = executed.results
+        self.encode_ns = time.perf_counter_ns()
+        return Inferred(codec, decoded, executed.results)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, _: Any
+    ) -> None:
+        self._end(err)
+
+    def served_version(self) -> str:
+        """The version that answered, else the one asked for (a call refused before resolving)."""
+        return self.codec.model_version if self.codec is not None else self.version
+
+    def _end(self, err: BaseException | None) -> None:
+        ended = time.perf_counter_ns()
+        if self.admitted:
+            self.plane.admission.leave()
+        self.call.finish(err)
+        hook = self.plane.hook
+        if hook is not None:
+            hook.finish(self, err, ended)
 
 
 @dataclass(frozen=True)
@@ -64,39 +126,22 @@ class DataPlane:
         self.repository, self.admission, self.telemetry = repository, admission, telemetry
         self.control_mode = control_mode
         self.on_change: Callable[[], Awaitable[None]] | None = None  # health republishes
-        # Tracing and request logs (observe.py); None when both are off, and then an inference
-        # pays two `is None` checks for them.
+        # Tracing and request logs (observe/hook.py); None when both are off, and then an
+        # inference pays one `is None` check for them.
         self.hook: Hook | None = None
         self._changes: set[asyncio.Future[Any]] = set()
 
-    async def infer(
+    def infer(
         self,
         name: str,
         version: str,
-        request: Any,
-        wire: Wire,
+        request: InferRequest,
+        protocol: str,
         cancelled: Callable[[], str],
-        carrier: Callable[[], Iterable[tuple[str, str]]] | None = None,
-    ) -> Any:
-        """Admit, resolve, decode, run, encode; counted once whatever happens. `carrier`: the
-        call's headers (gRPC metadata, HTTP headers), read only by the hook (trace context)."""
-        hook = self.hook
-        with (
-            self.telemetry.track(cancelled) as call,
-            (
-                self.admission.admit()
-                if hook is None
-                else hook.watch(call, self.admission, name, version, request, wire, carrier)
-            ) as watched,
-        ):
-            if watched is not None:  # tracing or request logs: the hook's wire times each phase
-                wire = watched
-            loaded = self.repository.get(name, version)
-            call.stats, live = loaded.stats, loaded.live
-            decoded = wire.decode(live.codec, request)
-            call.decoded, call.rows = time.perf_counter_ns(), decoded.rows
-            executed = call.executed = await live.scheduler.run(decoded.inputs, decoded.rows)
-            return wire.encode(live.codec, request, decoded, executed.results)
+        carrier: Carrier = None,
+    ) -> Inference:
+        """`async with dataplane.infer(...) as inferred:` one inference (see Inference)."""
+        return Inference(self, name, version, request, protocol, cancelled, carrier)
 
     # ------------------------------------------------------------------ readiness, metadata
 
@@ -170,4 +215,4 @@ class DataPlane:
             publish.add_done_callback(self._changes.discard)
 
 
-__all__ = ["DataPlane", "ModelFacts", "Wire"]
+__all__ = ["Carrier", "DataPlane", "Inference", "Inferred", "ModelFacts"]

@@ -15,7 +15,7 @@
 Anything else is a bug: INTERNAL with a fixed message, the traceback goes to the log. A call
 cancelled by its client or its deadline is CANCELLED or DEADLINE_EXCEEDED. The status names are
 the KServe v2 / Triton ones (the gRPC codes'); each front maps them to its protocol (gRPC codes in
-grpc_boundary.py, HTTP statuses in the REST front), so no exception here knows a protocol. Text a
+grpc/boundary.py, HTTP statuses in the REST front), so no exception here knows a protocol. Text a
 client sent is quoted through `clip`, so no message or log line carries it unbounded.
 """
 

@@ -23,22 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .datatypes import BYTES, FP32, INT64
 from .errors import ContractError, IntegrityError, clip
 
 FORMAT = "stablemlp.manifest/1"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX models
-INPUT_DATATYPES = ("FP32", "BYTES")
-OUTPUT_DATATYPES = ("FP32", "INT64")
-# The numpy types of those datatypes (little-endian; text as Python str objects).
-DTYPES: dict[str, np.dtype[Any]] = {
-    "FP32": np.dtype("<f4"),
-    "INT64": np.dtype("<i8"),
-    "BYTES": np.dtype(object),
-}
+INPUT_DATATYPES = (FP32.name, BYTES.name)  # the contract's datatypes (check_contract)
+OUTPUT_DATATYPES = (FP32.name, INT64.name)
 MAX_MANIFEST_BYTES = 4 << 20  # a manifest with vocabularies and metrics is a few KiB
 MAX_BATCH_SIZE = 1 << 16  # rows; the default is 1024 (export.documents)
 MAX_WIDTH = 1 << 16  # values per row of one tensor
@@ -98,7 +91,7 @@ class Manifest:
 
     @property
     def text_columns(self) -> tuple[str, ...]:
-        return tuple(spec.name for spec in self.inputs if spec.datatype == "BYTES")
+        return tuple(spec.name for spec in self.inputs if spec.datatype == BYTES.name)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -267,7 +260,7 @@ def check_contract(manifest: Manifest) -> None:
     names = [spec.name for spec in (*manifest.inputs, *manifest.outputs)]
     if len(set(names)) != len(names):
         raise ContractError(f"tensor names: got {clip(str(names), 200)}, expected each once")
-    numeric = [spec for spec in manifest.inputs if spec.datatype == "FP32"]
+    numeric = [spec for spec in manifest.inputs if spec.datatype == FP32.name]
     if len(numeric) > 1:
         raise ContractError(f"inputs: got {len(numeric)} FP32 tensors, expected at most one")
     width = numeric[0].width if numeric else 0
@@ -277,7 +270,7 @@ def check_contract(manifest: Manifest) -> None:
             f"({len(manifest.feature_names)})"
         )
     for spec in manifest.inputs:
-        if spec.datatype == "BYTES" and spec.width != 1:
+        if spec.datatype == BYTES.name and spec.width != 1:
             raise ContractError(
                 f"input '{spec.name}' shape: got {list(spec.shape)}, expected [-1, 1]"
             )
@@ -314,7 +307,6 @@ def verify_file(path: Path, entry: FileEntry) -> bytes:
 
 
 __all__ = [
-    "DTYPES",
     "FORMAT",
     "INPUT_DATATYPES",
     "MANIFEST_FILE",

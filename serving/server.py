@@ -6,7 +6,7 @@ Assembly only: the repository and its versions' schedulers, the dataplane and it
 interceptor, the REST front with the same certificate and tokens, /metrics on its own HTTP port,
 and a repository poller in `poll` mode. Memory is bounded before admission: the message size is
 fitted to the models (REST bodies to a multiple of it), and each port caps what clients can make
-it hold (ports.py). Shutdown on
+it hold (grpc/servicer.py, rest/app.py). Shutdown on
 SIGTERM, SIGINT or SIGHUP: readiness and health go NOT_SERVING first (so load balancers stop
 sending), then the ports stop taking calls (new ones get UNAVAILABLE / 503) while those in flight
 get `grace_period_s` to finish; the process exits 0.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import importlib.metadata
@@ -33,24 +34,29 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .auth import read_token, server_credentials, token_interceptors
-from .batcher import BatchingOptions
 from .dataplane import DataPlane
 from .errors import ServingError
-from .flags import add_arguments, load_settings
-from .health import INFERENCE_SERVICE, HealthServicer, publish_health
-from .limits import Admission
-from .metrics import Telemetry
-from .observe import build_hook
-from .ports import address, bind_grpc, grpc_server, rest_guard, start_metrics, start_rest_port
-from .repository import ModelRepository
-from .rest import RestFront, drain_rest, stop_rest
-from .rest_boundary import ssl_context
-from .runtime import ModelRuntime, RuntimeOptions
-from .scheduler import Scheduler
-from .servicer import EXTENSIONS, InferenceServicer, add_inference_service
-from .settings import Settings, env_name
-from .watcher import watch_repository
+from .grpc.auth import server_credentials, token_interceptors
+from .grpc.health import INFERENCE_SERVICE, HealthServicer, publish_health
+from .grpc.servicer import (
+    EXTENSIONS,
+    InferenceServicer,
+    add_inference_service,
+    bind_grpc,
+    grpc_server,
+)
+from .observe.hook import build_hook
+from .observe.telemetry import Telemetry, start_metrics
+from .repository.models import ModelRepository
+from .repository.watcher import watch_repository
+from .rest.app import RestFront, drain_rest, rest_guard, start_rest_port, stop_rest
+from .rest.guard import ssl_context
+from .runtime.admission import Admission
+from .runtime.batcher import BatchingOptions
+from .runtime.scheduler import Scheduler
+from .runtime.session import ModelRuntime, RuntimeOptions
+from .settings import Settings, add_arguments, address, env_name, load_settings
+from .tokens import read_token
 from .workers import WorkerRole, run_workers
 
 log = logging.getLogger(__name__)
@@ -85,14 +91,7 @@ def server_version() -> str:
 
 def _runtime_options(settings: Settings) -> RuntimeOptions:
     return RuntimeOptions(
-        device=settings.device,
-        intra_op_threads=settings.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-        cuda_device_id=settings.cuda_device_id,
-        cuda_memory_limit=settings.cuda_memory_limit,
-        max_batch_size=settings.max_batch_size,
-        run_inline=settings.run_inline,
-        inline_threshold_us=settings.inline_threshold_us,
+        **{f.name: getattr(settings, f.name) for f in dataclasses.fields(RuntimeOptions)}
     )
 
 
@@ -168,7 +167,7 @@ async def build_server(
                           batching=batching, server_version=server_version(),
                           extensions=EXTENSIONS)  # fmt: skip
         rest = await start_rest_port(settings, front, guard, tls, reuse_port)
-    metrics_port, stop_metrics = start_metrics(settings, telemetry)
+    metrics_port, stop_metrics = start_metrics(settings.host, settings.metrics_port, telemetry)
     await publish_health(health, dataplane)
     log.info(
         "limits: messages up to %d bytes, %d calls at once, %d connections x %d streams, %d "

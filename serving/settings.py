@@ -1,5 +1,5 @@
 """Serving settings: one frozen dataclass, filled from defaults, then STABLEMLP_* env, then flags
-(flags.py does the filling).
+(`load_settings`, below `add_arguments`, which gives each field its flag).
 
 Each field's `help` metadata is its user-facing documentation (`stablemlp serve --help` prints it
 with the environment variable); the `#` comment above the field says why its default is what it is.
@@ -7,13 +7,15 @@ with the environment variable); the `#` comment above the field says why its def
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .policy import VersionPolicy
+from .repository.policy import VersionPolicy
 
 ControlMode = Literal["none", "poll", "explicit"]
 CONTROL_MODES = ("none", "poll", "explicit")
@@ -156,14 +158,14 @@ class Settings:
         default=128, metadata=_meta("most inference requests queued or running", int, "N")
     )
     # gRPC reads a call's message before any handler runs: these bound how much it holds at
-    # once, whatever clients send (ports.py). Excess calls get RESOURCE_EXHAUSTED, excess
+    # once, whatever clients send (grpc_server). Excess calls get RESOURCE_EXHAUSTED, excess
     # connections UNAVAILABLE, both at once. Measured with bench/flood.py: peak RSS ~260 MB
     # under 2,000 maximum-size calls from 200 connections (README); a long-lived stream (health
     # Watch, ModelStreamInfer) holds one call for its life.
     max_concurrent_rpcs: int = field(
         default=128, metadata=_meta("most calls (any RPC, streams too) handled at once", int, "N")
     )
-    # Per port: gRPC refuses in its core (UNAVAILABLE), REST with a 503 (rest_connections.py).
+    # Per port: gRPC refuses in its core (UNAVAILABLE), REST with a 503 (rest/connections.py).
     max_connections: int = field(
         default=128, metadata=_meta("most client connections open at once, per port", int, "N")
     )
@@ -265,7 +267,7 @@ class Settings:
         default=1000.0, metadata=_meta("longest run kept on the event loop (auto)", float, "US")
     )
     # On: measured on 2 cores, 1-row requests at concurrency 8 got ~15% more throughput (merged
-    # runs share ONNX Runtime's per-run cost) and isolated requests skip it (batcher.py).
+    # runs share ONNX Runtime's per-run cost) and isolated requests skip it (runtime/batcher.py).
     dynamic_batching: bool = field(
         default=True,
         metadata=_meta(
@@ -388,11 +390,98 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+# Triton's flag names, accepted beside ours so its users' scripts and habits carry over. Ours
+# already are Triton's for --http-port, --metrics-port and --model-control-mode.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "models": ("--load-model",),
+    "port": ("--grpc-port",),
+    "grace_period_s": ("--exit-timeout-secs",),
+    "repository_poll_s": ("--repository-poll-secs",),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; unset flags stay absent so env and defaults show through."""
+    secrets = [f for f in dataclasses.fields(Settings) if f.metadata["env"]]
+    parser.add_argument_group(
+        "environment only",
+        "; ".join(f"{env_name(f.name)}: {f.metadata['help']}" for f in secrets),
+    )
+    for f in dataclasses.fields(Settings):
+        if f.metadata["env"]:
+            continue
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        if f.default is not dataclasses.MISSING:
+            default = f"default {f.default}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f"default {f.default_factory()}"
+        else:
+            default = f"required, or {KSERVE_MOUNT} when it exists (KServe's storageUri)"
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,  # defaults live in Settings, not in argparse
+            "help": f"{f.metadata['help']} [env {env_name(f.name)}; {default}]",
+        }
+        kwargs["metavar"] = f.metadata["metavar"]
+        if f.name == "models":
+            kwargs["action"] = "append"
+            kwargs["help"] = kwargs["help"].replace("default ()", "default: every model")
+        else:
+            kwargs["type"] = f.metadata["parse"]
+        choices = {
+            "device": DEVICES,
+            "run_inline": RUN_INLINE,
+            "model_control_mode": CONTROL_MODES,
+            "event_loop": EVENT_LOOPS,
+        }
+        if f.name in choices:
+            kwargs["choices"] = choices[f.name]
+        flags = [flag, *ALIASES.get(f.name, ())]
+        parser.add_argument(*flags, **kwargs)
+
+
+# Where a KServe InferenceService mounts its storageUri: served when no repository is named.
+KSERVE_MOUNT = Path("/mnt/models")
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    kserve_mount: Path = KSERVE_MOUNT,
+) -> Settings:
+    """Defaults, overridden by STABLEMLP_<FIELD> variables, overridden by flags."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = env.get(env_name(f.name))
+        if raw is not None and raw != "":
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as err:
+                raise ValueError(f"{env_name(f.name)}={raw!r}: {err}") from None
+    for name, value in flags.items():
+        values[name] = tuple(value) if name == "models" else value
+    if "model_repository" not in values and kserve_mount.is_dir():
+        values["model_repository"] = kserve_mount
+    if "model_repository" not in values:
+        raise ValueError(
+            f"set --model-repository or {env_name('model_repository')} (without either, "
+            f"KServe's {kserve_mount} is served when it exists)"
+        )
+    return Settings(**values)
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 __all__ = [
+    "ALIASES",
     "CONTROL_MODES",
     "DEVICES",
     "ENV_PREFIX",
     "EVENT_LOOPS",
+    "KSERVE_MOUNT",
     "RUN_INLINE",
     "ControlMode",
     "Device",
@@ -400,6 +489,9 @@ __all__ = [
     "RunInline",
     "Settings",
     "VersionPolicy",
+    "add_arguments",
+    "address",
     "available_cores",
     "env_name",
+    "load_settings",
 ]

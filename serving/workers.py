@@ -17,8 +17,8 @@ together fit the cores they were sized for; the REST port shared like the gRPC o
 /metrics on metrics_port + 1 + index (0: any free port each; -1: off), all of them merged by the
 supervisor on metrics_port itself with a `worker` label (worker_metrics.py), where the manifests
 scrape. ModelStatistics and each worker's /metrics count the calls of the worker that answers,
-and RepositoryModelLoad/Unload act on that worker only: use repository polling (the default) to
-change the models of every worker.
+and RepositoryModelLoad/Unload act on that worker only: use --model-control-mode poll (the default,
+none, keeps the models found at start) to change the models of every worker.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from multiprocessing.context import SpawnProcess
 from typing import Any
 
 from .errors import ServingError
-from .failures import LibraryLines
-from .metrics import serve_metrics
+from .observe.call_log import LibraryLines
+from .observe.telemetry import serve_metrics
+from .observe.worker_metrics import WorkerMetrics
 from .settings import Settings
-from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -220,10 +220,10 @@ def cpu_repository(root: Path, policy: str = "latest:1") -> Any:
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from stablemlp.serving.policy import VersionPolicy
-    from stablemlp.serving.repository import ModelRepository
-    from stablemlp.serving.runtime import RuntimeOptions
-    from stablemlp.serving.scheduler import Scheduler
+    from stablemlp.serving.repository.models import ModelRepository
+    from stablemlp.serving.repository.policy import VersionPolicy
+    from stablemlp.serving.runtime.scheduler import Scheduler
+    from stablemlp.serving.runtime.session import RuntimeOptions
 
     loop = asyncio.new_event_loop()  # never run: unbatched schedulers do not touch it
     loop.close()

@@ -23,10 +23,12 @@ from tolerances import PROBABILITY
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving.codec import Codec
+from stablemlp.serving.datatypes import DTYPES
 from stablemlp.serving.errors import CLIP_CHARS, InvalidRequestError
-from stablemlp.serving.manifest import DTYPES, FileEntry, Manifest, TensorSpec
+from stablemlp.serving.grpc.bounds import check_infer_bytes
+from stablemlp.serving.grpc.wire import request_of
+from stablemlp.serving.manifest import FileEntry, Manifest, TensorSpec
 from stablemlp.serving.protowire import WireError
-from stablemlp.serving.request_bounds import check_infer_bytes
 
 TOKEN = "corpus-token-0123456789"
 CONTROL_TOKEN = "corpus-control-token-42"
@@ -459,7 +461,7 @@ def codec_for(inputs: tuple[TensorSpec, ...]) -> Codec:
 
 def _decode_or_refuse(request: pb.ModelInferRequest, inputs: tuple[TensorSpec, ...]) -> None:
     try:
-        decoded = codec_for(inputs).decode(request)
+        decoded = codec_for(inputs).decode(request_of(request))
     except InvalidRequestError as err:
         assert len(str(err)) < 4 * CLIP_CHARS + 400  # bounded, whatever the client sent
         assert "\n" not in str(err)
@@ -540,7 +542,7 @@ def test_well_formed_numeric_requests_decode_exactly(data: st.DataObject) -> Non
     request.inputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
     request.raw_input_contents.append(array.tobytes())
     try:
-        decoded = codec_for((spec,)).decode(request)
+        decoded = codec_for((spec,)).decode(request_of(request))
     except InvalidRequestError as err:
         assert np.isinf(array).any(), err  # the only refusal
         return

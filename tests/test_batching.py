@@ -21,9 +21,9 @@ from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
-from stablemlp.serving.batcher import Batcher, BatchingOptions, Executed
-from stablemlp.serving.runtime import ModelRuntime, RuntimeOptions, inline_rows
-from stablemlp.serving.scheduler import Scheduler
+from stablemlp.serving.runtime.batcher import Batcher, BatchingOptions, Executed
+from stablemlp.serving.runtime.scheduler import Scheduler
+from stablemlp.serving.runtime.session import ModelRuntime, RuntimeOptions, inline_rows
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 TIMEOUT = 10.0

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from stablemlp.protos import grpc_service_pb2 as pb
-from stablemlp.serving.codec import MAX_TEXT_BYTES, Codec, wire_tensors
+from stablemlp.serving.codec import MAX_TEXT_BYTES, Codec
 from stablemlp.serving.errors import InvalidRequestError
+from stablemlp.serving.grpc.wire import replies_for, request_of
 from stablemlp.serving.manifest import FileEntry, Manifest, TensorSpec
 
 F = 4
@@ -67,7 +68,7 @@ ROWS = np.arange(3 * F, dtype=np.float32).reshape(3, F) / 7
 def test_decodes_both_forms_and_keeps_nan(raw: bool) -> None:
     rows = ROWS.copy()
     rows[1, 2] = np.nan
-    decoded = _codec().decode(_request(rows, raw))
+    decoded = _codec().decode(request_of(_request(rows, raw)))
     np.testing.assert_array_equal(decoded.inputs["features"], rows)
     assert decoded.inputs["features"].dtype == np.float32
     assert decoded.raw is raw and decoded.rows == 3
@@ -75,7 +76,7 @@ def test_decodes_both_forms_and_keeps_nan(raw: bool) -> None:
 
 
 def test_raw_input_is_read_without_a_copy() -> None:
-    array = _codec().decode(_request(ROWS)).inputs["features"]
+    array = _codec().decode(request_of(_request(ROWS))).inputs["features"]
     assert not array.flags.writeable  # a view on the message's bytes, not a copy
     assert array.base is not None
 
@@ -83,7 +84,7 @@ def test_raw_input_is_read_without_a_copy() -> None:
 @pytest.mark.parametrize("raw", [True, False])
 def test_text_columns_decode_to_stripped_str_in_either_form(raw: bool) -> None:
     colors = [b" red ", "gr\u00fcn".encode(), b""]
-    decoded = _codec(MIXED).decode(_mixed(ROWS, colors, raw))
+    decoded = _codec(MIXED).decode(request_of(_mixed(ROWS, colors, raw)))
     color = decoded.inputs["color"]
     assert color.dtype == object and color.shape == (3, 1)
     assert color.ravel().tolist() == ["red", "gr\u00fcn", ""]
@@ -96,7 +97,7 @@ def test_inputs_may_come_in_any_order() -> None:
     for i in (2, 0, 1):
         reordered.inputs.append(request.inputs[i])
         reordered.raw_input_contents.append(request.raw_input_contents[i])
-    decoded = _codec(MIXED).decode(reordered)
+    decoded = _codec(MIXED).decode(request_of(reordered))
     assert decoded.inputs["color"].ravel().tolist() == ["a", "b", "c"]
     np.testing.assert_array_equal(decoded.inputs["features"], ROWS)
 
@@ -223,7 +224,7 @@ def test_invalid_requests_name_field_got_and_expected(
 ) -> None:
     codec = _codec(MIXED if (case, build, fragments) in TEXT_INVALID else NUMERIC)
     with pytest.raises(InvalidRequestError) as raised:
-        codec.decode(build())
+        codec.decode(request_of(build()))
     for fragment in fragments:
         assert fragment in str(raised.value), (case, str(raised.value))
 
@@ -231,24 +232,27 @@ def test_invalid_requests_name_field_got_and_expected(
 def test_unknown_fields_are_ignored_as_protobuf_ignores_them() -> None:
     request = _request(ROWS, raw=False)
     request.inputs[0].contents.MergeFromString(b"\x48\x96\x01")  # field 9, a varint: unknown
-    np.testing.assert_array_equal(_codec().decode(request).inputs["features"], ROWS)
+    np.testing.assert_array_equal(_codec().decode(request_of(request)).inputs["features"], ROWS)
 
 
 def test_duplicate_input_is_refused() -> None:
     request = _request(ROWS)
     request.inputs.add(name="features", datatype="FP32", shape=ROWS.shape)
     with pytest.raises(InvalidRequestError, match=r"inputs\[1\].name: got 'features'"):
-        _codec().decode(request)
+        _codec().decode(request_of(request))
 
 
 def test_requested_outputs_keep_the_request_order() -> None:
-    assert _codec().decode(_outputs("label", "probability")).outputs == (OUTPUTS[1], OUTPUTS[0])
-    assert _codec().decode(_outputs("label")).outputs == (OUTPUTS[1],)
+    assert _codec().decode(request_of(_outputs("label", "probability"))).outputs == (
+        OUTPUTS[1],
+        OUTPUTS[0],
+    )
+    assert _codec().decode(request_of(_outputs("label"))).outputs == (OUTPUTS[1],)
 
 
 def _encode(codec: Codec, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-    decoded = codec.decode(request)
-    return codec.replies.encode(request, RESULTS, decoded.outputs, decoded.rows, decoded.raw)
+    decoded = codec.decode(request_of(request))
+    return replies_for(codec).encode(request, RESULTS, decoded.outputs, decoded.rows, decoded.raw)
 
 
 RESULTS = {
@@ -291,13 +295,13 @@ def test_the_reply_template_gives_what_the_general_path_gives(raw: bool) -> None
     renamed.model_name = "other"  # a name the codec was not made for: the general path
     for request in (_request(ROWS[:2], raw), renamed):
         request.id = "abc" if raw else ""
-        decoded = codec.decode(request)
+        decoded = codec.decode(request_of(request))
         first, again = _encode(codec, request), _encode(codec, request)
         assert first == again  # templates are not consumed
         assert first.model_name == request.model_name and first.model_version == "3"
         assert [list(t.shape) for t in first.outputs] == [[2, 1], [2, 1]]
         # the same outputs in a tuple of its own take the general path: the same reply
-        general = codec.replies.encode(request, RESULTS, (*decoded.outputs,), 2, decoded.raw)
+        general = replies_for(codec).encode(request, RESULTS, (*decoded.outputs,), 2, decoded.raw)
         assert general == first
 
 
@@ -311,11 +315,13 @@ def test_well_formed_requests_take_the_fast_path(raw: bool, count: int) -> None:
     rows[0, 0] = np.nan
     codec = _codec(MIXED)
     request = _mixed(rows, [b"x"] * count, raw)
-    decoded = codec._recognize(request)
+    decoded = codec._recognize(request_of(request))
     assert decoded is not None and decoded.rows == count
     np.testing.assert_array_equal(decoded.inputs["features"], rows)
     rows[-1, -1] = -np.inf
-    assert codec._recognize(_mixed(rows, [b"x"] * count, raw)) is None  # refused elsewhere
+    assert (
+        codec._recognize(request_of(_mixed(rows, [b"x"] * count, raw))) is None
+    )  # refused elsewhere
 
 
 ERROR = "error"
@@ -401,7 +407,7 @@ def summary(decoded: Any) -> Any:
 def outcome(codec: Codec, request: pb.ModelInferRequest) -> Any:
     """What the production decoder gives, in the reference's terms."""
     try:
-        decoded = codec.decode(request)
+        decoded = codec.decode(request_of(request))
     except InvalidRequestError as err:
         assert str(err)
         return ERROR
@@ -467,10 +473,10 @@ def test_the_production_decoder_agrees_with_the_reference(
     request, inputs = case
     codec = _codec(inputs)
     assert outcome(codec, request) == reference(request, inputs)
-    fast = codec._recognize(request)
+    fast = codec._recognize(request_of(request))
     if fast is not None:  # the fast path only ever accepts what the checked path accepts too
         names, entries = [o.name for o in request.outputs], len(request.raw_input_contents)
-        slow = codec.decode_tensors(wire_tensors(request), names, entries)
+        slow = codec.decode_tensors(request_of(request).tensors, names, entries)
         assert summary(fast) == summary(slow)
 
 
@@ -484,4 +490,6 @@ def test_the_production_decoder_agrees_with_the_reference(
     st.booleans(),
 )
 def test_round_trip_any_finite_or_nan_rows(rows: np.ndarray, raw: bool) -> None:
-    np.testing.assert_array_equal(_codec().decode(_request(rows, raw)).inputs["features"], rows)
+    np.testing.assert_array_equal(
+        _codec().decode(request_of(_request(rows, raw))).inputs["features"], rows
+    )

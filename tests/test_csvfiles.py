@@ -19,8 +19,8 @@ from stablemlp.csvfile import BATCH_ROWS, CsvError, open_csv
 from stablemlp.model.cli import main as train_main
 from stablemlp.model.csvdata import load_csv
 from stablemlp.model.data import DataError
-from stablemlp.serving import predict_cli
-from stablemlp.serving.tables import Schema, csv_batches
+from stablemlp.serving.client import cli as predict_cli
+from stablemlp.serving.client.columns import Schema, csv_batches
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 

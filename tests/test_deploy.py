@@ -28,7 +28,7 @@ import referencing
 import yaml
 
 from stablemlp.protos import grpc_service_pb2 as pb
-from stablemlp.serving.flags import KSERVE_MOUNT
+from stablemlp.serving.settings import KSERVE_MOUNT
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -39,7 +39,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 
 # gRPC probes are GA since 1.27 and preStop `sleep` exists since 1.30: the oldest version claimed.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-# What the server reports SERVING once every model is loaded (serving/servicer.py).
+# What the server reports SERVING once every model is loaded (serving/grpc/health.py).
 READINESS_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 

@@ -1,6 +1,6 @@
 """A model.onnx cannot make the server read a file (ONNX external data, file-path attributes):
 the attack first (ONNX Runtime alone serves a file's bytes as weights), then every place a tensor
-or a file-naming node can hide, at load (no torch, no onnx: serving/graph_files.py) and in
+or a file-naming node can hide, at load (no torch, no onnx: serving/runtime/graph_files.py) and in
 `stablemlp verify`."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from stablemlp.export.cli import verify_main
 from stablemlp.serving.errors import ContractError, ModelLoadError
-from stablemlp.serving.graph_files import refuse_file_references
+from stablemlp.serving.runtime.graph_files import refuse_file_references
 
 SECRET = b"\x01\x02\x03\x04\x05\x06\x07\x08 and the rest of the file"
 

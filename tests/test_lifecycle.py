@@ -36,7 +36,7 @@ from tolerances import PROBABILITY
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving import server as server_module
-from stablemlp.serving.runtime import ModelRuntime, RunControl, RuntimeOptions
+from stablemlp.serving.runtime.session import ModelRuntime, RunControl, RuntimeOptions
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 CPU_OPTIONS = RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1)

@@ -153,7 +153,7 @@ def test_logs_are_json_lines_with_one_line_per_failed_call(
     assert len(lines) == before + 3  # every line parsed as JSON above; one per failed call
     assert {k: lines[-1][k] for k in ("level", "logger", "rpc", "code")} == {
         "level": "INFO",
-        "logger": "stablemlp.serving.failures",
+        "logger": "stablemlp.serving.observe.call_log",
         "rpc": "ModelInfer",
         "code": "INVALID_ARGUMENT",
     }
@@ -192,7 +192,7 @@ def test_silent_connections_to_the_metrics_port_are_capped_and_closed(
     import time
     import urllib.parse
 
-    from stablemlp.serving.metrics import METRICS_CONNECTIONS, METRICS_TIMEOUT_S
+    from stablemlp.serving.observe.telemetry import METRICS_CONNECTIONS, METRICS_TIMEOUT_S
 
     url = urllib.parse.urlsplit(server.metrics_url)
     pid, before = server.process.pid, _threads(server.process.pid)

@@ -20,10 +20,10 @@ from rest_client import MODEL_NAME, call, infer_body
 from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
-from stablemlp.serving.flags import load_settings
-from stablemlp.serving.request_log import MAX_ROWS
+from stablemlp.serving.observe.request_log import MAX_ROWS
+from stablemlp.serving.observe.tracing import tracing_requested
 from stablemlp.serving.server import build_server
-from stablemlp.serving.tracing import tracing_requested
+from stablemlp.serving.settings import load_settings
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 INFER = f"/v2/models/{MODEL_NAME}/infer"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import zipfile
@@ -79,7 +80,38 @@ def test_the_declared_python_is_the_one_the_code_needs() -> None:
     assert config["project"]["requires-python"] == ">=3.11"
     assert config["tool"]["ruff"]["target-version"] == "py311"
     assert config["tool"]["mypy"]["python_version"] == "3.11"
-    assert "asyncio.timeout(" in (ROOT / "serving" / "rest_boundary.py").read_text()
+    assert "asyncio.timeout(" in (ROOT / "serving" / "rest" / "guard.py").read_text()
+
+
+def _imports(path: Path) -> set[str]:
+    """The absolute names of the modules `path` imports (relative ones resolved in stablemlp)."""
+    package = ["stablemlp", *path.parent.relative_to(ROOT).parts]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            names.add(".".join([*base, *([node.module] if node.module else [])]))
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+PROTOCOL_FREE = ("runtime", "repository", "observe", "codec.py", "dataplane.py", "datatypes.py",
+                 "errors.py", "manifest.py", "settings.py", "protowire.py")  # fmt: skip
+PROTOCOLS = ("stablemlp.protos", "google.protobuf", "grpc", "aiohttp")
+
+
+def test_the_fronts_stand_on_a_core_that_knows_no_protocol() -> None:
+    serving = ROOT / "serving"
+    checked = 0
+    for path in sorted(serving.rglob("*.py")):
+        top, imports = path.relative_to(serving).parts[0], _imports(path)
+        other = {"grpc": "stablemlp.serving.rest", "rest": "stablemlp.serving.grpc"}.get(top)
+        assert other is None or not any(name.startswith(other) for name in imports), path
+        if top in PROTOCOL_FREE:
+            checked += 1
+            assert not [name for name in imports if name.startswith(PROTOCOLS)], path
+    assert checked >= 20  # the subpackages were found
 
 
 def test_bench_where_it_is_left_out_says_so_in_one_line(

@@ -6,10 +6,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import re
 import shutil
 import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
-from stablemlp.serving.flags import load_settings
+from stablemlp.serving.settings import load_settings
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 TOKEN, CONTROL_TOKEN = "rest-token-0123", "rest-control-4567"
@@ -195,7 +197,7 @@ def _schema(document: dict[str, Any], ref: str) -> jsonschema.Draft202012Validat
 def test_openapi_document_covers_every_route_and_matches_replies(
     srv: ServerProcess, test_split: HeldOutSplit
 ) -> None:
-    from stablemlp.serving.rest import ROUTES
+    from stablemlp.serving.rest.app import ROUTES
 
     document = get(srv, "/v2/openapi.json").json()
     assert document["openapi"].startswith("3.1")
@@ -282,9 +284,25 @@ def test_over_the_inflight_limit_gets_429(limited: ServerProcess, test_split: He
     assert any("the limit is 1; retry with backoff" in m for m in messages), messages
 
 
+def _listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (Linux: its socket inodes in /proc/net/tcp*)."""
+    links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    inodes = {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc (Linux)")
 def test_rest_can_be_turned_off(model_repository: Path, start_server: StartServer) -> None:
     with start_server(model_repository, "--http-port", "-1") as off:
-        assert "rest:" not in off.log()
+        metrics = urllib.parse.urlsplit(off.metrics_url).port
+        grpc_port = int(off.address.rsplit(":", 1)[1])
+        assert _listening_ports(off.process.pid) == {grpc_port, metrics}  # no REST port bound
 
 
 def test_kserve_storage_mount_is_served_when_no_repository_is_named(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from test_bad_inputs import codec_for
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving.errors import InvalidRequestError
 from stablemlp.serving.manifest import TensorSpec
-from stablemlp.serving.rest_wire import MAX_DATA_DEPTH, WIRE, parse_infer
+from stablemlp.serving.rest.wire import MAX_DATA_DEPTH, parse_infer, request_of
 
 TOKEN = "rest-corpus-token-0123"
 GOOD = (("authorization", f"Bearer {TOKEN}"),)
@@ -115,7 +115,7 @@ def corpus(rows: np.ndarray) -> list[Case]:
          "binary_data: got a string, expected true or false"),
         ("parameters list", _edit(rows, lambda b: b.update(parameters=[])), 400,
          "request.parameters: got a list"),
-        # Issue 23.2: the gRPC front's entry bounds (request_bounds.py), before tensors are built.
+        # Issue 23.2: the gRPC front's entry bounds (grpc/bounds.py), before tensors are built.
         ("2000 inputs", _edit(rows, lambda b: b.update(inputs=[{}] * 2000)), 400,
          "inputs: got 2000 entries, expected at most 1024"),
         ("2000 outputs", _edit(rows, lambda b: b.update(outputs=[{}] * 2000)), 400,
@@ -260,7 +260,7 @@ def test_parsing_random_documents_only_ever_refuses_with_invalid_request(
     specs = (TensorSpec("features", "FP32", (-1, 2)), TensorSpec("t0", "BYTES", (-1, 1)))
     try:
         request = parse_infer(body, len(header) if with_binary else None)
-        decoded = WIRE.decode(codec_for(specs), request)
+        decoded = codec_for(specs).decode(request_of(request))
     except InvalidRequestError as err:
         assert len(str(err)) < 1000 and "\n" not in str(err)
         return
@@ -273,7 +273,7 @@ def test_json_text_and_typed_values_reach_the_codec_by_field() -> None:
         {"name": "features", "datatype": "FP32", "shape": [2, 2], "data": [[1, None], [3, 4.5]]},
         {"name": "t0", "datatype": "BYTES", "shape": [2, 1], "data": [" red ", "blue"]},
     ]}  # fmt: skip
-    decoded = WIRE.decode(codec_for(specs), parse_infer(json.dumps(body).encode(), None))
+    decoded = codec_for(specs).decode(request_of(parse_infer(json.dumps(body).encode(), None)))
     assert np.isnan(decoded.inputs["features"][0, 1]) and decoded.inputs["features"][1, 1] == 4.5
     assert decoded.inputs["t0"].tolist() == [["red"], ["blue"]]
     for datatype, field in (("INT64", "int64_contents"), ("BOOL", "bool_contents")):
@@ -282,5 +282,5 @@ def test_json_text_and_typed_values_reach_the_codec_by_field() -> None:
         assert dict(parsed.tensors[0].values) == {field: [1]}
     python_nan = b'{"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 2], ' \
                  b'"data": [NaN, 1]}]}'  # fmt: skip
-    decoded = WIRE.decode(codec_for(specs[:1]), parse_infer(python_nan, None))
+    decoded = codec_for(specs[:1]).decode(request_of(parse_infer(python_nan, None)))
     assert np.isnan(decoded.inputs["features"][0, 0])

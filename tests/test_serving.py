@@ -36,8 +36,9 @@ from tolerances import PROBABILITY
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.protos import model_config_pb2 as mc
-from stablemlp.serving import client, predict_cli
+from stablemlp.serving import client
 from stablemlp.serving import server as server_module
+from stablemlp.serving.client import cli as predict_cli
 from stablemlp.serving.errors import (
     INTERNAL_MESSAGE,
     STATUS,
@@ -46,11 +47,11 @@ from stablemlp.serving.errors import (
     ModelNotFoundError,
     ServingError,
 )
-from stablemlp.serving.flags import load_settings
-from stablemlp.serving.grpc_boundary import GRPC_CODES, failure
-from stablemlp.serving.repository import ModelRepository
-from stablemlp.serving.runtime import CUDA, ModelRuntime, RuntimeOptions
-from stablemlp.serving.settings import Settings, VersionPolicy
+from stablemlp.serving.grpc.boundary import GRPC_CODES
+from stablemlp.serving.observe.call_log import failure
+from stablemlp.serving.repository.models import ModelRepository
+from stablemlp.serving.runtime.session import CUDA, ModelRuntime, RuntimeOptions
+from stablemlp.serving.settings import Settings, VersionPolicy, load_settings
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 CPU_OPTIONS = RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1)
@@ -105,7 +106,7 @@ def test_serve_help_lists_every_setting_with_its_env_variable(
 
 def test_serving_never_imports_torch() -> None:
     code = (
-        "import sys, stablemlp.serving.server, stablemlp.serving.client, stablemlp.cli; "
+        "import sys, stablemlp.serving.server, stablemlp.serving.client.calls, stablemlp.cli; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=60)

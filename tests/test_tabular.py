@@ -21,8 +21,9 @@ from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
-from stablemlp.serving import client, predict_cli
-from stablemlp.serving.tables import MISSING
+from stablemlp.serving import client
+from stablemlp.serving.client import cli as predict_cli
+from stablemlp.serving.client.columns import MISSING
 
 pytest.importorskip("palmerpenguins")
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]

@@ -22,7 +22,7 @@ from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
 from stablemlp.serving import server as server_module
-from stablemlp.serving.flags import load_settings
+from stablemlp.serving.settings import load_settings
 from stablemlp.serving.workers import reserve_port, worker_settings
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]

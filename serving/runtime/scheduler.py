@@ -1,0 +1,55 @@
+"""Where each request's session.run happens: on the event loop, on a worker thread, or in a batch.
+
+One scheduler per loaded version, made and closed by the repository. A request that runs alone
+(batching off, or an isolated request: batcher.py) runs on the event loop when its rows are within
+the version's `inline_rows` (timed at load: a run that costs less than a thread hop, which blocks
+the loop no longer than `inline_threshold_us`), otherwise on the worker pool, where a deadline can
+stop it queued or mid-run. Inline runs cannot be interrupted, which is why only short ones are kept
+inline (`--run-inline always` lifts that guard). Every run returns its timing (`Executed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
+
+import numpy as np
+
+from .batcher import Batcher, BatchingOptions, Executed
+from .session import ModelRuntime
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        executor: Executor,
+        batching: BatchingOptions | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.runtime, self._executor, self._loop = runtime, executor, loop
+        self._batcher = Batcher(runtime, executor, batching, loop) if batching else None
+
+    async def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed:
+        """Every output of the version for these rows, and when and how it ran."""
+        batcher = self._batcher
+        if batcher is not None and batcher.joins():
+            return await batcher.submit(inputs, rows)
+        runtime = self.runtime
+        if rows <= runtime.inline_rows:
+            started = time.perf_counter_ns()
+            results = runtime.run(inputs, runtime.output_names)
+        else:
+            started, results = await runtime.run_in(self._executor, inputs, runtime.output_names)
+        return Executed(results, started, time.perf_counter_ns(), rows, True)
+
+    def close(self) -> None:
+        """The version is going: its pending batch runs now, later requests run alone. Safe from
+        any thread (the repository swaps versions on a worker thread)."""
+        if self._batcher is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._batcher.close)
+
+
+__all__ = ["Scheduler"]
