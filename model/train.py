@@ -39,7 +39,9 @@ class TrainConfig:
     batch_size: int = 0  # 0: auto_batch_size(rows)
     learning_rate: float = 2e-3  # the schedule's peak
     weight_decay: float = 1e-4  # AdamW's decoupled decay; 1e-2 made no difference
-    patience: int = 8  # epochs without a better validation ROC AUC
+    # Epochs without a better validation ROC AUC. Under the cosine schedule 6 and 8 gave the same
+    # suite AUCs (credit_data 0.0004 lower) and 6 ran 7 % fewer epochs on nassCDS.
+    patience: int = 6
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     schedule: str = "cosine"  # or "constant"
     schedule_epochs: int = 0  # the cosine's length (0: `epochs`); a refit keeps the first run's
