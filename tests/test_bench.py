@@ -28,6 +28,7 @@ from stablemlp.bench.peers.environments import (
     write_mlserver,
     write_peer,
 )
+from stablemlp.bench.profile import TRANSPORT, cpu_by_thread, layer_shares
 from stablemlp.bench.servers import (
     child_env,
     floor_server_command,
@@ -152,6 +153,21 @@ def test_targets_compare_ratios_with_issue_figures() -> None:
         {"seconds_to_serving_median": 0.5, "idle_rss_mb": None},
     )
     assert [r["met"] for r in rows] == [True, True, False, True, None]
+
+
+def test_targets_hold_server_cpu_per_request_against_the_floor() -> None:
+    """Issue 25: CPU per request / the floor's at b1 c8 and b64 c8, when both were read."""
+    vs = {"requests_per_s": 0.9, "p50_us": 1.0}
+    cells = [
+        {"model": "m", "form": "raw_input_contents", "batch": b, "concurrency": 8,
+         "vs_transport_floor": {**vs, "server_cpu_us_per_request": cpu}}
+        for b, cpu in ((1, 1.25), (64, 1.66))
+    ]  # fmt: skip
+    rows = [r for r in targets(cells, {}) if r["name"].startswith("server CPU")]
+    assert [(r["measured"], r["limit"], r["comparison"], r["met"]) for r in rows] == [
+        (1.25, 1.3, "<=", True),
+        (1.66, 1.3, "<=", False),
+    ]
 
 
 def test_parse_perf_analyzer_csv(tmp_path: Path) -> None:
@@ -626,3 +642,38 @@ def test_versus_interleaves_two_builds_and_the_floor(
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| raw")]
     assert len(rows) == len([c for c in CELLS if c[0] == "raw"])
     assert all(len(row.split("|")) == 7 for row in rows)
+
+
+# --- unit: issue 25's profile (bench/profile.py) ------------------------------------------------
+
+
+def test_profile_charges_a_sample_to_its_innermost_layer_of_ours() -> None:
+    loop = "thread (7): MainThread;main (stablemlp/cli.py:1);Runner.run (asyncio/runners.py:118)"
+    folded = "\n".join([
+        f"{loop};unary (stablemlp/serving/grpc/boundary.py:105);"
+        "decode (stablemlp/serving/codec.py:196);_any (numpy/core/_methods.py:58) 3",
+        f"{loop};unary (stablemlp/serving/grpc/boundary.py:105);"
+        "request_of (stablemlp/serving/grpc/wire.py:40) 1",
+        f"{loop};reply_of (stablemlp/serving/grpc/wire.py:90) 2",
+        f"{loop} 4",
+        "thread (8): event_engine;poll (grpc/_cython/x.pyx:1) 9",  # another thread: left out
+    ])  # fmt: skip
+    shares, total = layer_shares(folded)
+    assert total == 10
+    assert shares == {
+        "codec: decode": 0.3,
+        "wire: request read": 0.1,
+        "wire: reply write": 0.2,
+        TRANSPORT: 0.4,
+    }
+
+
+def test_profile_counts_cpu_per_thread_name_with_the_first_thread_as_main() -> None:
+    before = {(10, "python"): 100, (11, "event_engine"): 50, (12, "event_engine"): 5}
+    after = {(10, "python"): 400, (11, "event_engine"): 150, (12, "event_engine"): 5,
+             (13, "event_engine"): 10}  # fmt: skip
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert cpu_by_thread(before, after, main_tid=10) == {
+        "MainThread": pytest.approx(300 / ticks),
+        "event_engine": pytest.approx(110 / ticks),
+    }

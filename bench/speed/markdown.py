@@ -46,6 +46,7 @@ def _latencies(figures: Mapping[str, Any], keys: Sequence[str] = ("p50_us", "p99
 def _cell_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
     head = [*CELL_HEAD, "ours req/s", "floor req/s", "ratio (range)", "ours p50/p90/p99 µs"]
     head += ["floor p50/p90/p99 µs", "p50 ratio", "p99 ratio", "server CPU µs/req ours / floor"]
+    head += ["CPU ratio"]
     head += ["RSS MB ours / floor"]
     every = ("p50_us", "p90_us", "p99_us")
     rows = []
@@ -57,7 +58,8 @@ def _cell_rows(cells: Sequence[Mapping[str, Any]]) -> list[str]:
             f"{num(vs.get('requests_per_s'), 2)} {rng}",
             _latencies(ours, every), _latencies(floor, every),
             num(vs.get("p50_us"), 2), num(vs.get("p99_us"), 2),
-            _pair(ours, floor, "server_cpu_us_per_request"), _pair(ours, floor, "rss_mb"),
+            _pair(ours, floor, "server_cpu_us_per_request"),
+            num(vs.get("server_cpu_us_per_request"), 2), _pair(ours, floor, "rss_mb"),
         ])  # fmt: skip
     return table(head, rows)
 
