@@ -147,7 +147,9 @@ class _Input:
         if len(data) != rows * self.row_bytes:
             return None
         array = np.ndarray((rows, self.width), FP32.dtype, data)  # a view: no copy
-        return None if np.isinf(array).any() else array
+        # count_nonzero, not .any(): ~0.7 against ~1.5 us on a row (.any() goes through numpy's
+        # Python-level _methods)
+        return None if np.count_nonzero(np.isinf(array)) else array
 
     def from_values(
         self, values: Mapping[str, Sequence[Any] | np.ndarray], rows: int
@@ -166,7 +168,7 @@ class _Input:
         if not isinstance(array, np.ndarray) or array.dtype != FP32.dtype or len(array) != count:
             return None
         array = array.reshape(rows, self.width)
-        return None if np.isinf(array).any() else array
+        return None if np.count_nonzero(np.isinf(array)) else array
 
 
 class Codec:

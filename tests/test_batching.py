@@ -43,6 +43,24 @@ async def _submit_all(batcher: Batcher, parts: list[np.ndarray]) -> list[Execute
     return list(await asyncio.gather(*jobs, return_exceptions=True))
 
 
+def test_runtime_runs_answer_as_onnx_runtime_public_run(
+    model_repository: Path, test_split: HeldOutSplit
+) -> None:
+    """On CPU the runtime calls the binding's run (issue 25): the same arrays as the public
+    session.run, and a feed missing an input still fails (in ONNX Runtime, not silently)."""
+    import onnxruntime as ort
+
+    folder = model_repository / MODEL_NAME / "1"
+    runtime = ModelRuntime(folder, _options())
+    public = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"features": test_split.features[:5]}
+    ours, theirs = runtime.run(feeds, NAMES), public.run(NAMES, feeds)
+    for name, expected in zip(NAMES, theirs, strict=True):
+        np.testing.assert_array_equal(ours[name], expected)
+    with pytest.raises(Exception, match="features"):  # ONNX Runtime's own error type
+        runtime.run({}, NAMES)
+
+
 @pytest.mark.parametrize(
     ("run_inline", "max_rows", "runs"),
     [("auto", 1024, [14, 0, 0, 0]), ("never", 1024, [14, 0, 0, 0]), ("auto", 8, [4, 0, 8, 2])],

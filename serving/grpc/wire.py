@@ -42,7 +42,9 @@ def request_of(message: pb.ModelInferRequest) -> InferRequest:
         )
         for i, tensor in enumerate(message.inputs)
     ]
-    return InferRequest(message.id, tensors, [o.name for o in message.outputs], entries, False)
+    outputs = message.outputs  # most requests name none: skip building an iterator then
+    names = [o.name for o in outputs] if outputs else []
+    return InferRequest(message.id, tensors, names, entries, False)
 
 
 def _values(tensor: pb.ModelInferRequest.InferInputTensor) -> dict[str, Any]:

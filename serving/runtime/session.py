@@ -184,6 +184,7 @@ class ModelRuntime:
         # Requests of at most this many rows run on the event loop thread (see `calibrate`).
         self.inline_rows = self.max_batch_size if options.run_inline == "always" else 0
         self.run_ns: dict[int, int] = {}  # batch size -> fastest calibration run
+        self._run = _direct_run(self._session)
 
     def run(
         self,
@@ -193,9 +194,7 @@ class ModelRuntime:
     ) -> dict[str, np.ndarray]:
         options = control.options if control else None
         names = outputs if isinstance(outputs, list) else list(outputs)
-        results = self._session.run(
-            names, inputs if isinstance(inputs, dict) else dict(inputs), options
-        )
+        results = self._run(names, inputs if isinstance(inputs, dict) else dict(inputs), options)
         return dict(zip(names, results, strict=True))  # graph checked: outputs are tensors
 
     async def run_in(
@@ -271,6 +270,19 @@ class ModelRuntime:
             ", ".join(f"{ns / 1000:.0f} us at {rows} rows" for rows, ns in self.run_ns.items()),
             self.inline_rows, self.options.inline_threshold_us,
         )  # fmt: skip
+
+
+def _direct_run(session: ort.InferenceSession) -> Any:
+    """The binding's own run for a CPU-only session, else the public `run`.
+
+    The public wrapper re-checks every call what the codec has already checked (every input
+    named, numpy arrays only) and retries a failed GPU provider on CPU; on CPU alone it adds
+    nothing but ~3 us a call (a 1-row run of the 16-8 MLP takes ~14 us; measured on 2 cores).
+    The binding is reached through a private attribute, so its absence means the public path."""
+    binding = getattr(session, "_sess", None)
+    if tuple(session.get_providers()) != (CPU,) or not callable(getattr(binding, "run", None)):
+        return session.run
+    return binding.run  # type: ignore[union-attr]
 
 
 def _missing(spec: TensorSpec, rows: int) -> np.ndarray:
