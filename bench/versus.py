@@ -9,11 +9,16 @@ The earlier checkout runs as it did then, on its own sources (`python -P -m serv
 releases before the `stablemlp` package, `python -P -m stablemlp serve` after), under this
 interpreter. Printed: each build's req/s over the floor's, this one's over the earlier one's
 (medians of per-repeat ratios, ranges), and server CPU per request.
+
+`--variant NAME='FLAGS'` adds this build served with FLAGS (a feature on or off, issue 25) to the
+same interleaved run, read against this build with its defaults; `--cell raw,1,8` keeps only the
+cells named.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 from collections.abc import Sequence
@@ -63,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup-s", type=float, default=0.5)
     parser.add_argument("--window-s", type=float, default=2.0)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="this build with these serve flags too (repeat)")  # fmt: skip
+    parser.add_argument("--cell", action="append", default=[], metavar="FORM,BATCH,CONC",
+                        help="only these cells, e.g. raw,1,8 (repeat)")  # fmt: skip
     args = parser.parse_args(argv)
+    cells = _cells(args.cell)
     command, env = earlier_command(args.before, args.model_repository)
     ours = our_server_command(args.model_repository, ["--metrics-port", "-1"])
     floor = floor_server_command(args.model_repository)
@@ -72,12 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         "after": start_server("after", ours),
         "floor": start_server("floor", floor),
     }
+    for name, _, flags in (v.partition("=") for v in args.variant):
+        flagged = our_server_command(args.model_repository, ["--metrics-port", "-1",
+                                                             *shlex.split(flags)])  # fmt: skip
+        servers[name] = start_server(name, flagged)
     rps: dict[tuple[str, tuple[str, int, int]], list[float]] = {}
     cpu: dict[tuple[str, tuple[str, int, int]], list[float]] = {}
     try:
         with LoadGenerator(1) as generator:
             for repeat in range(args.repeats):
-                for cell in CELLS:
+                for cell in cells:
                     data = payload(args.model, cell[1], args.width, cell[0])
                     names = list(servers) if repeat % 2 == 0 else list(reversed(servers))
                     for name in names:  # back to back, the order alternating per repeat
@@ -94,18 +108,52 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             server.stop()
     rows = []
-    for cell in CELLS:
+    for cell in cells:
         pair = {n: rps[(n, cell)] for n in servers}
         ratios = [
             [b / f for b, f in zip(pair["before"], pair["floor"], strict=True)],
             [a / f for a, f in zip(pair["after"], pair["floor"], strict=True)],
             [a / b for a, b in zip(pair["after"], pair["before"], strict=True)],
         ]
-        costs = " / ".join(f"{statistics.median(cpu[(n, cell)]):.0f}" for n in servers)
+        costs = " / ".join(
+            f"{statistics.median(cpu[(n, cell)]):.0f}" for n in ("before", "after", "floor")
+        )
         rows.append([f"{cell[0]} b{cell[1]} c{cell[2]}", *map(_range, ratios), costs])
     head = ["cell", "before / floor", "after / floor", "after / before"]
     print("\n".join(table([*head, "CPU µs/req before / after / floor"], rows)))
+    variants = [n for n in servers if n not in ("before", "after", "floor")]
+    if variants:
+        print()
+        head = ["cell", "variant", "req/s / after's", "CPU µs/req", "CPU / after's"]
+        print("\n".join(table(head, _variant_rows(cells, variants, rps, cpu))))
     return 0
+
+
+Measured = dict[tuple[str, tuple[str, int, int]], list[float]]
+
+
+def _cells(named: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
+    if not named:
+        return CELLS
+    cells = []
+    for text in named:
+        form, batch, concurrency = text.split(",")
+        cells.append((form, int(batch), int(concurrency)))
+    return tuple(cells)
+
+
+def _variant_rows(
+    cells: Sequence[tuple[str, int, int]], variants: Sequence[str], rps: Measured, cpu: Measured
+) -> list[list[str]]:
+    """Each variant against this build's defaults, repeat by repeat (medians, ranges)."""
+    rows = []
+    for cell in cells:
+        for name in variants:
+            speed = [v / a for v, a in zip(rps[(name, cell)], rps[("after", cell)], strict=True)]
+            cost = [v / a for v, a in zip(cpu[(name, cell)], cpu[("after", cell)], strict=True)]
+            rows.append([f"{cell[0]} b{cell[1]} c{cell[2]}", name, _range(speed),
+                         f"{statistics.median(cpu[(name, cell)]):.0f}", _range(cost)])  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

@@ -629,6 +629,19 @@ def test_versus_runs_an_earlier_checkout_as_it_was(tmp_path: Path) -> None:
     assert earlier_command(ROOT, Path("repo"))[0][3] == "stablemlp"
 
 
+def test_versus_reads_a_variant_against_this_build_repeat_by_repeat() -> None:
+    from stablemlp.bench.versus import CELLS, _cells, _variant_rows
+
+    assert _cells([]) == CELLS
+    cell = ("raw", 1, 8)
+    assert _cells(["raw,1,8"]) == (cell,)
+    rps = {("after", cell): [100.0, 200.0, 300.0], ("nobatch", cell): [110.0, 180.0, 330.0]}
+    cpu = {("after", cell): [400.0, 500.0, 600.0], ("nobatch", cell): [360.0, 500.0, 480.0]}
+    assert _variant_rows([cell], ["nobatch"], rps, cpu) == [
+        ["raw b1 c8", "nobatch", "1.10 (0.90..1.10)", "480", "0.90 (0.80..1.00)"]
+    ]
+
+
 @pytest.mark.slow
 def test_versus_interleaves_two_builds_and_the_floor(
     model_repository: Path, capsys: pytest.CaptureFixture[str]
