@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ from stablemlp.model.cli import main as train_main
 from stablemlp.model.data import DataError
 from stablemlp.model.network import Dropout, MLPConfig, StabilizedMLP
 from stablemlp.model.preprocess import NumericEncoder, NumericEncoding
-from stablemlp.model.train import TrainConfig, auto_batch_size, learning_rate_schedule
+from stablemlp.model.train import FusedAdamW, TrainConfig, auto_batch_size, schedule_steps
 
 FAST = {"epochs": 8, "hidden": (16, 16), "members": 2, "patience": 4}
 
@@ -101,25 +104,47 @@ def test_dropout_keeps_units_scaled_drops_about_p_and_is_identity_in_eval() -> N
     assert dropout(x) is x
 
 
-def test_cosine_schedule_spans_its_epochs_and_a_shorter_refit_keeps_it() -> None:
-    net = torch.nn.Linear(2, 1)
+def test_fused_adamw_is_torchs_adamw_and_cosine_schedule_to_the_bit() -> None:
+    """FusedAdamW skips torch.optim.Optimizer (its first construction imports torch._dynamo,
+    ~2 s), not its arithmetic: the same weights as AdamW(fused=True) + CosineAnnealingLR."""
+    torch.manual_seed(0)
+    ours = StabilizedMLP(MLPConfig(in_features=5, hidden=(4, 3), members=2))
+    theirs = copy.deepcopy(ours)
+    optimizer = FusedAdamW(ours.parameters(), lr=2e-3, weight_decay=1e-4, steps=12)
+    reference = torch.optim.AdamW(theirs.parameters(), lr=2e-3, weight_decay=1e-4, fused=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=12)
+    for _ in range(10):
+        x = torch.randn(16, 5)
+        for net, step in ((ours, optimizer.step), (theirs, reference.step)):
+            net.zero_grad()
+            net(x).square().mean().backward()
+            step()
+        schedule.step()
+        assert optimizer.lr == reference.param_groups[0]["lr"]
+    for mine, torchs in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+        assert torch.equal(mine, torchs)
 
-    def rate_after(epochs: int, config: TrainConfig) -> float:
-        optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate)
-        schedule = learning_rate_schedule(optimizer, config, rows=101)
-        assert schedule is not None
-        for _ in range(epochs * 10):  # 101 rows in batches of 10: the one-row batch is skipped
-            optimizer.step()
-            schedule.step()
-        return float(optimizer.param_groups[0]["lr"])
 
-    full = TrainConfig(epochs=6, batch_size=10, learning_rate=1.0)
-    assert rate_after(3, full) == pytest.approx(0.5) and rate_after(6, full) == pytest.approx(0.0)
-    # The refit runs the best epoch count of the first run's schedule, not a schedule of its own.
-    refit = TrainConfig(epochs=3, batch_size=10, learning_rate=1.0, schedule_epochs=6)
-    assert rate_after(3, refit) == pytest.approx(0.5)
-    constant = TrainConfig(schedule="constant")
-    assert learning_rate_schedule(torch.optim.SGD(net.parameters(), lr=1.0), constant, 101) is None
+def test_the_cosine_spans_the_first_runs_epochs_in_steps() -> None:
+    # 101 rows in batches of 10: the one-row batch is skipped, so 10 steps an epoch.
+    assert schedule_steps(TrainConfig(epochs=6, batch_size=10), rows=101) == 60
+    # The refit runs the first run's best epoch count on the first run's schedule.
+    assert schedule_steps(TrainConfig(epochs=3, batch_size=10, schedule_epochs=6), 101) == 60
+    assert schedule_steps(TrainConfig(schedule="constant"), rows=101) == 0
+
+
+def test_training_does_not_import_torch_dynamo(tmp_path: Path) -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from stablemlp import StableMLPClassifier\n"
+        "x = np.random.default_rng(0).normal(size=(60, 3))\n"
+        "StableMLPClassifier(epochs=2, members=2, hidden=(4,)).fit(x, x[:, 0] > 0)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "False", done.stderr
 
 
 def test_refit_auto_trains_again_on_small_tables_only(monkeypatch: pytest.MonkeyPatch) -> None:
