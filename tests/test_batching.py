@@ -249,7 +249,12 @@ def test_preferred_size_runs_without_waiting_and_deadlines_hold(
         stats = _stats(stub)
         assert stats.execution_count == 2 and stats.inference_count == 5  # the lone one never ran
         assert stats.inference_stats.fail.count == 1
-    assert srv.log().count("ModelInfer failed: DEADLINE_EXCEEDED") == 1
+    # The lone call is logged once. The client cancels it at its own deadline, which is earlier
+    # than the server's (counted from when the request arrived) by the request's transit: the
+    # server logs DEADLINE_EXCEEDED when its timer fires first, CANCELLED when the cancel wins
+    # (under load it did, about one run in four).
+    failed = [line for line in srv.log().splitlines() if "ModelInfer failed:" in line]
+    assert len(failed) == 1 and ("DEADLINE_EXCEEDED" in failed[0] or "CANCELLED" in failed[0])
 
 
 def test_closing_a_versions_scheduler_runs_what_waits_and_stops_merging(
