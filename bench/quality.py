@@ -8,6 +8,10 @@ and quality.png.
 
     python -m stablemlp.bench.quality --output bench/results/quality              # whole suite
     python -m stablemlp.bench.quality --tables Default --seeds 0 --output DIR      # a smoke run
+    python -m stablemlp.bench.quality --merge A/quality.json B/quality.json --output DIR
+
+--merge fits nothing: it reports runs measured earlier, one (table, seed, method) at a time, so a
+run of hours can go table by table and a slow method can be measured apart from the others.
 """
 
 from __future__ import annotations
@@ -404,8 +408,54 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TABLE",
         help="also time session.run at batch 1 and 64 on TABLE, default vs previous default",
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="report the runs of these quality.json files instead of fitting (the first file"
+        " that has a (table, seed, method) wins)",
+    )
     parser.add_argument("--output", type=Path, required=True)
     return parser
+
+
+Runs = dict[str, list[dict[str, dict[str, float]]]]
+
+
+def merge_runs(
+    paths: list[Path], tables: list[Table], seeds: list[int], methods: list[str]
+) -> Runs:
+    """{table: [per seed: {method: result}]} from earlier quality.json files. A result missing
+    for some (table, seed, method) is a ValueError naming it: a mean over fewer seeds or tables
+    would not be the suite mean it claims to be."""
+    found: dict[tuple[str, int, str], dict[str, float]] = {}
+    for path in paths:
+        report = json.loads(path.read_text())
+        try:
+            for item, per_seed in report["runs"].items():
+                for seed, results in zip(report["seeds"], per_seed, strict=True):
+                    for method, result in results.items():
+                        found.setdefault((item, seed, method), result)
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise ValueError(
+                f"--merge: {path} is not a quality.json (its seeds and runs)"
+            ) from None
+    missing = [
+        f"{t.item} seed {s} {m}"
+        for t in tables
+        for s in seeds
+        for m in methods
+        if (t.item, s, m) not in found
+    ]
+    if missing:
+        raise ValueError(f"--merge: no run of {', '.join(missing)}")
+    return {t.item: [{m: found[t.item, s, m] for m in methods} for s in seeds] for t in tables}
+
+
+def _refuse(message: str) -> int:
+    print(f"stablemlp bench quality: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,19 +463,25 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [t for t in args.tables.split(",") if t]
     tables = [t for t in SUITE if not wanted or t.item in wanted]
     if wanted and len(tables) != len(wanted):
-        known = ", ".join(t.item for t in SUITE)
-        print(
-            f"stablemlp bench quality: error: --tables: expected some of {known}", file=sys.stderr
-        )
-        return 2
-    methods = available_methods([m for m in args.methods.split(",") if m])
+        return _refuse(f"--tables: expected some of {', '.join(t.item for t in SUITE)}")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        return _refuse(f"--methods: {unknown[0]!r} is not one of {', '.join(METHODS)}")
+    if not args.merge:
+        methods = available_methods(methods)
     missing = [m for m in REQUIRED if m not in methods]
     if missing:
-        print(f"stablemlp bench quality: error: --methods must include {missing}", file=sys.stderr)
-        return 2
+        return _refuse(f"--methods must include {missing}")
     seeds = [int(s) for s in args.seeds.split(",")]
     OURS_PARAMS.update(args.ours_params)
-    runs = {t.item: [run_one(t, seed, methods) for seed in seeds] for t in tables}
+    if args.merge:
+        try:
+            runs = merge_runs(args.merge, tables, seeds, methods)
+        except (OSError, ValueError, KeyError) as error:
+            return _refuse(str(error))
+    else:
+        runs = {t.item: [run_one(t, seed, methods) for seed in seeds] for t in tables}
     summary = summarize(runs, methods)
     text = markdown(summary, methods, seeds)
     if args.serving_cost:

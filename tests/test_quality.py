@@ -55,3 +55,54 @@ def test_unknown_table_is_refused_naming_the_suite(capsys: pytest.CaptureFixture
     assert quality.main(["--tables", "Nope", "--output", "unused"]) == 2
     err = capsys.readouterr().err
     assert "--tables: expected some of Default," in err and err.count("\n") == 1
+
+
+def _report(folder: Path, seeds: list[int], runs: dict[str, list[dict[str, float]]]) -> Path:
+    """A quality.json as a run writes it: per table, per seed, {method: {auc, seconds}}."""
+    folder.mkdir()
+    results = {
+        item: [{m: {"auc": auc, "seconds": 1.0} for m, auc in seed.items()} for seed in per_seed]
+        for item, per_seed in runs.items()
+    }
+    path = folder / "quality.json"
+    path.write_text(json.dumps({"seeds": seeds, "runs": results}))
+    return path
+
+
+def test_merge_reports_earlier_runs_first_file_first(tmp_path: Path) -> None:
+    base = {"ours": 0.9, "logistic": 0.8, "hgb": 0.85}
+    a = _report(tmp_path / "a", [0, 1], {"CreditCard": [base, {**base, "ours": 0.7}]})
+    # b measured the peer later, and ours again: a's ours must stay (the first file wins).
+    peer = {"ours": 0.1, "realmlp_td": 0.6}
+    b = _report(tmp_path / "b", [1, 0], {"CreditCard": [{**peer, "realmlp_td": 0.4}, peer]})
+    out = tmp_path / "out"
+    args = ["--tables", "CreditCard", "--seeds", "0,1", "--output", str(out)]
+    methods = "ours,logistic,hgb,realmlp_td"
+    assert quality.main([*args, "--methods", methods, "--merge", str(a), str(b)]) == 0
+    report = json.loads((out / "quality.json").read_text())
+    assert report["runs"]["CreditCard"][0]["realmlp_td"]["auc"] == 0.6
+    assert report["runs"]["CreditCard"][1]["realmlp_td"]["auc"] == 0.4
+    assert report["means"]["ours"] == pytest.approx(0.8)
+    assert report["means"]["realmlp_td"] == pytest.approx(0.5)
+    assert "| CreditCard | 0.8000" in (out / "quality.md").read_text()
+
+
+def test_merge_refuses_a_missing_run_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = _report(tmp_path / "a", [0], {"CreditCard": [{"ours": 0.9, "logistic": 0.8, "hgb": 0.8}]})
+    args = ["--tables", "CreditCard", "--output", str(tmp_path / "out"), "--merge", str(a)]
+    assert quality.main([*args, "--seeds", "0,1", "--methods", "ours,logistic,hgb"]) == 2
+    err = capsys.readouterr().err
+    assert "--merge: no run of CreditCard seed 1 ours," in err and err.count("\n") == 1
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    junk = ["--merge", str(tmp_path / "junk.json")]
+    assert quality.main([*args[:4], *junk, "--seeds", "0", "--methods", "ours,logistic,hgb"]) == 2
+    assert "junk.json is not a quality.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method_is_refused_naming_the_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    assert quality.main(["--methods", "ours,xgb", "--output", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "--methods: 'xgb' is not one of ours, logistic, hgb," in err and err.count("\n") == 1
