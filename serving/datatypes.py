@@ -26,6 +26,12 @@ class Datatype:
     json: str  # how JSON writes its values (the OpenAPI document says it)
     width: int  # bytes per element in the raw form; 0: BYTES, length-prefixed elements
 
+    @property
+    def config_name(self) -> str:
+        """The DataType's name in Triton's config (JSON, config.pbtxt): TYPE_FP32, ..., and
+        TYPE_STRING for BYTES."""
+        return "TYPE_STRING" if self.name == "BYTES" else f"TYPE_{self.name}"
+
 
 def _datatype(
     name: str, dtype: str | None, field: str, ort: str, config: int, json: str, *kinds: type

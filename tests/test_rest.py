@@ -22,11 +22,13 @@ import numpy as np
 import pytest
 import referencing
 from conftest import HeldOutSplit, ServerProcess, infer_request
+from google.protobuf import json_format
 from rest_client import MODEL_NAME, binary_body, call, connect, infer_body, reply_outputs
 from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
+from stablemlp.protos import model_config_pb2 as mc
 from stablemlp.serving.settings import load_settings
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
@@ -160,6 +162,23 @@ def test_rest_and_grpc_share_one_dataplane(srv: ServerProcess, test_split: HeldO
         stub.ModelInfer(infer_request(test_split.features[:2]), metadata=GOOD)
     (stats,) = get(srv, "/v2/models/stats").json()["model_stats"]
     assert stats["inference_count"] == before + 5  # and a gRPC call in REST's
+
+
+def test_config_and_statistics_are_the_same_facts_on_both_fronts(srv: ServerProcess) -> None:
+    """One builder (serving/triton.py) feeds both fronts: REST writes its documents, gRPC parses
+    them into Triton's messages; what a client reads must not depend on the protocol."""
+    with grpc.insecure_channel(srv.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelConfigRequest(name=MODEL_NAME)
+        config = stub.ModelConfig(request, metadata=GOOD).config
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(), metadata=GOOD).model_stats
+    rest_config = get(srv, f"/v2/models/{MODEL_NAME}/config").json()
+    (rest_stats,) = get(srv, "/v2/models/stats").json()["model_stats"]
+    assert json_format.ParseDict(rest_config, mc.ModelConfig()) == config
+    assert [json_format.ParseDict(rest_stats, pb.ModelStatistics())] == list(stats)
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert rest_config["instance_group"][0]["kind"] == "KIND_CPU"
+    assert rest_stats["inference_stats"]["cache_miss"] == {"count": 0, "ns": 0}
 
 
 def test_repository_index_load_and_unload(srv: ServerProcess, test_split: HeldOutSplit) -> None:

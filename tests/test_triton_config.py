@@ -139,3 +139,26 @@ def test_config_batch_limit_fits_the_model(model_repository: Path) -> None:
         rows = np.zeros((message.max_batch_size, *features.dims), dtype=np.float32)
         probability, label = session.run(None, {features.name: rows})
         assert probability.shape[0] == label.shape[0] == message.max_batch_size
+
+
+def test_served_config_documents_parse_as_triton_messages() -> None:
+    """serving/triton.py writes Triton's config as JSON-shaped data for both fronts; gRPC parses
+    it into inference.ModelConfig, so every policy kind and datatype name must be one Triton's
+    schema knows (ParseDict refuses unknown names and fields)."""
+    from google.protobuf import json_format
+
+    from stablemlp.protos import model_config_pb2 as mc
+    from stablemlp.serving.datatypes import DATATYPES
+    from stablemlp.serving.repository.policy import VersionPolicy
+    from stablemlp.serving.triton import _version_policy
+
+    for datatype in DATATYPES.values():
+        assert mc.DataType.Value(datatype.config_name) == datatype.config_type
+    policies = {
+        "latest:2": lambda c: c.version_policy.latest.num_versions == 2,
+        "all": lambda c: c.version_policy.WhichOneof("policy_choice") == "all",
+        "specific:1,3": lambda c: list(c.version_policy.specific.versions) == [1, 3],
+    }
+    for text, holds in policies.items():
+        document = {"version_policy": _version_policy(VersionPolicy.parse(text))}
+        assert holds(json_format.ParseDict(document, mc.ModelConfig())), text

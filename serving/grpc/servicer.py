@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from ...protos import grpc_service_pb2 as pb
 from ...protos import grpc_service_pb2_grpc as pb_grpc
+from ...protos import model_config_pb2 as mc
 from ..dataplane import DataPlane, Inference
 from ..errors import InvalidRequestError, clip
 from ..manifest import PLATFORM, TensorSpec
@@ -184,14 +186,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
         loaded = self._dataplane.resolve(request.name, request.version)
-        return pb.ModelConfigResponse(config=model_config(loaded, self._policy, self._batching))
+        document = model_config(loaded, self._policy, self._batching)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(document, mc.ModelConfig()))
 
     @rpc
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
         rows = self._dataplane.statistics(request.name, request.version)
-        return pb.ModelStatisticsResponse(model_stats=[model_statistics(*row) for row in rows])
+        stats = [
+            json_format.ParseDict(model_statistics(*row), pb.ModelStatistics()) for row in rows
+        ]
+        return pb.ModelStatisticsResponse(model_stats=stats)
 
     @rpc
     async def RepositoryIndex(

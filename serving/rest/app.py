@@ -4,8 +4,8 @@ Runs on the gRPC server's asyncio loop (aiohttp, chosen by measurement: bench/ht
 calls the same dataplane, so admission, batching, version pinning, statistics and metrics are
 shared. Each handler turns its request into a dataplane call and the answer into JSON; the guard
 (guard.py) checks tokens and sizes first and maps every failure. Triton's ModelConfig and
-ModelStatistics are the gRPC front's messages (triton.py) as JSON, 64-bit integers as numbers
-(Triton's REST writes them so, and perf_analyzer reads them so).
+ModelStatistics are triton.py's documents as they are (the gRPC front parses the same documents
+into its messages).
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 
 from ..dataplane import DataPlane
 from ..errors import CANCELLED, InvalidRequestError, clip
@@ -72,37 +70,6 @@ ROUTES = [
 
 def _json(document: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=dump_json(document), content_type=JSON_CONTENT_TYPE)
-
-
-def message_json(message: Message, defaults: bool = False) -> dict[str, Any]:
-    """A protobuf message as Triton's REST writes it: proto field names, enums by name, 64-bit
-    integers as JSON numbers (not the strings of protobuf's JSON mapping); fields left at their
-    defaults only with `defaults` (statistics: every counter, zeros too)."""
-    document: dict[str, Any] = {}
-    fields: Sequence[tuple[Any, Any]] = (
-        [(f, getattr(message, f.name)) for f in message.DESCRIPTOR.fields]
-        if defaults
-        else message.ListFields()
-    )
-    for descriptor, value in fields:
-        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
-            entry = descriptor.message_type.fields_by_name["value"]
-            document[descriptor.name] = {k: _value(entry, v, defaults) for k, v in value.items()}
-        elif descriptor.is_repeated:
-            document[descriptor.name] = [_value(descriptor, v, defaults) for v in value]
-        else:
-            document[descriptor.name] = _value(descriptor, value, defaults)
-    return document
-
-
-def _value(descriptor: FieldDescriptor, value: Any, defaults: bool) -> Any:
-    if descriptor.type == FieldDescriptor.TYPE_MESSAGE:
-        return message_json(value, defaults)
-    if descriptor.type == FieldDescriptor.TYPE_ENUM and descriptor.enum_type is not None:
-        return descriptor.enum_type.values_by_number[value].name
-    if descriptor.type == FieldDescriptor.TYPE_BYTES:
-        return value.decode("latin-1")
-    return value
 
 
 def _tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
@@ -164,12 +131,11 @@ class RestFront:
 
     async def config(self, request: web.Request) -> web.Response:
         loaded = self._dataplane.resolve(*_model(request))
-        return _json(message_json(model_config(loaded, self._policy, self._batching)))
+        return _json(model_config(loaded, self._policy, self._batching))
 
     async def statistics(self, request: web.Request) -> web.Response:
         rows = self._dataplane.statistics(*_model(request))
-        stats = [message_json(model_statistics(*row), defaults=True) for row in rows]
-        return _json({"model_stats": stats})
+        return _json({"model_stats": [model_statistics(*row) for row in rows]})
 
     async def index(self, request: web.Request) -> web.Response:
         body = await _body_object(request)
@@ -360,7 +326,6 @@ __all__ = [
     "RestFront",
     "RestServer",
     "drain_rest",
-    "message_json",
     "rest_guard",
     "start_rest",
     "start_rest_port",
