@@ -12,16 +12,25 @@ interpreter. Printed: each build's req/s over the floor's, this one's over the e
 
 `--variant NAME='FLAGS'` adds this build served with FLAGS (a feature on or off, issue 25) to the
 same interleaved run, read against this build with its defaults; `--cell raw,1,8` keeps only the
-cells named.
+cells named. Leading VAR=value words of FLAGS are that server's environment, and `{otlp}` in them
+is the address of an OTLP trace sink this run starts (it answers every export, keeps nothing);
+`--token T` sends `authorization: Bearer T` on every call to every server, so a variant with auth
+on pays only for the check:
+
+    --token t0 --variant "auth=STABLEMLP_AUTH_TOKEN=t0" \
+    --variant "tracing=OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_ENDPOINT=http://{otlp}"
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import shlex
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +64,40 @@ def payload(model: str, rows: int, width: int, form: str) -> bytes:
     return request.SerializeToString()
 
 
+ENV_WORD = re.compile(r"[A-Z_][A-Z0-9_]*=")
+
+
+def split_variant(flags: str, otlp: str) -> tuple[list[str], dict[str, str]]:
+    """A variant's serve flags and environment (its leading VAR=value words)."""
+    words, env = shlex.split(flags.replace("{otlp}", otlp)), {}
+    while words and ENV_WORD.match(words[0]):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return words, env
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    """An OTLP/gRPC trace collector on 127.0.0.1 that accepts every export and keeps nothing, so
+    a tracing variant pays for making and exporting spans, not for a collector's failures."""
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_pb
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as trace_grpc
+
+    class Sink(trace_grpc.TraceServiceServicer):
+        def Export(self, request: object, context: object) -> object:
+            return trace_pb.ExportTraceServiceResponse()
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    trace_grpc.add_TraceServiceServicer_to_server(Sink(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
 def _range(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}..{max(values):.2f})"
 
@@ -72,7 +115,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="this build with these serve flags too (repeat)")  # fmt: skip
     parser.add_argument("--cell", action="append", default=[], metavar="FORM,BATCH,CONC",
                         help="only these cells, e.g. raw,1,8 (repeat)")  # fmt: skip
+    parser.add_argument("--token", default="", help="send `authorization: Bearer TOKEN`")
     args = parser.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        needs_sink = any("{otlp}" in v for v in args.variant)
+        otlp = stack.enter_context(otlp_sink()) if needs_sink else ""
+        return measure(args, otlp)
+
+
+def measure(args: argparse.Namespace, otlp: str) -> int:
     cells = _cells(args.cell)
     command, env = earlier_command(args.before, args.model_repository)
     ours = our_server_command(args.model_repository, ["--metrics-port", "-1"])
@@ -83,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         "floor": start_server("floor", floor),
     }
     for name, _, flags in (v.partition("=") for v in args.variant):
-        flagged = our_server_command(args.model_repository, ["--metrics-port", "-1",
-                                                             *shlex.split(flags)])  # fmt: skip
-        servers[name] = start_server(name, flagged)
+        words, variant_env = split_variant(flags, otlp)
+        flagged = our_server_command(args.model_repository, ["--metrics-port", "-1", *words])
+        servers[name] = start_server(name, flagged, env=variant_env)
+    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     rps: dict[tuple[str, tuple[str, int, int]], list[float]] = {}
     cpu: dict[tuple[str, tuple[str, int, int]], list[float]] = {}
     try:
@@ -97,10 +149,13 @@ def main(argv: list[str] | None = None) -> int:
                     for name in names:  # back to back, the order alternating per repeat
                         server = servers[name]
                         spec = LoadSpec(server.address, METHOD, data, cell[2], 1, args.warmup_s,
-                                        args.window_s, 10**7)  # fmt: skip
+                                        args.window_s, 10**7, metadata=metadata)  # fmt: skip
                         before = cpu_seconds(server.pid)
                         result = generator.run(spec)
                         used = cpu_seconds(server.pid) - before
+                        if result.errors:  # a refused call is cheap: its CPU is no figure
+                            raise SystemExit(f"versus: {name}: {result.errors} calls failed"
+                                             f" ({result.first_error})")  # fmt: skip
                         calls = result.requests_per_s * (args.warmup_s + args.window_s)
                         rps.setdefault((name, cell), []).append(result.requests_per_s)
                         cpu.setdefault((name, cell), []).append(1e6 * used / max(calls, 1.0))

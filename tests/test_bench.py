@@ -690,3 +690,43 @@ def test_profile_counts_cpu_per_thread_name_with_the_first_thread_as_main() -> N
         "MainThread": pytest.approx(300 / ticks),
         "event_engine": pytest.approx(110 / ticks),
     }
+
+
+def test_versus_variant_words_are_environment_then_flags() -> None:
+    from stablemlp.bench.versus import split_variant
+
+    flags, env = split_variant("A_B=1 OTEL_X=http://{otlp} --request-log 'a b.jsonl'", "h:9")
+    assert env == {"A_B": "1", "OTEL_X": "http://h:9"}
+    assert flags == ["--request-log", "a b.jsonl"]
+    assert split_variant("--dynamic-batching false", "") == (["--dynamic-batching", "false"], {})
+
+
+@pytest.mark.slow
+def test_versus_measures_auth_and_tracing_variants(
+    model_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 25 point 3: auth on (the load carries the token: a refused call would stop the run)
+    and tracing on (spans exported to the run's own OTLP sink), each against the defaults."""
+    from stablemlp.bench.versus import main as versus_main
+
+    argv = ["--model-repository", str(model_repository), "--before", str(ROOT), "--repeats", "1",
+            "--warmup-s", "0.05", "--window-s", "0.2", "--cell", "raw,1,8", "--token", "t0",
+            "--variant", "auth=STABLEMLP_AUTH_TOKEN=t0",
+            "--variant", "tracing=OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_ENDPOINT=http://{otlp}",
+            ]  # fmt: skip
+    assert versus_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| raw b1 c8 | auth |" in out and "| raw b1 c8 | tracing |" in out
+
+
+def test_versus_stops_when_a_server_refuses_the_load(
+    model_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A variant whose calls fail (here: auth on, no token sent) has no CPU per request to read."""
+    from stablemlp.bench.versus import main as versus_main
+
+    argv = ["--model-repository", str(model_repository), "--before", str(ROOT), "--repeats", "1",
+            "--warmup-s", "0.05", "--window-s", "0.1", "--cell", "raw,1,1",
+            "--variant", "auth=STABLEMLP_AUTH_TOKEN=t0"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"versus: auth: \d+ calls failed \(UNAUTHENTICATED"):
+        versus_main(argv)

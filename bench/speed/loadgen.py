@@ -54,6 +54,7 @@ class LoadSpec:
     connections: int = 1  # TCP connections per worker; its calls are spread over them
     streams: int = 0  # 0: unary calls; S: S streams, concurrency // S messages in flight on each
     protocol: str = "grpc"  # or "http": `payload` is then a whole HTTP/1.1 request
+    metadata: tuple[tuple[str, str], ...] = ()  # gRPC metadata on every call (a token)
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,13 @@ class _Window:
         self.first_error = self.first_error or text
 
 
-async def _unary(call: Any, payload: bytes, w: _Window) -> None:
+async def _unary(call: Any, payload: bytes, w: _Window, metadata: Any) -> None:
     for _ in range(10**9):  # ends on the clock or the cap, whichever comes first
         t0 = time.monotonic_ns()
         if not w.open(t0):
             return
         try:
-            await call(payload, timeout=RPC_TIMEOUT_S)
+            await call(payload, timeout=RPC_TIMEOUT_S, metadata=metadata)
         except grpc.aio.AioRpcError as err:
             w.failed(f"{err.code().name}: {err.details()}")
             continue
@@ -130,13 +131,14 @@ async def _write(
     await call.done_writing()
 
 
-async def _stream(open_call: Any, payload: bytes, depth: int, w: _Window) -> None:
+async def _stream(open_call: Any, payload: bytes, depth: int, w: _Window, metadata: Any) -> None:
     """One stream at a time with `depth` messages unanswered; a broken stream is counted and
     replaced while the window lasts."""
     for _ in range(10**6):
         if not w.open(time.monotonic_ns()):
             return
-        call = open_call(timeout=(w.until - time.monotonic_ns()) / 1e9 + RPC_TIMEOUT_S)
+        timeout = (w.until - time.monotonic_ns()) / 1e9 + RPC_TIMEOUT_S
+        call = open_call(timeout=timeout, metadata=metadata)
         sent: collections.deque[int] = collections.deque()
         slots = asyncio.Semaphore(depth)
         writer = asyncio.ensure_future(_write(call, payload, slots, sent, w))
@@ -171,6 +173,7 @@ async def _drive(channels: dict[str, Any], order: dict[str, Any]) -> dict[str, A
         make = channels[key].stream_stream if streaming else channels[key].unary_unary
         calls.append(make(order["method"]))  # no serializers: bytes
     payload = base64.b64decode(order["payload"])
+    metadata = tuple(map(tuple, order["metadata"])) or None
     w = _Window(order)
     cpu: list[float] = []
 
@@ -183,9 +186,14 @@ async def _drive(channels: dict[str, Any], order: dict[str, Any]) -> dict[str, A
     marks = asyncio.ensure_future(cpu_marks())
     if streaming:
         depth = order["concurrency"] // order["streams"]
-        loops = [_stream(calls[i % len(calls)], payload, depth, w) for i in range(order["streams"])]
+        loops = [
+            _stream(calls[i % len(calls)], payload, depth, w, metadata)
+            for i in range(order["streams"])
+        ]
     else:
-        loops = [_unary(calls[i % len(calls)], payload, w) for i in range(order["concurrency"])]
+        loops = [
+            _unary(calls[i % len(calls)], payload, w, metadata) for i in range(order["concurrency"])
+        ]
     await asyncio.gather(*loops)
     await marks
     return {
@@ -349,6 +357,7 @@ class LoadGenerator:
                 "max_requests": spec.max_requests,
                 "connections": max(1, min(spec.connections, share)),
                 "protocol": spec.protocol,
+                "metadata": [list(pair) for pair in spec.metadata],
             }
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(order).encode() + b"\n")
