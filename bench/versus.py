@@ -41,6 +41,7 @@ from .speed.loadgen import LoadGenerator, LoadSpec
 from .speed.markdown import table
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+BASELINES = ("before", "after", "floor", "model_floor")
 CELLS = (("raw", 1, 1), ("raw", 1, 8), ("raw", 64, 8), ("fp32", 1, 1), ("fp32", 1, 8),
          ("fp32", 64, 8))  # fmt: skip
 
@@ -132,6 +133,10 @@ def measure(args: argparse.Namespace, otlp: str) -> int:
         "before": start_server("before", command, env=env),
         "after": start_server("after", ours),
         "floor": start_server("floor", floor),
+        # The floor that also runs the model: what the model alone adds to the transport.
+        "model_floor": start_server(
+            "model_floor", floor_server_command(args.model_repository, run_model=True)
+        ),
     }
     for name, _, flags in (v.partition("=") for v in args.variant):
         words, variant_env = split_variant(flags, otlp)
@@ -170,13 +175,17 @@ def measure(args: argparse.Namespace, otlp: str) -> int:
             [a / f for a, f in zip(pair["after"], pair["floor"], strict=True)],
             [a / b for a, b in zip(pair["after"], pair["before"], strict=True)],
         ]
-        costs = " / ".join(
-            f"{statistics.median(cpu[(n, cell)]):.0f}" for n in ("before", "after", "floor")
+        costs = " / ".join(f"{statistics.median(cpu[(n, cell)]):.0f}" for n in BASELINES)
+        model_cost = [
+            a / m for a, m in zip(cpu[("after", cell)], cpu[("model_floor", cell)], strict=True)
+        ]
+        rows.append(
+            [f"{cell[0]} b{cell[1]} c{cell[2]}", *map(_range, ratios), costs, _range(model_cost)]
         )
-        rows.append([f"{cell[0]} b{cell[1]} c{cell[2]}", *map(_range, ratios), costs])
     head = ["cell", "before / floor", "after / floor", "after / before"]
-    print("\n".join(table([*head, "CPU µs/req before / after / floor"], rows)))
-    variants = [n for n in servers if n not in ("before", "after", "floor")]
+    cost_head = ["CPU µs/req before / after / floor / model floor", "CPU after / model floor"]
+    print("\n".join(table([*head, *cost_head], rows)))
+    variants = [n for n in servers if n not in BASELINES]
     if variants:
         print()
         head = ["cell", "variant", "req/s / after's", "CPU µs/req", "CPU / after's"]

@@ -654,7 +654,7 @@ def test_versus_interleaves_two_builds_and_the_floor(
     assert versus_main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| raw")]
     assert len(rows) == len([c for c in CELLS if c[0] == "raw"])
-    assert all(len(row.split("|")) == 7 for row in rows)
+    assert all(len(row.split("|")) == 8 for row in rows)
 
 
 # --- unit: issue 25's profile (bench/profile.py) ------------------------------------------------
