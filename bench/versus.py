@@ -12,8 +12,11 @@ interpreter. Printed: each build's req/s over the floor's, this one's over the e
 
 `--variant NAME='FLAGS'` adds this build served with FLAGS (a feature on or off, issue 25) to the
 same interleaved run, read against this build with its defaults; `--cell raw,1,8` keeps only the
-cells named. Leading VAR=value words of FLAGS are that server's environment, and `{otlp}` in them
-is the address of an OTLP trace sink this run starts (it answers every export, keeps nothing);
+cells named; `--cell streams8,1,8` is ModelStreamInfer on 8 streams (concurrency / 8 messages in
+flight on each, raw input), read also against the unary floor's req/s at raw,1,8 (issue 25 point 2:
+≥ 2.0 with 8 streams x 1, ≥ 1.6 with 1 stream x 8). Leading VAR=value words of FLAGS are that
+server's environment, and `{otlp}` in them is the address of an OTLP trace sink this run starts
+(it answers every export, keeps nothing);
 `--token T` sends `authorization: Bearer T` on every call to every server, so a variant with auth
 on pays only for the check:
 
@@ -41,6 +44,8 @@ from .speed.loadgen import LoadGenerator, LoadSpec
 from .speed.markdown import table
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+UNARY_BASE = ("raw", 1, 8)  # the cell streams are read against (the unary floor's req/s)
 BASELINES = ("before", "after", "floor", "model_floor")
 CELLS = (("raw", 1, 1), ("raw", 1, 8), ("raw", 64, 8), ("fp32", 1, 1), ("fp32", 1, 8),
          ("fp32", 64, 8))  # fmt: skip
@@ -149,12 +154,15 @@ def measure(args: argparse.Namespace, otlp: str) -> int:
         with LoadGenerator(1) as generator:
             for repeat in range(args.repeats):
                 for cell in cells:
-                    data = payload(args.model, cell[1], args.width, cell[0])
+                    streams = _streams(cell[0])
+                    form = "raw" if streams else cell[0]
+                    data = payload(args.model, cell[1], args.width, form)
                     names = list(servers) if repeat % 2 == 0 else list(reversed(servers))
                     for name in names:  # back to back, the order alternating per repeat
                         server = servers[name]
-                        spec = LoadSpec(server.address, METHOD, data, cell[2], 1, args.warmup_s,
-                                        args.window_s, 10**7, metadata=metadata)  # fmt: skip
+                        spec = LoadSpec(server.address, STREAM_METHOD if streams else METHOD,
+                                        data, cell[2], 1, args.warmup_s, args.window_s, 10**7,
+                                        streams=streams, metadata=metadata)  # fmt: skip
                         before = cpu_seconds(server.pid)
                         result = generator.run(spec)
                         used = cpu_seconds(server.pid) - before
@@ -185,6 +193,11 @@ def measure(args: argparse.Namespace, otlp: str) -> int:
     head = ["cell", "before / floor", "after / floor", "after / before"]
     cost_head = ["CPU µs/req before / after / floor / model floor", "CPU after / model floor"]
     print("\n".join(table([*head, *cost_head], rows)))
+    stream_cells = [c for c in cells if _streams(c[0])]
+    if stream_cells and UNARY_BASE in cells:
+        print()
+        print("\n".join(table(["cell", "server", "req/s / unary floor's raw b1 c8"],
+                              _stream_rows(stream_cells, list(servers), rps))))  # fmt: skip
     variants = [n for n in servers if n not in BASELINES]
     if variants:
         print()
@@ -196,13 +209,42 @@ def measure(args: argparse.Namespace, otlp: str) -> int:
 Measured = dict[tuple[str, tuple[str, int, int]], list[float]]
 
 
+def _streams(form: str) -> int:
+    """`streamsS` -> S streams; 0 for a unary form."""
+    return int(form.removeprefix("streams")) if form.startswith("streams") else 0
+
+
+def _stream_rows(
+    cells: Sequence[tuple[str, int, int]], servers: Sequence[str], rps: Measured
+) -> list[list[str]]:
+    """Each server's stream req/s over the unary floor's at raw b1 c8, repeat by repeat."""
+    unary = rps[("floor", UNARY_BASE)]
+    rows = []
+    for cell in cells:
+        for name in servers:
+            ratio = [s / u for s, u in zip(rps[(name, cell)], unary, strict=True)]
+            streams = _streams(cell[0])
+            label = f"{streams} stream(s) x {cell[2] // streams}, b{cell[1]}"
+            rows.append([label, name, _range(ratio)])
+    return rows
+
+
 def _cells(named: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
     if not named:
         return CELLS
     cells = []
     for text in named:
-        form, batch, concurrency = text.split(",")
-        cells.append((form, int(batch), int(concurrency)))
+        try:
+            form, batch, concurrency = text.split(",")
+            cell = (form, int(batch), int(concurrency))
+            streams = _streams(form)
+        except ValueError:
+            raise SystemExit(f"versus: --cell {text!r}: expected FORM,BATCH,CONCURRENCY") from None
+        if form not in ("raw", "fp32") and not (0 < streams <= cell[2] and cell[2] % streams == 0):
+            raise SystemExit(
+                f"versus: --cell {text!r}: FORM is raw, fp32 or streamsS (S dividing CONCURRENCY)"
+            )
+        cells.append(cell)
     return tuple(cells)
 
 

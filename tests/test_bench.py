@@ -730,3 +730,32 @@ def test_versus_stops_when_a_server_refuses_the_load(
             "--variant", "auth=STABLEMLP_AUTH_TOKEN=t0"]  # fmt: skip
     with pytest.raises(SystemExit, match=r"versus: auth: \d+ calls failed \(UNAUTHENTICATED"):
         versus_main(argv)
+
+
+def test_versus_reads_stream_cells_against_the_unary_floor() -> None:
+    from stablemlp.bench.versus import UNARY_BASE, _cells, _stream_rows
+
+    cell = ("streams8", 1, 8)
+    assert _cells(["streams8,1,8", "raw,1,8"]) == (cell, UNARY_BASE)
+    for bad in ("streams3,1,8", "streams0,1,8", "json,1,8", "raw,1", "streamsx,1,8"):
+        with pytest.raises(SystemExit, match="versus: --cell"):
+            _cells([bad])
+    rps = {("floor", UNARY_BASE): [100.0, 200.0], ("after", cell): [250.0, 380.0]}
+    assert _stream_rows([cell], ["after"], rps) == [
+        ["8 stream(s) x 1, b1", "after", "2.20 (1.90..2.50)"]
+    ]
+
+
+@pytest.mark.slow
+def test_versus_streams_run_on_every_server(
+    model_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stablemlp.bench.versus import main as versus_main
+
+    argv = ["--model-repository", str(model_repository), "--before", str(ROOT), "--repeats", "1",
+            "--warmup-s", "0.05", "--window-s", "0.2", "--cell", "raw,1,8",
+            "--cell", "streams1,1,8"]  # fmt: skip
+    assert versus_main(argv) == 0
+    out = capsys.readouterr().out
+    for server in ("before", "after", "floor", "model_floor"):
+        assert f"| 1 stream(s) x 8, b1 | {server} |" in out
