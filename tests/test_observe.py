@@ -223,3 +223,62 @@ def socket_closed() -> Iterator[int]:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         yield held.getsockname()[1]
+
+
+def _record(request_id: str) -> Any:
+    from stablemlp.serving.observe.request_log import Record
+
+    rows = np.zeros((1, 2), dtype=np.float32)
+    return Record(0, request_id, "m", "1", "grpc", "OK", 1000, 1, {"x": rows}, {"y": rows}, "")
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_request_log_lines_reach_the_file_while_the_server_runs(tmp_path: Path) -> None:
+    """The writer wakes on its own (no per-record notify): lines appear within its period, in
+    the order they came, without waiting for a shutdown."""
+    import time
+
+    from stablemlp.serving.observe.request_log import WRITE_EVERY_S, RequestLog
+
+    path = tmp_path / "live.jsonl"
+    request_log = RequestLog(path, 1.0)
+    try:
+        for i in range(3):
+            request_log.put(_record(f"r{i}"))
+        deadline = time.monotonic() + 40 * WRITE_EVERY_S  # generous: a loaded CI machine
+        while time.monotonic() < deadline and _lines(path) < 3:  # the writer opens the file
+            time.sleep(WRITE_EVERY_S / 5)
+        assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [
+            "r0", "r1", "r2"
+        ]  # fmt: skip
+    finally:
+        request_log.close(5.0)
+    assert request_log.written == 3 and request_log.dropped == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
+def test_request_log_holds_at_most_its_bound_and_counts_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer stuck opening its file (a FIFO nobody reads): records past the bound are dropped
+    and counted, never queued without limit, and close() returns within its timeout."""
+    import time
+
+    from stablemlp.serving.observe import request_log as module
+
+    monkeypatch.setattr(module, "QUEUE_RECORDS", 4)
+    fifo = tmp_path / "stuck"
+    os.mkfifo(fifo)
+    request_log = module.RequestLog(fifo, 1.0)
+    for i in range(10):
+        request_log.put(_record(f"r{i}"))
+    assert (len(request_log._pending), request_log.dropped) == (4, 6)
+    assert "writer behind, 1 records dropped so far" in caplog.text
+    started = time.monotonic()
+    request_log.close(0.2)
+    assert time.monotonic() - started < 2.0
+    with open(fifo, "rb", opener=lambda p, f: os.open(p, f | os.O_NONBLOCK)):
+        pass  # lets the stuck writer's open return, so its thread ends with the test
