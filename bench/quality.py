@@ -484,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = {t.item: [run_one(t, seed, methods) for seed in seeds] for t in tables}
     summary = summarize(runs, methods)
     text = markdown(summary, methods, seeds)
+    if args.merge:  # runs of other days and loads: their seconds compare nothing
+        sources = ", ".join(str(path) for path in args.merge)
+        text = (
+            f"Merged from earlier runs ({sources}); train seconds come from runs under different"
+            " loads, so they and the time ratios are not speed figures.\n\n" + text
+        )
     if args.serving_cost:
         (table,) = [t for t in SUITE if t.item == args.serving_cost]
         summary["serving_cost"] = {"table": table.item, **serving_cost(table)}
