@@ -642,6 +642,12 @@ def test_versus_reads_a_variant_against_this_build_repeat_by_repeat() -> None:
     ]
 
 
+def _versus_argv(model_repository: Path, *extra: str, window_s: str = "0.2") -> list[str]:
+    """versus against this checkout as its own "before", one short repeat."""
+    return ["--model-repository", str(model_repository), "--before", str(ROOT), "--repeats", "1",
+            "--warmup-s", "0.05", "--window-s", window_s, *extra]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_versus_interleaves_two_builds_and_the_floor(
     model_repository: Path, capsys: pytest.CaptureFixture[str]
@@ -649,9 +655,7 @@ def test_versus_interleaves_two_builds_and_the_floor(
     from stablemlp.bench.versus import CELLS
     from stablemlp.bench.versus import main as versus_main
 
-    argv = ["--model-repository", str(model_repository), "--before", str(ROOT), "--repeats", "1",
-            "--warmup-s", "0.05", "--window-s", "0.2"]  # fmt: skip
-    assert versus_main(argv) == 0
+    assert versus_main(_versus_argv(model_repository)) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| raw")]
     assert len(rows) == len([c for c in CELLS if c[0] == "raw"])
     assert all(len(row.split("|")) == 8 for row in rows)
@@ -709,11 +713,10 @@ def test_versus_measures_auth_and_tracing_variants(
     and tracing on (spans exported to the run's own OTLP sink), each against the defaults."""
     from stablemlp.bench.versus import main as versus_main
 
-    argv = ["--model-repository", str(model_repository), "--before", str(ROOT), "--repeats", "1",
-            "--warmup-s", "0.05", "--window-s", "0.2", "--cell", "raw,1,8", "--token", "t0",
-            "--variant", "auth=STABLEMLP_AUTH_TOKEN=t0",
-            "--variant", "tracing=OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_ENDPOINT=http://{otlp}",
-            ]  # fmt: skip
+    auth = "auth=STABLEMLP_AUTH_TOKEN=t0"
+    tracing = "tracing=OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_ENDPOINT=http://{otlp}"
+    argv = _versus_argv(model_repository, "--cell", "raw,1,8", "--token", "t0",
+                        "--variant", auth, "--variant", tracing)  # fmt: skip
     assert versus_main(argv) == 0
     out = capsys.readouterr().out
     assert "| raw b1 c8 | auth |" in out and "| raw b1 c8 | tracing |" in out
@@ -725,9 +728,8 @@ def test_versus_stops_when_a_server_refuses_the_load(
     """A variant whose calls fail (here: auth on, no token sent) has no CPU per request to read."""
     from stablemlp.bench.versus import main as versus_main
 
-    argv = ["--model-repository", str(model_repository), "--before", str(ROOT), "--repeats", "1",
-            "--warmup-s", "0.05", "--window-s", "0.1", "--cell", "raw,1,1",
-            "--variant", "auth=STABLEMLP_AUTH_TOKEN=t0"]  # fmt: skip
+    argv = _versus_argv(model_repository, "--cell", "raw,1,1",
+                        "--variant", "auth=STABLEMLP_AUTH_TOKEN=t0", window_s="0.1")  # fmt: skip
     with pytest.raises(SystemExit, match=r"versus: auth: \d+ calls failed \(UNAUTHENTICATED"):
         versus_main(argv)
 
@@ -752,9 +754,7 @@ def test_versus_streams_run_on_every_server(
 ) -> None:
     from stablemlp.bench.versus import main as versus_main
 
-    argv = ["--model-repository", str(model_repository), "--before", str(ROOT), "--repeats", "1",
-            "--warmup-s", "0.05", "--window-s", "0.2", "--cell", "raw,1,8",
-            "--cell", "streams1,1,8"]  # fmt: skip
+    argv = _versus_argv(model_repository, "--cell", "raw,1,8", "--cell", "streams1,1,8")
     assert versus_main(argv) == 0
     out = capsys.readouterr().out
     for server in ("before", "after", "floor", "model_floor"):
