@@ -10,8 +10,8 @@ Bounded: at most MAX_ROWS rows of each tensor (`"truncated": true` says there we
 clipped to MAX_TEXT chars; `null` in an FP32 input is a missing value (NaN). A failed call has
 `"error"` (its message, clipped) and no outputs. The event loop only appends references to a
 bounded deque; a thread wakes every WRITE_EVERY_S, formats and writes what has gathered, so a slow
-or stuck disk never blocks a reply, and a request does not wake a thread (a queue.Queue's per-record
-notify cost the event loop ~40 % more CPU per request at batch 1, bench/results/cpu/features.md).
+or stuck disk never blocks a reply, and a request does not wake a thread (with a queue.Queue woken
+per record, the log cost +43-53 us of CPU per call; this way +15-25 us, docs/benchmarks.md).
 When the deque is full, records are dropped and counted (a warning says how many, at most every
 WARN_EVERY_S). The file is opened in append mode, so a log shipper can tail it.
 """
