@@ -26,7 +26,8 @@ from .observe.hook import Hook
 from .observe.telemetry import Telemetry, VersionStats
 from .repository.models import Loaded, ModelRepository
 from .runtime.admission import Admission
-from .runtime.batcher import Results
+from .runtime.batcher import Executed, Results
+from .runtime.scheduler import Pending, Scheduler
 from .settings import ControlMode
 
 # The call's headers (gRPC metadata, HTTP headers), read only by the hook (trace context).
@@ -47,7 +48,8 @@ class Inference:
     the hook. Keeps the facts tracing and request logs read (times are perf_counter_ns)."""
 
     __slots__ = ("admitted", "call", "carrier", "codec", "decode_ns", "decoded", "encode_ns",
-                 "name", "plane", "protocol", "request", "results", "version")  # fmt: skip
+                 "name", "plane", "protocol", "request", "results", "scheduler",
+                 "version")  # fmt: skip
 
     def __init__(
         self,
@@ -65,32 +67,67 @@ class Inference:
         self.codec: Codec | None = None
         self.decoded: Decoded | None = None
         self.results: Results | None = None
+        self.scheduler: Scheduler | None = None
         self.decode_ns = self.encode_ns = 0  # when decoding, and writing the reply, began
         self.admitted = False
 
     async def __aenter__(self) -> Inferred:
-        plane, call = self.plane, self.call
         try:
-            plane.admission.enter()
-            self.admitted = True
-            loaded = plane.repository.get(self.name, self.version)
-            call.stats, live = loaded.stats, loaded.live
-            codec = self.codec = live.codec
-            self.decode_ns = time.perf_counter_ns()
-            decoded = self.decoded = codec.decode(self.request)
-            call.decoded, call.rows = time.perf_counter_ns(), decoded.rows
-            executed = call.executed = await live.scheduler.run(decoded.inputs, decoded.rows)
+            decoded, scheduler = self._begin()
+            executed = await scheduler.run(decoded.inputs, decoded.rows)
         except BaseException as err:  # refused, failed or cancelled: counted all the same
             self._end(err)
             raise
-        self.results = executed.results
-        self.encode_ns = time.perf_counter_ns()
-        return Inferred(codec, decoded, executed.results)
+        return self.ran(executed)
 
     async def __aexit__(
         self, kind: type[BaseException] | None, err: BaseException | None, _: Any
     ) -> None:
         self._end(err)
+
+    def start(self) -> Executed | Pending:
+        """The block's entry without a coroutine, for a front that keeps many calls going (a
+        stream): admit, resolve, decode and start the run; its outputs if it ran at once, else
+        their future. Then `ran` once they are there, and `close` (or `abandon`) once, always.
+        A refusal or failure here has closed the call already, and raises."""
+        try:
+            decoded, scheduler = self._begin()
+            return scheduler.start(decoded.inputs, decoded.rows)
+        except BaseException as err:
+            self._end(err)
+            raise
+
+    def ran(self, executed: Executed) -> Inferred:
+        """What the front writes the reply from, once the call's run is done."""
+        self.call.executed = executed
+        self.results = executed.results
+        self.encode_ns = time.perf_counter_ns()
+        assert self.codec is not None and self.decoded is not None  # set by _begin
+        return Inferred(self.codec, self.decoded, executed.results)
+
+    def close(self, err: BaseException | None) -> None:
+        """A started call is over (`err`: how it failed): counted once, given to the hook."""
+        self._end(err)
+
+    def abandon(self, pending: Pending) -> None:
+        """A started call whose reply nobody will read (its stream went away): its run is dropped
+        if still queued, and it is counted as cancelled."""
+        assert self.scheduler is not None  # set by _begin
+        self.scheduler.withdraw(pending)
+        self._end(asyncio.CancelledError())
+
+    def _begin(self) -> tuple[Decoded, Scheduler]:
+        plane, call = self.plane, self.call
+        plane.admission.enter()
+        self.admitted = True
+        loaded = plane.repository.get(self.name, self.version)
+        call.stats, live = loaded.stats, loaded.live
+        self.codec = live.codec
+        self.decode_ns = time.perf_counter_ns()
+        decoded = self.decoded = live.codec.decode(self.request)
+        call.decoded, call.rows = time.perf_counter_ns(), decoded.rows
+        self.scheduler = live.scheduler
+        return decoded, live.scheduler
 
     def served_version(self) -> str:
         """The version that answered, else the one asked for (a call refused before resolving)."""

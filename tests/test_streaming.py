@@ -18,6 +18,7 @@ from tolerances import PROBABILITY
 
 from stablemlp.protos import grpc_service_pb2 as pb
 from stablemlp.protos import grpc_service_pb2_grpc as pb_grpc
+from stablemlp.serving.grpc.streams import STREAM_WINDOW
 
 StartServer = Callable[..., contextlib.AbstractContextManager[ServerProcess]]
 TIMEOUT = 20.0
@@ -117,3 +118,74 @@ def test_shutdown_with_an_idle_stream_open_does_not_wait_out_the_grace(
     assert ended and ended[0] in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)
     log = srv.log()
     assert "Traceback" not in log and "CancelledError" not in log
+
+
+def test_more_requests_than_the_stream_window_are_all_answered_in_order(
+    server: ServerProcess, test_split: HeldOutSplit
+) -> None:
+    """Past STREAM_WINDOW unanswered requests the server stops reading the stream until it has
+    answered one; a client that sends everything at once is still answered, in order."""
+    count = 3 * STREAM_WINDOW
+    requests = [
+        infer_request(test_split.features[i % 24 : i % 24 + 1], id=f"w{i}") for i in range(count)
+    ]
+    with grpc.insecure_channel(server.address) as channel:
+        replies = list(
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                iter(requests), timeout=TIMEOUT
+            )
+        )
+    assert [r.infer_response.id for r in replies] == [f"w{i}" for i in range(count)]
+    assert not any(r.error_message for r in replies)
+    for i, reply in enumerate(replies):
+        np.testing.assert_allclose(
+            outputs(reply.infer_response)["probability"],
+            test_split.probability[i % 24 : i % 24 + 1],
+            atol=PROBABILITY,
+        )
+
+
+def _statistics(channel: grpc.Channel) -> pb.ModelStatistics:
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    reply = stub.ModelStatistics(pb.ModelStatisticsRequest(name=MODEL_NAME), timeout=TIMEOUT)
+    return reply.model_stats[0]
+
+
+def test_a_client_leaving_a_stream_drops_its_queued_requests_and_counts_them_cancelled(
+    model_repository: Path, start_server: StartServer, test_split: HeldOutSplit
+) -> None:
+    """Requests still waiting in a batch when their stream goes are withdrawn: they never run,
+    each is counted once as failed (cancelled), and the server goes on answering."""
+    delay_s = 2.0  # the batch the queued requests wait in would run then
+    outbox: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        while (request := outbox.get(timeout=TIMEOUT)) is not None:
+            yield request
+
+    rows = test_split.features
+    with (
+        start_server(model_repository, "--max-queue-delay-us", str(int(delay_s * 1e6))) as srv,
+        grpc.insecure_channel(srv.address) as channel,
+    ):
+        before = _statistics(channel)
+        stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            requests(), timeout=TIMEOUT
+        )
+        outbox.put(infer_request(rows[:1], id="lone"))  # isolated: runs at once, alone
+        assert next(stream).infer_response.id == "lone"
+        for i in range(4):  # these arrive right after it: they wait for company, up to delay_s
+            outbox.put(infer_request(rows[i + 1 : i + 2], id=f"queued{i}"))
+        time.sleep(0.3)  # they reach the server's batch
+        stream.cancel()
+        time.sleep(delay_s + 0.5)  # past the batch's deadline: a withdrawn request would run now
+        after = _statistics(channel)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        alive = stub.ModelInfer(infer_request(rows[:1], id="after"), timeout=TIMEOUT)
+    outbox.put(None)
+    assert alive.id == "after"
+    success = after.inference_stats.success.count - before.inference_stats.success.count
+    failed = after.inference_stats.fail.count - before.inference_stats.fail.count
+    assert (success, failed) == (1, 4)
+    assert after.execution_count - before.execution_count == 1  # the queued four never ran
+    assert "Traceback" not in srv.log()

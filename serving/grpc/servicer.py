@@ -23,22 +23,19 @@ from ...protos import model_config_pb2 as mc
 from ..dataplane import DataPlane, Inference
 from ..errors import InvalidRequestError, clip
 from ..manifest import PLATFORM, TensorSpec
-from ..observe.call_log import failure
 from ..repository.policy import VersionPolicy
 from ..runtime.batcher import BatchingOptions
 from ..settings import Settings, address
 from ..triton import model_config, model_statistics
-from .boundary import Undecodable, cancelled_status, check_decoded, lenient, rpc
+from .boundary import cancelled_status, lenient, rpc
 from .bounds import check_infer_bytes, values_bound
+from .streams import StreamCall
 from .wire import reply_of, request_of
 
 Context = Any  # grpc.aio.ServicerContext; the generated stubs are untyped
 SERVER_NAME = "stablemlp"
 PROTOCOL = "grpc"  # what traces and request logs say these calls came over
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
-# Requests of one stream running at once; beyond, the stream is not read (HTTP/2 flow control
-# then holds the client back): bounded memory per stream, and room for them to batch.
-STREAM_WINDOW = 64
 
 
 def _tensors(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -79,59 +76,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request gets one reply, in request order; up to STREAM_WINDOW of one stream's
-        requests run at once, so they batch with each other and with other calls. A failed one
-        gets an error_message (and its id); the stream stays open."""
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        answers: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
-        reader = asyncio.ensure_future(self._read_stream(requests, context, window, answers))
+        requests run at once, so they batch with each other and with other calls (streams.py).
+        A failed one gets an error_message (and its id); the stream stays open."""
+        call = StreamCall(functools.partial(self._infer, context=context), context)
+        reader = asyncio.ensure_future(call.read(requests))
         self._streams.add(reader)
         try:
-            while (answer := await answers.get()) is not None:
-                reply = await answer
-                window.release()
+            async for reply in call.replies():
                 yield reply
         finally:
             reader.cancel()
             self._streams.discard(reader)
-            while not answers.empty():  # the client went away: drop what it will not read
-                left = answers.get_nowait()
-                if left is not None:
-                    left.cancel()
-
-    async def _read_stream(
-        self,
-        requests: AsyncIterator[pb.ModelInferRequest],
-        context: Context,
-        window: asyncio.Semaphore,
-        answers: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None],
-    ) -> None:
-        """Start each request as it arrives (at most STREAM_WINDOW unanswered); at the end of the
-        stream, or when cancelled (the server is stopping), take no more."""
-        loop = asyncio.get_running_loop()
-        try:
-            async for request in requests:
-                await window.acquire()
-                answers.put_nowait(loop.create_task(self._stream_answer(request, context)))
-        except asyncio.CancelledError:
-            pass  # stopping, or the call ended: no new requests; those started are answered
-        finally:
-            answers.put_nowait(None)
-
-    async def _stream_answer(
-        self, request: pb.ModelInferRequest, context: Context
-    ) -> pb.ModelStreamInferResponse:
-        try:
-            check_decoded(request)
-            async with self._infer(request, context) as inferred:
-                reply = pb.ModelStreamInferResponse()
-                reply_of(request, inferred, reply.infer_response)  # written in place: no copy
-        except Exception as err:  # one message's failure, answered in-band
-            reply = pb.ModelStreamInferResponse(
-                error_message=failure(err, "ModelStreamInfer", context.peer())[1]
-            )
-            if not isinstance(request, Undecodable):
-                reply.infer_response.id = request.id  # which request failed
-        return reply
+            call.abandon()  # the client went away: what it will not read is dropped
 
     def end_streams(self) -> None:
         """Shutdown: every open stream takes no new request; each ends once its own are answered

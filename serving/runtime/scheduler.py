@@ -20,6 +20,8 @@ import numpy as np
 from .batcher import Batcher, BatchingOptions, Executed
 from .session import ModelRuntime
 
+Pending = asyncio.Future[Executed]  # a started request's outputs, to come
+
 
 class Scheduler:
     def __init__(
@@ -37,12 +39,36 @@ class Scheduler:
         batcher = self._batcher
         if batcher is not None and batcher.joins():
             return await batcher.submit(inputs, rows)
+        if rows <= self.runtime.inline_rows:
+            return self._run_inline(inputs, rows)
+        return await self._run_on_worker(inputs, rows)
+
+    def start(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed | Pending:
+        """`run` without a coroutine of its own, for a caller that keeps many requests going (a
+        stream): the outputs at once if they ran now, else their future, which a caller that
+        gives it up hands to `withdraw`."""
+        batcher = self._batcher
+        if batcher is not None and batcher.joins():
+            return batcher.enqueue(inputs, rows)
+        if rows <= self.runtime.inline_rows:
+            return self._run_inline(inputs, rows)
+        return asyncio.ensure_future(self._run_on_worker(inputs, rows))
+
+    def withdraw(self, pending: Pending) -> None:
+        """A started request given up: dropped if queued, told to stop if running."""
+        if self._batcher is not None:
+            self._batcher.withdraw(pending)
+        pending.cancel()
+
+    def _run_inline(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed:
         runtime = self.runtime
-        if rows <= runtime.inline_rows:
-            started = time.perf_counter_ns()
-            results = runtime.run(inputs, runtime.output_names)
-        else:
-            started, results = await runtime.run_in(self._executor, inputs, runtime.output_names)
+        started = time.perf_counter_ns()
+        results = runtime.run(inputs, runtime.output_names)
+        return Executed(results, started, time.perf_counter_ns(), rows, True)
+
+    async def _run_on_worker(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed:
+        runtime = self.runtime
+        started, results = await runtime.run_in(self._executor, inputs, runtime.output_names)
         return Executed(results, started, time.perf_counter_ns(), rows, True)
 
     def close(self) -> None:
@@ -52,4 +78,4 @@ class Scheduler:
             self._loop.call_soon_threadsafe(self._batcher.close)
 
 
-__all__ = ["Scheduler"]
+__all__ = ["Pending", "Scheduler"]
