@@ -8,7 +8,8 @@ noise (issue 11: the redesign must not cost speed).
 The earlier checkout runs as it did then, on its own sources (`python -P -m serving serve` for
 releases before the `stablemlp` package, `python -P -m stablemlp serve` after), under this
 interpreter. Printed: each build's req/s over the floor's, this one's over the earlier one's
-(medians of per-repeat ratios, ranges), and server CPU per request.
+(medians of per-repeat ratios, ranges), server CPU per request, and the requests each session.run
+answered (ModelStatistics: rows served / rows per request / runs; above 1 where runs were merged).
 
 `--variant NAME='FLAGS'` adds this build served with FLAGS (a feature on or off, issue 25) to the
 same interleaved run, read against this build with its defaults; `--cell raw,1,8` keeps only the
@@ -150,6 +151,7 @@ def measure(args: argparse.Namespace, otlp: str) -> int:
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     rps: dict[tuple[str, tuple[str, int, int]], list[float]] = {}
     cpu: dict[tuple[str, tuple[str, int, int]], list[float]] = {}
+    per_run: dict[tuple[str, tuple[str, int, int]], list[float]] = {}
     try:
         with LoadGenerator(1) as generator:
             for repeat in range(args.repeats):
@@ -163,6 +165,7 @@ def measure(args: argparse.Namespace, otlp: str) -> int:
                         spec = LoadSpec(server.address, STREAM_METHOD if streams else METHOD,
                                         data, cell[2], 1, args.warmup_s, args.window_s, 10**7,
                                         streams=streams, metadata=metadata)  # fmt: skip
+                        counts = run_counts(server.address, args.model, metadata)
                         before = cpu_seconds(server.pid)
                         result = generator.run(spec)
                         used = cpu_seconds(server.pid) - before
@@ -172,6 +175,10 @@ def measure(args: argparse.Namespace, otlp: str) -> int:
                         calls = result.requests_per_s * (args.warmup_s + args.window_s)
                         rps.setdefault((name, cell), []).append(result.requests_per_s)
                         cpu.setdefault((name, cell), []).append(1e6 * used / max(calls, 1.0))
+                        after = run_counts(server.address, args.model, metadata)
+                        if counts and after and after[0] > counts[0]:  # the floor runs nothing
+                            runs, served = after[0] - counts[0], after[1] - counts[1]
+                            per_run.setdefault((name, cell), []).append(served / cell[1] / runs)
     finally:
         for server in servers.values():
             server.stop()
@@ -193,6 +200,9 @@ def measure(args: argparse.Namespace, otlp: str) -> int:
     head = ["cell", "before / floor", "after / floor", "after / before"]
     cost_head = ["CPU µs/req before / after / floor / model floor", "CPU after / model floor"]
     print("\n".join(table([*head, *cost_head], rows)))
+    print()
+    print("\n".join(table(["cell", *[f"requests per run: {n}" for n in servers if n != "floor"]],
+                           _per_run_rows(cells, list(servers), per_run))))  # fmt: skip
     stream_cells = [c for c in cells if _streams(c[0])]
     if stream_cells and UNARY_BASE in cells:
         print()
@@ -207,6 +217,42 @@ def measure(args: argparse.Namespace, otlp: str) -> int:
 
 
 Measured = dict[tuple[str, tuple[str, int, int]], list[float]]
+
+
+def run_counts(
+    address: str, model: str, metadata: tuple[tuple[str, str], ...]
+) -> tuple[int, int] | None:
+    """The model's session runs and rows served so far (ModelStatistics, every version); None if
+    the server does not say (it refuses the call: versus then stops on the load's errors)."""
+    import grpc
+
+    from ..protos import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            reply = stub.ModelStatistics(
+                pb.ModelStatisticsRequest(name=model), timeout=10, metadata=metadata
+            )
+        except grpc.RpcError:
+            return None
+    stats = reply.model_stats
+    return sum(m.execution_count for m in stats), sum(m.inference_count for m in stats)
+
+
+def _per_run_rows(
+    cells: Sequence[tuple[str, int, int]], servers: Sequence[str], per_run: Measured
+) -> list[list[str]]:
+    """Requests answered per session.run (merged runs hold several): medians, ranges."""
+    rows = []
+    for cell in cells:
+        row = [f"{cell[0]} b{cell[1]} c{cell[2]}"]
+        for name in servers:
+            if name != "floor":
+                values = per_run.get((name, cell))
+                row.append(_range(values) if values else "-")
+        rows.append(row)
+    return rows
 
 
 def _streams(form: str) -> int:

@@ -89,6 +89,36 @@ def test_merged_runs_equal_lone_runs(
     assert all(r.started_ns <= r.ended_ns for r in executed)
 
 
+def test_requests_wait_long_for_company_only_while_batches_merge(
+    model_repository: Path, test_split: HeldOutSplit
+) -> None:
+    """Waiting QUIET_TURNS idle loop turns pays at concurrency 8 (batches merge); where the last
+    MERGE_MEMORY batches each ran alone, a request stops after LONE_QUIET_TURNS (no company is
+    coming, as at concurrency 1), and one merged batch brings the longer wait back."""
+    from stablemlp.serving.runtime import batcher as batching
+
+    runtime = ModelRuntime(model_repository / MODEL_NAME / "1", _options())
+    runtime.warm_up(runs=1)
+    row = test_split.features[:1]
+
+    async def requests() -> list[int]:
+        patience = []
+        with ThreadPoolExecutor(1) as executor:
+            batcher = _batcher(runtime, executor, 1024)
+            patience.append(batcher._patience)  # nothing merged yet
+            await _submit_all(batcher, [row, row])  # run together
+            patience.append(batcher._patience)
+            for _ in range(batching.MERGE_MEMORY):  # one at a time: each runs alone
+                await batcher.submit({"features": row}, 1)
+                patience.append(batcher._patience)
+        return patience
+
+    lone, merged = batching.LONE_QUIET_TURNS, batching.QUIET_TURNS
+    assert lone < merged
+    memory = batching.MERGE_MEMORY
+    assert asyncio.run(requests()) == [lone, merged, *[merged] * (memory - 1), lone]
+
+
 def test_requests_do_not_look_up_the_running_loop(
     model_repository: Path, test_split: HeldOutSplit, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -656,9 +656,19 @@ def test_versus_interleaves_two_builds_and_the_floor(
     from stablemlp.bench.versus import main as versus_main
 
     assert versus_main(_versus_argv(model_repository)) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| raw")]
-    assert len(rows) == len([c for c in CELLS if c[0] == "raw"])
-    assert all(len(row.split("|")) == 8 for row in rows)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| raw")]
+    raw_cells = len([c for c in CELLS if c[0] == "raw"])
+    main_rows = [row for row in rows if len(row.split("|")) == 8]
+    assert len(main_rows) == raw_cells
+    # then the requests each session.run answered, for every server that runs the model
+    head = [f"requests per run: {name}" for name in ("before", "after", "model_floor")]
+    assert f"| cell | {' | '.join(head)} |" in out
+    per_run = [row.split("|")[2:5] for row in rows if len(row.split("|")) == 6]
+    assert len(per_run) == raw_cells
+    for cells in per_run:
+        medians = [float(cell.split()[0]) for cell in cells]  # "1.00 (1.00..1.00)"
+        assert all(m >= 1.0 for m in medians) and medians[2] == 1.0  # the model floor: 1 each
 
 
 # --- unit: issue 25's profile (bench/profile.py) ------------------------------------------------

@@ -38,10 +38,13 @@ Results = dict[str, np.ndarray]
 _TIMER_SLACK_S = 0.002  # how late an asyncio timer may fire: epoll's 1 ms, plus scheduling
 # An event-loop turn with nothing to do took 2-4 us here. A gRPC request reaches the loop through
 # gRPC's poller thread, so the next one of concurrency 8 often comes after several idle turns:
-# with 4 the batches of 1-row requests at concurrency 8 held 1.1 requests, with 16 they held 2.8
-# (2.3 at 64 rows) and the server's CPU per request fell 17% (15%), its req/s rose 18%; 16 idle
-# turns still end a lone request's wait well inside a 300 us delay (issue 25, measured on 2 cores).
-QUIET_TURNS = 16
+# waiting 4 idle turns, the batches of 1-row requests at concurrency 8 held 1.1 requests, waiting
+# 16 they held 2.8 (2.3 at 64 rows) and the server's CPU per request fell 17% (15%), its req/s rose
+# 18% (issue 25, measured on 2 cores). Where recent batches all ran alone (concurrency 1 on a fast
+# machine) no company is coming, and a request waits the 4 turns that tell it so.
+QUIET_TURNS = 16  # while merging pays: one of the last MERGE_MEMORY batches merged requests
+LONE_QUIET_TURNS = 4
+MERGE_MEMORY = 4
 QUIET_TURN_S = 5e-6
 
 
@@ -98,6 +101,8 @@ class Batcher:
         self._last_arrival = -1e9  # loop.time() of the latest request (see `joins`)
         self._short = self._delay_s <= _TIMER_SLACK_S  # waited by turning the loop: may end early
         self._quiet, self._last_turn = 0, (0.0, 0)  # idle loop turns in a row; the last one
+        self._patience = LONE_QUIET_TURNS  # idle turns that end a wait (see QUIET_TURNS)
+        self._since_merged = MERGE_MEMORY  # batches run since the last one that merged requests
         self._tasks: set[asyncio.Task[None]] = set()  # merged runs on worker threads
 
     def joins(self) -> bool:
@@ -168,7 +173,7 @@ class Batcher:
         quiet = now - last[0] < QUIET_TURN_S and last[1] == len(self._pending)
         self._quiet = self._quiet + 1 if quiet and self._short else 0
         self._last_turn = (now, len(self._pending))
-        if remaining <= 0 or self._quiet >= QUIET_TURNS:
+        if remaining <= 0 or self._quiet >= self._patience:
             self._flush()
         else:
             self._timer = loop.call_soon(self._wait)
@@ -183,6 +188,8 @@ class Batcher:
         rows = sum(item.rows for item in items)
         if not items:
             return
+        self._since_merged = 0 if len(items) > 1 else self._since_merged + 1
+        self._patience = QUIET_TURNS if self._since_merged < MERGE_MEMORY else LONE_QUIET_TURNS
         if rows <= self._runtime.inline_rows:
             self._run_inline(items, rows)
         else:
