@@ -6,7 +6,8 @@ calls; the writer answers the oldest one as soon as its run is done. It replaced
 entry and a semaphore per message (issue 25: with the batcher's longer patience, 8 streams went
 from 1.33x to 1.47x the unary floor's req/s; bench/results/cpu/round3.md). At most STREAM_WINDOW
 of a stream's requests are unanswered; beyond, the stream is not read (HTTP/2 flow control then
-holds the client back): bounded memory per stream. A failed request gets an error_message (and its id); the stream stays open.
+holds the client back): bounded memory per stream. A failed request gets an error_message (and
+its id); the stream stays open.
 """
 
 from __future__ import annotations
