@@ -39,7 +39,7 @@ def _batcher(runtime: ModelRuntime, executor: ThreadPoolExecutor, rows: int) -> 
 
 
 async def _submit_all(batcher: Batcher, parts: list[np.ndarray]) -> list[Executed | BaseException]:
-    jobs = [batcher.submit({"features": p}, len(p)) for p in parts]
+    jobs = [batcher.enqueue({"features": p}, len(p)) for p in parts]
     return list(await asyncio.gather(*jobs, return_exceptions=True))
 
 
@@ -109,7 +109,7 @@ def test_requests_wait_long_for_company_only_while_batches_merge(
             await _submit_all(batcher, [row, row])  # run together
             patience.append(batcher._patience)
             for _ in range(batching.MERGE_MEMORY):  # one at a time: each runs alone
-                await batcher.submit({"features": row}, 1)
+                await batcher.enqueue({"features": row}, 1)
                 patience.append(batcher._patience)
         return patience
 

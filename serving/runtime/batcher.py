@@ -121,18 +121,10 @@ class Batcher:
         self._closed = True
         self._flush()
 
-    async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed:
-        """Every output for these rows, once the batch they joined has run."""
-        future = self.enqueue(inputs, rows)
-        try:
-            return await future
-        except asyncio.CancelledError:  # its deadline passed (or the client left) while queued
-            self.withdraw(future)
-            raise
-
     def enqueue(self, inputs: Mapping[str, np.ndarray], rows: int) -> asyncio.Future[Executed]:
-        """`submit` without a coroutine: the future of these rows' outputs (already done if they
-        ran at once). A caller that gives the future up hands it to `withdraw`."""
+        """The future of every output for these rows, once the batch they joined has run (done
+        already if they ran at once). A caller that gives the future up (its deadline passed, its
+        client left) hands it to `withdraw`."""
         if self._rows + rows > self._max:
             self._flush()
         item = _Item(inputs, rows, self._loop)

@@ -36,17 +36,19 @@ class Scheduler:
 
     async def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed:
         """Every output of the version for these rows, and when and how it ran."""
-        batcher = self._batcher
-        if batcher is not None and batcher.joins():
-            return await batcher.submit(inputs, rows)
-        if rows <= self.runtime.inline_rows:
-            return self._run_inline(inputs, rows)
-        return await self._run_on_worker(inputs, rows)
+        started = self.start(inputs, rows)
+        if isinstance(started, Executed):
+            return started
+        try:
+            return await started
+        except asyncio.CancelledError:  # its deadline passed, or its client left
+            self.withdraw(started)
+            raise
 
     def start(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed | Pending:
-        """`run` without a coroutine of its own, for a caller that keeps many requests going (a
-        stream): the outputs at once if they ran now, else their future, which a caller that
-        gives it up hands to `withdraw`."""
+        """`run` without a coroutine, for a caller that keeps many requests going (a stream): the
+        outputs at once if they ran now, else their future, which a caller that gives it up
+        hands to `withdraw`."""
         batcher = self._batcher
         if batcher is not None and batcher.joins():
             return batcher.enqueue(inputs, rows)
