@@ -124,7 +124,7 @@ class Batcher:
     def enqueue(self, inputs: Mapping[str, np.ndarray], rows: int) -> asyncio.Future[Executed]:
         """The future of every output for these rows, once the batch they joined has run (done
         already if they ran at once). A caller that gives the future up (its deadline passed, its
-        client left) hands it to `withdraw`."""
+        client left) cancels it and hands it to `withdraw`."""
         if self._rows + rows > self._max:
             self._flush()
         item = _Item(inputs, rows, self._loop)
@@ -138,9 +138,8 @@ class Batcher:
         return item.future
 
     def withdraw(self, future: asyncio.Future[Executed]) -> None:
-        """A request given up while queued: it does not run, and rows it no longer needs must not
-        fill a preferred size."""
-        future.cancel()
+        """A request given up while queued (its future cancelled, so it does not run): the rows it
+        no longer needs must not fill a preferred size."""
         for item in self._pending:
             if item.future is future:
                 self._pending.remove(item)

@@ -58,9 +58,9 @@ class Scheduler:
 
     def withdraw(self, pending: Pending) -> None:
         """A started request given up: dropped if queued, told to stop if running."""
+        pending.cancel()
         if self._batcher is not None:
             self._batcher.withdraw(pending)
-        pending.cancel()
 
     def _run_inline(self, inputs: Mapping[str, np.ndarray], rows: int) -> Executed:
         runtime = self.runtime
